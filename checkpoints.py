@@ -1,0 +1,131 @@
+"""Checkpoints in the published format (plus RNG state and config), written atomically and loaded strictly.
+
+A file holds ``{'optimizer', 'model', 'ema', 'step'}`` as the released checkpoints do (``model`` keys carry the
+DataParallel ``module.`` prefix, ``ema`` holds ``decay``, ``num_updates`` and ``shadow_params``) and, when written
+by this framework, ``rng`` and ``config`` as well.
+"""
+import os
+import random
+
+import numpy as np
+import torch
+
+MODULE_PREFIX = 'module.'
+
+
+def checkpoint_dir(workdir):
+  return os.path.join(workdir, 'checkpoints')
+
+
+def preemption_checkpoint_path(workdir):
+  return os.path.join(workdir, 'checkpoints-meta', 'checkpoint.pth')
+
+
+def snapshot_checkpoint_path(workdir, index):
+  """``checkpoints/checkpoint_{index}.pth`` with index = step // snapshot_freq."""
+  return os.path.join(checkpoint_dir(workdir), f'checkpoint_{index}.pth')
+
+
+def to_published_state_dict(net):
+  """The network's state_dict with the ``module.`` prefix of released checkpoints."""
+  return {MODULE_PREFIX + key: value for key, value in net.state_dict().items()}
+
+
+def from_published_state_dict(state_dict):
+  """Strips the ``module.`` prefix (DataParallel / DDP) where present."""
+  return {key[len(MODULE_PREFIX):] if key.startswith(MODULE_PREFIX) else key: value
+          for key, value in state_dict.items()}
+
+
+def load_network_weights(net, state_dict, source='checkpoint'):
+  """Strict load with an error that names the missing and unexpected keys and mismatched shapes."""
+  state_dict = from_published_state_dict(state_dict)
+  expected = net.state_dict()
+  missing = sorted(set(expected) - set(state_dict))
+  unexpected = sorted(set(state_dict) - set(expected))
+  mismatched = sorted(f'{k}: {tuple(state_dict[k].shape)} in file, {tuple(expected[k].shape)} in model'
+                      for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k].shape)
+  if missing or unexpected or mismatched:
+
+    def listing(keys):
+      return ', '.join(keys[:10]) + (f' ... ({len(keys)} in all)' if len(keys) > 10 else '') if keys else 'none'
+
+    raise ValueError(f'{source} does not fit the configured {type(net).__name__}: it was saved from a different '
+                     f'architecture or config. Missing keys: {listing(missing)}. Unexpected keys: '
+                     f'{listing(unexpected)}. Shape mismatches: {listing(mismatched)}. Check --config and its '
+                     f'model.* settings against the run that wrote the file.')
+  net.load_state_dict(state_dict, strict=True)
+
+
+def capture_rng_state(data_generator=None):
+  state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+  if torch.cuda.is_available():
+    state['cuda'] = torch.cuda.get_rng_state_all()
+  if data_generator is not None:
+    state['data'] = data_generator.get_state()
+  return state
+
+
+def restore_rng_state(state, data_generator=None):
+  torch.set_rng_state(state['torch'])
+  np.random.set_state(state['numpy'])
+  random.setstate(state['python'])
+  if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+    torch.cuda.set_rng_state_all(state['cuda'])
+  if data_generator is not None and 'data' in state:
+    data_generator.set_state(state['data'])
+
+
+def atomic_torch_save(obj, path):
+  """torch.save to a temporary file in the same folder, flushed to disk, then renamed over ``path``."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  tmp = f'{path}.tmp-{os.getpid()}'
+  try:
+    with open(tmp, 'wb') as handle:
+      torch.save(obj, handle)
+      handle.flush()
+      os.fsync(handle.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def save_checkpoint(path, state, config=None, data_generator=None):
+  """Writes ``state = {'model', 'ema', 'optimizer', 'step'}`` in the published format, plus RNG and config."""
+  atomic_torch_save({
+      'optimizer': state['optimizer'].state_dict(),
+      'model': to_published_state_dict(state['model']),
+      'ema': state['ema'].state_dict(),
+      'step': state['step'],
+      'rng': capture_rng_state(data_generator),
+      'config': config.to_json() if config is not None else None,
+  }, path)
+
+
+def read_checkpoint(path, device='cpu'):
+  try:
+    return torch.load(path, map_location=device, weights_only=False)
+  except FileNotFoundError:
+    raise
+  except Exception as error:  # Truncated or corrupt file.
+    raise ValueError(f'Checkpoint {path!r} could not be read ({type(error).__name__}: {error}); it is truncated or '
+                     f'corrupt') from error
+
+
+def load_checkpoint(path, state, device='cpu', load_optimizer=True):
+  """Restores ``state`` in place from a published-format file; returns the raw dict read.
+
+  RNG state is not touched: call ``restore_rng_state(checkpoint['rng'], ...)`` right before the loop resumes.
+  """
+  checkpoint = read_checkpoint(path, device)
+  missing = [key for key in ('model', 'ema', 'step') if key not in checkpoint]
+  if missing:
+    raise ValueError(f'{path!r} is not a rectified-flow checkpoint: it lacks the keys {missing} '
+                     f'(expected optimizer, model, ema, step)')
+  load_network_weights(state['model'], checkpoint['model'], source=path)
+  state['ema'].load_state_dict(checkpoint['ema'])
+  if load_optimizer:
+    state['optimizer'].load_state_dict(checkpoint['optimizer'])
+  state['step'] = int(checkpoint['step'])
+  return checkpoint

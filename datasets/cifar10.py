@@ -1,0 +1,29 @@
+"""CIFAR-10 through torchvision, downloaded only on request (``data.download=True``)."""
+import os
+
+from torchvision import datasets as tv_datasets
+from torchvision import transforms
+
+from datasets.registry import register_dataset
+
+
+@register_dataset('CIFAR10')
+def build_cifar10(config, train=True):
+  data = config.data
+  if data.num_channels != 3 or data.image_size != 32:
+    raise ValueError(f'CIFAR10 images are 3x32x32, but data.num_channels={data.num_channels} and '
+                     f'data.image_size={data.image_size}')
+  root = os.path.expanduser(data.root)
+  try:
+    return tv_datasets.CIFAR10(root=root, train=train, download=data.download, transform=transforms.ToTensor())
+  except RuntimeError as error:  # torchvision: "Dataset not found or corrupted."
+    raise FileNotFoundError(
+        f'CIFAR-10 was not found under {os.path.abspath(root)!r} ({error}). Either pass '
+        f'--config.data.download=True to download it there (about 170 MB), or place the extracted '
+        f"'cifar-10-batches-py' folder of https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz inside it, "
+        f'or point --config.data.root at the folder that holds it.') from error
+  except OSError as error:  # Download failed: offline, DNS, refused connection.
+    raise ConnectionError(
+        f'Downloading CIFAR-10 into {os.path.abspath(root)!r} failed ({error}). On an offline machine, copy '
+        f"cifar-10-python.tar.gz (or its extracted 'cifar-10-batches-py' folder) into that folder and run "
+        f'again with --config.data.download=False.') from error

@@ -1,0 +1,48 @@
+"""Command line: ``python main.py --config CONFIG --workdir DIR --mode train|eval|reflow [--config.a.b=value]``."""
+import logging
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+import run_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Work directory: checkpoints, samples, logs and the resolved config.')
+flags.DEFINE_enum('mode', None, ['train', 'eval', 'reflow'], 'Running mode: train, eval or reflow.')
+flags.DEFINE_string('eval_folder', 'eval', 'Folder under the workdir for evaluation results.')
+flags.mark_flags_as_required(['config', 'workdir', 'mode'])
+
+
+def log_to_file(path):
+  """Sends log records to ``path`` as well as to stderr."""
+  handler = logging.StreamHandler(open(path, 'a', encoding='utf-8'))
+  handler.setFormatter(logging.Formatter('%(levelname)s %(asctime)s %(filename)s:%(lineno)d] %(message)s'))
+  absl_logger = absl_logging.get_absl_logger()
+  absl_logger.addHandler(handler)
+  absl_logger.setLevel(logging.INFO)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config, workdir = FLAGS.config, FLAGS.workdir
+  if FLAGS.mode != 'train' and not os.path.isdir(workdir):
+    sys.exit(f'error: --workdir {workdir!r} does not exist; --mode {FLAGS.mode} reads checkpoints from an existing '
+             f'work directory')
+  absl_logging.set_verbosity(absl_logging.INFO)
+  if FLAGS.mode == 'train':
+    os.makedirs(workdir, exist_ok=True)
+    log_to_file(os.path.join(workdir, 'stdout.txt'))
+    run_lib.train(config, workdir)
+  elif FLAGS.mode == 'eval':
+    run_lib.evaluate(config, workdir, FLAGS.eval_folder)
+  else:
+    run_lib.reflow(config, workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,26 @@
+"""Model registry, EMA, DDPM++ / NCSN++ and the time wrapper."""
+from models import ncsnpp  # noqa: F401  (registers 'ncsnpp')
+from models.ema import ExponentialMovingAverage
+from models.registry import get_model_class, registered_models
+from models.velocity import VelocityField
+
+__all__ = ['ExponentialMovingAverage', 'VelocityField', 'create_model', 'registered_models']
+
+
+def model_kwargs_from_config(config):
+  """The keyword arguments of the network named by ``config.model.name``."""
+  m, d = config.model, config.data
+  return dict(image_size=d.image_size, num_channels=d.num_channels, centered=d.centered, nf=m.nf,
+              ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
+              dropout=m.dropout, resamp_with_conv=m.resamp_with_conv, conditional=m.conditional, fir=m.fir,
+              fir_kernel=tuple(m.fir_kernel), skip_rescale=m.skip_rescale, resblock_type=m.resblock_type,
+              progressive=m.progressive, progressive_input=m.progressive_input,
+              progressive_combine=m.progressive_combine, attention_type=m.attention_type, init_scale=m.init_scale,
+              embedding_type=m.embedding_type, fourier_scale=m.fourier_scale, conv_size=m.conv_size,
+              scale_by_sigma=m.scale_by_sigma, nonlinearity=m.nonlinearity, normalization=m.normalization,
+              sigma_min=m.sigma_min, sigma_max=m.sigma_max, num_scales=m.num_scales)
+
+
+def create_model(config):
+  """Builds the network of ``config.model`` (on the CPU; the caller moves it)."""
+  return get_model_class(config.model.name)(**model_kwargs_from_config(config))

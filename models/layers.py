@@ -1,0 +1,169 @@
+"""Building blocks of DDPM++ / NCSN++ (Song et al. 2021, "Score-Based Generative Modeling through SDEs").
+
+Module and parameter names (``GroupNorm_0``, ``Conv_0``, ``Dense_0``, ``NIN_0.W`` ...) follow the published
+checkpoints so that their state_dicts load strictly.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def variance_scaling_(tensor, scale=1.0):
+  """In-place 'fan_avg' uniform variance-scaling init (the JAX/Flax default of the published models).
+
+  For a weight of shape (out, in, *kernel): var = scale / ((fan_in + fan_out) / 2), U(-sqrt(3 var), sqrt(3 var)).
+  A scale of 0 becomes 1e-10, so zero-initialised output layers still break symmetry as in the published code.
+  """
+  scale = scale if scale != 0 else 1e-10
+  receptive_field = tensor[0][0].numel() if tensor.dim() > 2 else 1
+  fan_in = tensor.shape[1] * receptive_field
+  fan_out = tensor.shape[0] * receptive_field
+  variance = scale / ((fan_in + fan_out) / 2.0)
+  bound = math.sqrt(3.0 * variance)
+  with torch.no_grad():
+    return tensor.uniform_(-bound, bound)
+
+
+def conv2d(in_ch, out_ch, kernel_size, init_scale=1.0, bias=True):
+  """Same-padded convolution with variance-scaling weights and zero bias."""
+  conv = nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=bias)
+  variance_scaling_(conv.weight, init_scale)
+  if bias:
+    nn.init.zeros_(conv.bias)
+  return conv
+
+
+def dense(in_dim, out_dim, init_scale=1.0):
+  """Linear layer with variance-scaling weights and zero bias."""
+  linear = nn.Linear(in_dim, out_dim)
+  variance_scaling_(linear.weight, init_scale)
+  nn.init.zeros_(linear.bias)
+  return linear
+
+
+def group_norm(channels):
+  """GroupNorm with min(C // 4, 32) groups and eps 1e-6, as in the published models."""
+  return nn.GroupNorm(num_groups=min(channels // 4, 32), num_channels=channels, eps=1e-6)
+
+
+def get_activation(name):
+  """The nonlinearity named in the config."""
+  activations = {'swish': nn.SiLU(), 'silu': nn.SiLU(), 'relu': nn.ReLU(), 'elu': nn.ELU(),
+                 'lrelu': nn.LeakyReLU(0.2)}
+  if name.lower() not in activations:
+    raise ValueError(f"Unknown model.nonlinearity {name!r}; valid names: {sorted(activations)}")
+  return activations[name.lower()]
+
+
+def positional_time_embedding(timesteps, dim, max_positions=10000):
+  """Sinusoidal embedding of (B,) float timesteps into (B, dim) (Vaswani et al. 2017; DDPM)."""
+  half = dim // 2
+  freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=timesteps.device)
+                    * -(math.log(max_positions) / (half - 1)))
+  angles = timesteps.float()[:, None] * freqs[None, :]
+  emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+  if dim % 2 == 1:
+    emb = F.pad(emb, (0, 1))
+  return emb
+
+
+class GaussianFourierProjection(nn.Module):
+  """Random Fourier features of a scalar (Tancik et al. 2020): [sin(2 pi x W), cos(2 pi x W)], (B,) -> (B, 2 E)."""
+
+  def __init__(self, embedding_size=256, scale=1.0):
+    super().__init__()
+    self.W = nn.Parameter(torch.randn(embedding_size) * scale, requires_grad=False)
+
+  def forward(self, x):
+    proj = x[:, None] * self.W[None, :] * (2 * math.pi)
+    return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+
+
+class NIN(nn.Module):
+  """Per-pixel linear map over channels ("network in network"): (B, C_in, H, W) -> (B, C_out, H, W)."""
+
+  def __init__(self, in_dim, num_units, init_scale=0.1):
+    super().__init__()
+    self.W = nn.Parameter(variance_scaling_(torch.empty(num_units, in_dim), init_scale).t().contiguous())
+    self.b = nn.Parameter(torch.zeros(num_units))
+
+  def forward(self, x):
+    y = torch.einsum('bchw,cd->bdhw', x, self.W)
+    return y + self.b[None, :, None, None]
+
+
+class AttnBlockpp(nn.Module):
+  """Single-head self-attention over all H*W positions with a residual connection."""
+
+  def __init__(self, channels, skip_rescale=False, init_scale=0.0):
+    super().__init__()
+    self.GroupNorm_0 = group_norm(channels)
+    self.NIN_0 = NIN(channels, channels)
+    self.NIN_1 = NIN(channels, channels)
+    self.NIN_2 = NIN(channels, channels)
+    self.NIN_3 = NIN(channels, channels, init_scale=init_scale)
+    self.skip_rescale = skip_rescale
+
+  def forward(self, x):
+    batch, channels, height, width = x.shape
+    h = self.GroupNorm_0(x)
+    q = self.NIN_0(h).flatten(2)  # (B, C, HW)
+    k = self.NIN_1(h).flatten(2)
+    v = self.NIN_2(h).flatten(2)
+    logits = torch.einsum('bcq,bck->bqk', q, k) * (int(channels) ** -0.5)  # (B, HW, HW)
+    weights = torch.softmax(logits, dim=-1)
+    h = torch.einsum('bqk,bck->bcq', weights, v).reshape(batch, channels, height, width)
+    h = self.NIN_3(h)
+    return (x + h) / math.sqrt(2.0) if self.skip_rescale else x + h
+
+
+def naive_upsample_2d(x, factor=2):
+  """Nearest-neighbour upsampling, (B, C, H, W) -> (B, C, fH, fW)."""
+  return x.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+
+
+def naive_downsample_2d(x, factor=2):
+  """Average pooling over factor x factor blocks, (B, C, H, W) -> (B, C, H/f, W/f)."""
+  return F.avg_pool2d(x, factor)
+
+
+class ResnetBlockBigGANpp(nn.Module):
+  """BigGAN-style residual block with optional 2x up/down sampling inside (Brock et al. 2019; NCSN++)."""
+
+  def __init__(self, act, in_ch, out_ch=None, temb_dim=None, up=False, down=False, dropout=0.1,
+               fir=False, fir_kernel=(1, 3, 3, 1), skip_rescale=True, init_scale=0.0):
+    super().__init__()
+    out_ch = out_ch if out_ch else in_ch
+    if fir:
+      raise NotImplementedError('FIR resampling (model.fir=True) is part of the NCSN++ 256x256 work; '
+                                'set model.fir=False for DDPM++.')
+    self.GroupNorm_0 = group_norm(in_ch)
+    self.Conv_0 = conv2d(in_ch, out_ch, 3)
+    if temb_dim is not None:
+      self.Dense_0 = dense(temb_dim, out_ch)
+    self.GroupNorm_1 = group_norm(out_ch)
+    self.Dropout_0 = nn.Dropout(dropout)
+    self.Conv_1 = conv2d(out_ch, out_ch, 3, init_scale=init_scale)
+    self.has_skip_conv = in_ch != out_ch or up or down
+    if self.has_skip_conv:
+      self.Conv_2 = conv2d(in_ch, out_ch, 1)
+    self.act = act
+    self.up, self.down = up, down
+    self.skip_rescale = skip_rescale
+
+  def forward(self, x, temb=None):
+    h = self.act(self.GroupNorm_0(x))
+    if self.up:
+      h, x = naive_upsample_2d(h), naive_upsample_2d(x)
+    elif self.down:
+      h, x = naive_downsample_2d(h), naive_downsample_2d(x)
+    h = self.Conv_0(h)
+    if temb is not None:
+      h = h + self.Dense_0(self.act(temb))[:, :, None, None]
+    h = self.Dropout_0(self.act(self.GroupNorm_1(h)))
+    h = self.Conv_1(h)
+    if self.has_skip_conv:
+      x = self.Conv_2(x)
+    return (x + h) / math.sqrt(2.0) if self.skip_rescale else x + h

@@ -1,0 +1,17 @@
+"""The one place where the library's time t in [0, 1] becomes the network's time input."""
+from torch import nn
+
+# The published networks receive t * 999 (the DDPM timestep scale) as their time input.
+NETWORK_TIME_SCALE = 999.0
+
+
+class VelocityField(nn.Module):
+  """Wraps a network as v(x, t) for ``rectified_flow_pytorch``: t in [0, 1] -> network time t * 999."""
+
+  def __init__(self, net, time_scale=NETWORK_TIME_SCALE):
+    super().__init__()
+    self.net = net
+    self.time_scale = time_scale
+
+  def forward(self, x, times):
+    return self.net(x, times * self.time_scale)

@@ -1,0 +1,127 @@
+"""ODE solvers for dx/dt = v(x, t) over a batch, counting network evaluations (NFE)."""
+import math
+
+import torch
+
+
+class CountedField:
+  """Calls ``velocity(x, t)`` with t a (B,) tensor and counts the calls (one call = one NFE for the batch)."""
+
+  def __init__(self, velocity):
+    self.velocity = velocity
+    self.nfe = 0
+
+  def __call__(self, x, t):
+    self.nfe += 1
+    t_batch = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
+    return self.velocity(x, t_batch)
+
+
+@torch.no_grad()
+def euler(velocity, x, *, steps, eps=0.0):
+  """N-step Euler from t = eps towards 1 on the published grid t_i = eps + i/N (1 - eps), with dt = 1/N.
+
+  Returns (x_1, nfe). With eps = 0 this is plain Euler on [0, 1]; with one step it is x0 + v(x0, eps).
+  """
+  if steps < 1:
+    raise ValueError(f'Euler needs at least one step, got steps={steps}')
+  field = CountedField(velocity)
+  dt = 1.0 / steps
+  for i in range(steps):
+    t = eps + i / steps * (1.0 - eps)
+    x = x + field(x, t) * dt
+  return x, field.nfe
+
+
+# Dormand-Prince 5(4) tableau (Dormand & Prince 1980), as used by scipy.integrate.RK45.
+_DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0)
+_DP_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+)
+_DP_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
+# Difference between the 5th- and embedded 4th-order weights, over all 7 stages (FSAL).
+_DP_E = (-71 / 57600, 0.0, 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 40)
+_SAFETY, _MIN_FACTOR, _MAX_FACTOR = 0.9, 0.2, 10.0
+_ERROR_EXPONENT = -1.0 / 5.0  # -1 / (error estimator order + 1)
+
+
+def _rms(x):
+  """scipy's error norm: the RMS over every element of the (flattened) system."""
+  return float(torch.linalg.vector_norm(x) / math.sqrt(x.numel()))
+
+
+@torch.no_grad()
+def rk45(velocity, x, *, t0=1e-3, t1=1.0, rtol=1e-5, atol=1e-5, state_dtype=None, max_steps=100_000):
+  """Adaptive Dormand-Prince RK45 with scipy.integrate.solve_ivp's step-size control.
+
+  The whole batch is one flattened system (one error norm, one step size), as in the published sampler that
+  called ``solve_ivp(..., method='RK45')``. ``state_dtype=torch.float64`` keeps the state in double precision as
+  scipy does, while the velocity is evaluated in the dtype of ``x``. Returns (x(t1), nfe).
+  """
+  model_dtype = x.dtype
+  y = x.to(state_dtype or model_dtype)
+  field = CountedField(velocity)
+
+  def f(t, state):
+    return field(state.to(model_dtype), t).to(state.dtype)
+
+  direction = 1.0 if t1 >= t0 else -1.0
+  t = t0
+  f0 = f(t, y)
+  interval = abs(t1 - t0)
+  if interval == 0.0:
+    return y.to(model_dtype), field.nfe
+  # Initial step (Hairer, Norsett & Wanner 1993, Sec. II.4), as scipy's select_initial_step.
+  scale = atol + y.abs() * rtol
+  d0, d1 = _rms(y / scale), _rms(f0 / scale)
+  h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+  h0 = min(h0, interval)
+  f1 = f(t + h0 * direction, y + h0 * direction * f0)
+  d2 = _rms((f1 - f0) / scale) / h0
+  h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
+  h_abs = min(100 * h0, h1, interval)
+
+  fy = f0
+  for _ in range(max_steps):
+    if direction * (t - t1) >= 0:
+      return y.to(model_dtype), field.nfe
+    min_step = 10 * abs(math.nextafter(t, direction * math.inf) - t)
+    h_abs = max(h_abs, min_step)
+    rejected = False
+    while True:
+      if h_abs < min_step:
+        raise RuntimeError(f'RK45 step size fell below {min_step:g} at t={t:g}; the velocity field is too stiff '
+                           f'for rtol={rtol}, atol={atol}')
+      t_new = t + h_abs * direction
+      if direction * (t_new - t1) > 0:
+        t_new = t1
+      h = t_new - t
+      h_abs = abs(h)
+      stages = [fy]
+      for c, a in zip(_DP_C[1:], _DP_A[1:]):
+        dy = sum(coef * k for coef, k in zip(a, stages) if coef != 0.0) * h
+        stages.append(f(t + c * h, y + dy))
+      y_new = y + h * sum(b * k for b, k in zip(_DP_B, stages) if b != 0.0)
+      f_new = f(t + h, y_new)
+      stages.append(f_new)
+      error = h * sum(e * k for e, k in zip(_DP_E, stages) if e != 0.0)
+      scale = atol + torch.maximum(y.abs(), y_new.abs()) * rtol
+      error_norm = _rms(error / scale)
+      if error_norm < 1:
+        factor = _MAX_FACTOR if error_norm == 0 else min(_MAX_FACTOR, _SAFETY * error_norm ** _ERROR_EXPONENT)
+        if rejected:
+          factor = min(1.0, factor)
+        h_abs *= factor
+        break
+      h_abs *= max(_MIN_FACTOR, _SAFETY * error_norm ** _ERROR_EXPONENT)
+      rejected = True
+    t, y, fy = t_new, y_new, f_new
+  raise RuntimeError(f'RK45 did not reach t={t1} within {max_steps} steps')
+
+
+SOLVERS = {'euler': euler, 'rk45': rk45}

@@ -4,6 +4,8 @@ Time runs from t=0 (noise, X0) to t=1 (data, X1). The linear interpolation
     X_t = t X1 + (1 - t) X0                         (Eq. (1) of Liu et al. 2022)
 has the velocity dX_t/dt = X1 - X0, which the network v(X_t, t) regresses.
 """
+import math
+
 import torch
 
 
@@ -12,10 +14,47 @@ def append_dims(t, ndim):
   return t.reshape(t.shape[0], *([1] * (ndim - 1)))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Training-time distributions. Each maps u ~ U[0, 1) to a time in [0, 1]; ``sample_times`` then squeezes the result
+# into [eps, 1]. All are written in this library's convention (t = 1 is data).
+
+def _uniform(u):
+  return u
+
+
+def _logit_normal(u, mean=0.0, std=1.0):
+  """t = sigmoid(mean + std * N(0, 1)) (Esser et al. 2024, Sec. 3.1). ``mean`` > 0 favours the data end here."""
+  normal = math.sqrt(2.0) * torch.erfinv(2.0 * u.clamp(1e-7, 1 - 1e-7) - 1.0)
+  return torch.sigmoid(mean + std * normal)
+
+
+def _u_shaped(u, a=4.0):
+  """p(t) proportional to cosh(a (2t - 1)), heavier at both ends (Lee et al. 2024, a = 4), by its inverse CDF."""
+  return 0.5 * (1.0 + torch.asinh((2.0 * u - 1.0) * math.sinh(a)) / a)
+
+
+def _cosmap(u):
+  """t = 1 - 1 / (tan(pi u / 2) + 1), density 2 / (pi (1 - 2t + 2t^2)) (Esser et al. 2024, Eq. 21)."""
+  return 1.0 - 1.0 / (torch.tan(0.5 * math.pi * u) + 1.0)
+
+
+TIME_DISTRIBUTIONS = {'uniform': _uniform, 'logit_normal': _logit_normal, 'u_shaped': _u_shaped,
+                      'cosmap': _cosmap}
+
+
+def sample_times(batch_size, distribution='uniform', *, eps=1e-3, device=None, dtype=torch.float32, generator=None,
+                 **distribution_kwargs):
+  """(B,) training times in [eps, 1] from a named distribution (uniform is the published U[eps, 1])."""
+  if distribution not in TIME_DISTRIBUTIONS:
+    raise ValueError(f'Unknown time distribution {distribution!r}; valid: {sorted(TIME_DISTRIBUTIONS)}')
+  u = torch.rand(batch_size, device=device, dtype=dtype, generator=generator)
+  t = TIME_DISTRIBUTIONS[distribution](u, **distribution_kwargs)
+  return t * (1.0 - eps) + eps
+
+
 def sample_uniform_times(batch_size, *, eps=1e-3, device=None, dtype=torch.float32, generator=None):
   """t ~ U[eps, 1], (B,); the published models use eps = 1e-3."""
-  u = torch.rand(batch_size, device=device, dtype=dtype, generator=generator)
-  return u * (1.0 - eps) + eps
+  return sample_times(batch_size, 'uniform', eps=eps, device=device, dtype=dtype, generator=generator)
 
 
 def interpolate(x0, x1, t):
@@ -29,6 +68,54 @@ def velocity_target(x0, x1):
   return x1 - x0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# What the network predicts: the velocity ('flow'), the noise X0 ('noise') or the data X1 ('clean').
+
+PREDICTIONS = ('flow', 'noise', 'clean')
+
+
+def prediction_target(predict, x0, x1):
+  """The regression target of a network that predicts ``predict``."""
+  if predict == 'flow':
+    return x1 - x0
+  if predict == 'noise':
+    return x0
+  if predict == 'clean':
+    return x1
+  raise ValueError(f'Unknown prediction {predict!r}; valid: {list(PREDICTIONS)}')
+
+
+def to_velocity(predict, prediction, x_t, t, min_denominator=1e-3):
+  """The velocity implied by a prediction at (x_t, t).
+
+  From X_t = t X1 + (1 - t) X0: v = (X_t - X0) / t for a noise prediction and v = (X1 - X_t) / (1 - t) for a clean
+  one; the denominators are clamped at ``min_denominator`` near the singular end.
+  """
+  if predict == 'flow':
+    return prediction
+  t = append_dims(t, x_t.dim()).to(x_t.dtype)
+  if predict == 'noise':
+    return (x_t - prediction) / t.clamp(min=min_denominator)
+  if predict == 'clean':
+    return (prediction - x_t) / (1.0 - t).clamp(min=min_denominator)
+  raise ValueError(f'Unknown prediction {predict!r}; valid: {list(PREDICTIONS)}')
+
+
+def to_clean(predict, prediction, x_t, t, min_denominator=1e-3):
+  """The data estimate X1_hat implied by a prediction: X_t + (1 - t) v for a velocity."""
+  if predict == 'clean':
+    return prediction
+  if predict == 'flow':
+    return x_t + (1.0 - append_dims(t, x_t.dim()).to(x_t.dtype)) * prediction
+  if predict == 'noise':
+    t = append_dims(t, x_t.dim()).to(x_t.dtype)
+    return (x_t - (1.0 - t) * prediction) / t.clamp(min=min_denominator)
+  raise ValueError(f'Unknown prediction {predict!r}; valid: {list(PREDICTIONS)}')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-sample losses, (B, ...) -> (B,).
+
 def per_sample_squared_error(prediction, target, reduction='mean'):
   """Squared error reduced over all but the batch dimension by 'mean' or 'sum', (B, ...) -> (B,)."""
   squared = (prediction - target).square().flatten(1)
@@ -37,3 +124,15 @@ def per_sample_squared_error(prediction, target, reduction='mean'):
   if reduction == 'sum':
     return squared.sum(dim=1)
   raise ValueError(f"Unknown reduction {reduction!r}; valid: 'mean', 'sum'")
+
+
+def pseudo_huber_constant(data_dim):
+  """c = 0.00054 sqrt(d) (Song & Dhariwal 2023; used by Lee et al. 2024), for d data dimensions."""
+  return 0.00054 * math.sqrt(data_dim)
+
+
+def per_sample_pseudo_huber(prediction, target, c=None):
+  """sqrt(||prediction - target||^2 + c^2) - c on each sample's whole vector, (B,)."""
+  difference = (prediction - target).flatten(1)
+  c = pseudo_huber_constant(difference.shape[1]) if c is None else c
+  return torch.sqrt(difference.square().sum(dim=1) + c * c) - c

@@ -1,4 +1,8 @@
-"""ODE solvers for dx/dt = v(x, t) over a batch, counting network evaluations (NFE)."""
+"""ODE solvers for dx/dt = v(x, t) over a batch, counting network evaluations (NFE).
+
+Every solver integrates from ``t0`` to ``t1``; t1 < t0 integrates backwards (data to noise). ``velocity(x, t)``
+receives a (B,) time tensor.
+"""
 import math
 
 import torch
@@ -17,19 +21,50 @@ class CountedField:
     return self.velocity(x, t_batch)
 
 
-@torch.no_grad()
-def euler(velocity, x, *, steps, eps=0.0):
-  """N-step Euler from t = eps towards 1 on the published grid t_i = eps + i/N (1 - eps), with dt = 1/N.
-
-  Returns (x_1, nfe). With eps = 0 this is plain Euler on [0, 1]; with one step it is x0 + v(x0, eps).
-  """
+def _check_steps(steps):
   if steps < 1:
-    raise ValueError(f'Euler needs at least one step, got steps={steps}')
+    raise ValueError(f'A fixed-step solver needs at least one step, got steps={steps}')
+
+
+@torch.no_grad()
+def euler(velocity, x, *, steps, t0=0.0, t1=1.0, step_size=None):
+  """N Euler steps at t_i = t0 + i (t1 - t0) / N, each of size ``step_size`` (default (t1 - t0) / N).
+
+  The published sampler is ``t0=eps, t1=1, step_size=1/N``. One step is x0 + v(x0, t0) (t1 - t0).
+  Returns (x(t1), nfe).
+  """
+  _check_steps(steps)
   field = CountedField(velocity)
-  dt = 1.0 / steps
+  dt = (t1 - t0) / steps if step_size is None else math.copysign(step_size, t1 - t0)
   for i in range(steps):
-    t = eps + i / steps * (1.0 - eps)
-    x = x + field(x, t) * dt
+    x = x + field(x, t0 + i / steps * (t1 - t0)) * dt
+  return x, field.nfe
+
+
+@torch.no_grad()
+def midpoint(velocity, x, *, steps, t0=0.0, t1=1.0):
+  """Explicit midpoint rule (2nd order, 2 NFE per step). Returns (x(t1), nfe)."""
+  _check_steps(steps)
+  field = CountedField(velocity)
+  h = (t1 - t0) / steps
+  for i in range(steps):
+    t = t0 + i * h
+    x_mid = x + 0.5 * h * field(x, t)
+    x = x + h * field(x_mid, t + 0.5 * h)
+  return x, field.nfe
+
+
+@torch.no_grad()
+def heun(velocity, x, *, steps, t0=0.0, t1=1.0):
+  """Heun's method (explicit trapezoid, 2nd order, 2 NFE per step). Returns (x(t1), nfe)."""
+  _check_steps(steps)
+  field = CountedField(velocity)
+  h = (t1 - t0) / steps
+  for i in range(steps):
+    t = t0 + i * h
+    d0 = field(x, t)
+    d1 = field(x + h * d0, t + h)
+    x = x + 0.5 * h * (d0 + d1)
   return x, field.nfe
 
 
@@ -55,6 +90,10 @@ def _rms(x):
   return float(torch.linalg.vector_norm(x) / math.sqrt(x.numel()))
 
 
+def _weighted_sum(coefficients, stages):
+  return sum(c * k for c, k in zip(coefficients, stages) if c != 0.0)
+
+
 @torch.no_grad()
 def rk45(velocity, x, *, t0=1e-3, t1=1.0, rtol=1e-5, atol=1e-5, state_dtype=None, max_steps=100_000):
   """Adaptive Dormand-Prince RK45 with scipy.integrate.solve_ivp's step-size control.
@@ -72,21 +111,20 @@ def rk45(velocity, x, *, t0=1e-3, t1=1.0, rtol=1e-5, atol=1e-5, state_dtype=None
 
   direction = 1.0 if t1 >= t0 else -1.0
   t = t0
-  f0 = f(t, y)
   interval = abs(t1 - t0)
   if interval == 0.0:
     return y.to(model_dtype), field.nfe
+  fy = f(t, y)
   # Initial step (Hairer, Norsett & Wanner 1993, Sec. II.4), as scipy's select_initial_step.
   scale = atol + y.abs() * rtol
-  d0, d1 = _rms(y / scale), _rms(f0 / scale)
+  d0, d1 = _rms(y / scale), _rms(fy / scale)
   h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
   h0 = min(h0, interval)
-  f1 = f(t + h0 * direction, y + h0 * direction * f0)
-  d2 = _rms((f1 - f0) / scale) / h0
+  f1 = f(t + h0 * direction, y + h0 * direction * fy)
+  d2 = _rms((f1 - fy) / scale) / h0
   h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
   h_abs = min(100 * h0, h1, interval)
 
-  fy = f0
   for _ in range(max_steps):
     if direction * (t - t1) >= 0:
       return y.to(model_dtype), field.nfe
@@ -104,14 +142,12 @@ def rk45(velocity, x, *, t0=1e-3, t1=1.0, rtol=1e-5, atol=1e-5, state_dtype=None
       h_abs = abs(h)
       stages = [fy]
       for c, a in zip(_DP_C[1:], _DP_A[1:]):
-        dy = sum(coef * k for coef, k in zip(a, stages) if coef != 0.0) * h
-        stages.append(f(t + c * h, y + dy))
-      y_new = y + h * sum(b * k for b, k in zip(_DP_B, stages) if b != 0.0)
+        stages.append(f(t + c * h, y + h * _weighted_sum(a, stages)))
+      y_new = y + h * _weighted_sum(_DP_B, stages)
       f_new = f(t + h, y_new)
       stages.append(f_new)
-      error = h * sum(e * k for e, k in zip(_DP_E, stages) if e != 0.0)
       scale = atol + torch.maximum(y.abs(), y_new.abs()) * rtol
-      error_norm = _rms(error / scale)
+      error_norm = _rms(h * _weighted_sum(_DP_E, stages) / scale)
       if error_norm < 1:
         factor = _MAX_FACTOR if error_norm == 0 else min(_MAX_FACTOR, _SAFETY * error_norm ** _ERROR_EXPONENT)
         if rejected:
@@ -124,4 +160,14 @@ def rk45(velocity, x, *, t0=1e-3, t1=1.0, rtol=1e-5, atol=1e-5, state_dtype=None
   raise RuntimeError(f'RK45 did not reach t={t1} within {max_steps} steps')
 
 
-SOLVERS = {'euler': euler, 'rk45': rk45}
+FIXED_STEP_SOLVERS = {'euler': euler, 'midpoint': midpoint, 'heun': heun}
+SOLVERS = ('euler', 'heun', 'midpoint', 'rk45')
+
+
+def solve(solver, velocity, x, *, t0, t1, steps=None, rtol=1e-5, atol=1e-5, state_dtype=None):
+  """Integrates from t0 to t1 with a named solver: fixed-step ones take ``steps``, 'rk45' takes rtol/atol."""
+  if solver == 'rk45':
+    return rk45(velocity, x, t0=t0, t1=t1, rtol=rtol, atol=atol, state_dtype=state_dtype)
+  if solver not in FIXED_STEP_SOLVERS:
+    raise ValueError(f'Unknown solver {solver!r}; valid solvers: {list(SOLVERS)}')
+  return FIXED_STEP_SOLVERS[solver](velocity, x, steps=steps, t0=t0, t1=t1)

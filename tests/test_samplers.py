@@ -25,7 +25,7 @@ def ema_velocity():
 
 def test_euler_matches_the_published_sampler(ema_velocity):
   velocity, io = ema_velocity
-  x1, nfe = solvers.euler(velocity, io['sampler_z'], steps=io['euler_N'], eps=1e-3)
+  x1, nfe = solvers.euler(velocity, io['sampler_z'], steps=io['euler_N'], t0=1e-3, step_size=1.0 / io['euler_N'])
   assert nfe == io['euler_N']
   torch.testing.assert_close(x1, io['euler_x1'], atol=1e-5, rtol=0)
 

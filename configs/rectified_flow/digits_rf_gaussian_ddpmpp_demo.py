@@ -6,7 +6,7 @@ def get_config():
   config = get_default_configs()
   training = config.training
   training.batch_size = 64
-  training.n_iters = 4000
+  training.n_iters = 3000
   training.snapshot_freq = 1000
   training.snapshot_freq_for_preemption = 250
   training.log_freq = 25

@@ -9,7 +9,7 @@ install:
 install-dev:
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 
-# The main job: a 1-rectified flow on scikit-learn's digits (no download), about 10 minutes on 2 CPU cores.
+# The main job: a 1-rectified flow on scikit-learn's digits (no download), about 12 minutes on 2 CPU cores.
 demo: install
 	$(PYTHON) main.py --config configs/rectified_flow/digits_rf_gaussian_ddpmpp_demo.py --mode train --workdir $(DEMO_WORKDIR)
 

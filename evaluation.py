@@ -1,22 +1,291 @@
-"""Evaluation metrics. The straightness of a flow (Liu et al. 2022, Sec. 2.2) is here; FID/IS/KID follow."""
+"""Sample-quality metrics: Inception features (torch-fidelity), FID, Inception Score, KID, reference statistics,
+and the straightness of a flow.
+
+The Inception network is torch-fidelity's ``inception-v3-compat``: the 2015-12-05 TensorFlow graph that the
+published FIDs used, with TensorFlow-1-exact bilinear resizing to 299x299, 2048-d pool_3 features and 1008
+unbiased logits. Its weights come from ``eval.inception_weights_path`` or are downloaded once into torch's hub
+cache; nothing is downloaded at import or in tests.
+"""
+import csv
+import hashlib
+import json
+import os
+import time
+import urllib.error
+
+import numpy as np
 import torch
 
-from rectified_flow_pytorch import flow as flow_math
+from rectified_flow_pytorch import solvers
 
+INCEPTION_WEIGHTS_URL = ('https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/'
+                         'weights-inception-2015-12-05-6726825d.pth')
+INCEPTION_WEIGHTS_FILE = os.path.basename(INCEPTION_WEIGHTS_URL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inception features.
+
+def default_inception_weights_path():
+  return os.path.join(torch.hub.get_dir(), 'checkpoints', INCEPTION_WEIGHTS_FILE)
+
+
+def resolve_inception_weights(path='', download=True):
+  """A local file with the Inception weights: ``path`` if given, else the hub cache, downloading once if allowed."""
+  if path:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'eval.inception_weights_path={path!r} does not exist. Download {INCEPTION_WEIGHTS_URL} '
+                              f'to that path, or leave the option empty to use {default_inception_weights_path()}.')
+    return path
+  target = default_inception_weights_path()
+  if os.path.isfile(target):
+    return target
+  message = (f'The Inception weights {INCEPTION_WEIGHTS_FILE} are not in the cache. On a machine without internet, '
+             f'download {INCEPTION_WEIGHTS_URL} elsewhere and place it at {target}, or pass '
+             f'--config.eval.inception_weights_path=/path/to/{INCEPTION_WEIGHTS_FILE}.')
+  if not download:
+    raise FileNotFoundError(message)
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  try:
+    torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, target, progress=False)
+  except (urllib.error.URLError, OSError) as error:
+    raise ConnectionError(f'Downloading the Inception weights failed ({error}). {message}') from error
+  return target
+
+
+class InceptionFeatures:
+  """pool_3 features (B, 2048) and unbiased logits (B, 1008) of [0, 1] images of any size, 1 or 3 channels."""
+
+  def __init__(self, weights_path, device='cpu'):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    self.model = FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'],
+                                             feature_extractor_weights_path=weights_path).to(device)
+    self.device = device
+
+  @staticmethod
+  def to_uint8(images):
+    """[0, 1] floats -> uint8 by truncation of 255 x, as the published evaluation did."""
+    return (images * 255.0).clamp(0, 255).to(torch.uint8)
+
+  @torch.no_grad()
+  def __call__(self, images):
+    if images.dtype != torch.uint8:
+      images = self.to_uint8(images)
+    if images.shape[1] == 1:
+      images = images.repeat(1, 3, 1, 1)
+    pool, logits = self.model(images.to(self.device))
+    return pool.float().cpu(), logits.float().cpu()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics and metrics.
+
+def gaussian_statistics(features):
+  """(mu, sigma) of (N, D) features in float64, sigma unbiased (N - 1), as numpy.cov."""
+  features = np.asarray(features, dtype=np.float64)
+  return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+  """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017), by torch-fidelity (float64)."""
+  from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+  mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+  sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+  if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+    raise ValueError(f'Statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs '
+                     f'{sigma2.shape}')
+  return fid_statistics_to_metric({'mu': mu1, 'sigma': sigma1}, {'mu': mu2, 'sigma': sigma2},
+                                  verbose=False)[KEY_METRIC_FID]
+
+
+def inception_score(logits, splits=1):
+  """exp(E_x KL(p(y|x) || p(y))) over ``splits`` consecutive parts, by torch-fidelity: (mean, std).
+
+  ``splits=1`` is how the published code computed IS (one split over all samples); 10 is the common protocol.
+  """
+  from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+  result = isc_features_to_metric(torch.as_tensor(np.asarray(logits)), splits=splits, shuffle=False)
+  return result[KEY_METRIC_ISC_MEAN], result[KEY_METRIC_ISC_STD]
+
+
+def kernel_inception_distance(features1, features2, subsets=100, subset_size=1000, seed=0):
+  """Unbiased MMD^2 with the cubic polynomial kernel (x.y / d + 1)^3 (Binkowski et al. 2018), averaged over random
+  subsets, by torch-fidelity: (mean, std). The subset size is capped by the smaller set."""
+  from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+  features1 = torch.as_tensor(np.asarray(features1, dtype=np.float64))
+  features2 = torch.as_tensor(np.asarray(features2, dtype=np.float64))
+  size = min(subset_size, len(features1), len(features2))
+  if size < 2:
+    raise ValueError('KID needs at least two samples in each set')
+  result = kid_features_to_metric(features1, features2, kid_subsets=subsets, kid_subset_size=size, rng_seed=seed,
+                                  kid_kernel='poly', kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
+                                  kid_kernel_poly_coef0=1, verbose=False)
+  return result[KEY_METRIC_KID_MEAN], result[KEY_METRIC_KID_STD]
+
+
+def load_reference_statistics(path):
+  """{'mu', 'sigma', 'pool_3' (or None)} from a stats file.
+
+  Reads the published form (key ``pool_3``: raw pool_3 activations of the reference set) and the mu/sigma form
+  (keys ``mu`` and ``sigma``).
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'Reference statistics {path!r} do not exist. Compute them with --mode stats (same '
+                            f'config), or place the published file (e.g. cifar10_stats.npz) there, or set '
+                            f'--config.eval.stats_path.')
+  try:
+    stats = np.load(path)
+  except Exception as error:
+    raise ValueError(f'Reference statistics {path!r} could not be read as .npz ({error})') from error
+  keys = set(stats.files)
+  if 'mu' in keys and 'sigma' in keys:
+    pool = stats['pool_3'] if 'pool_3' in keys else None
+    return {'mu': stats['mu'], 'sigma': stats['sigma'], 'pool_3': pool}
+  if 'pool_3' in keys:
+    mu, sigma = gaussian_statistics(stats['pool_3'])
+    return {'mu': mu, 'sigma': sigma, 'pool_3': stats['pool_3']}
+  raise ValueError(f'Reference statistics {path!r} have the keys {sorted(keys)}; expected pool_3 (raw Inception '
+                   f'pool_3 activations, the published form) or mu and sigma.')
+
+
+def save_reference_statistics(path, pool_3):
+  """Writes raw pool_3 activations (the published form) and their mu/sigma, atomically."""
+  mu, sigma = gaussian_statistics(pool_3)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp-{os.getpid()}.npz'
+  with open(tmp, 'wb') as handle:
+    np.savez(handle, pool_3=np.asarray(pool_3, dtype=np.float32), mu=mu, sigma=sigma)
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Straightness.
 
 @torch.no_grad()
 def straightness(velocity, x0, *, steps=100, eps=0.0):
-  """S(Z) = E_t ||(Z1 - Z0) - v(Z_t, t)||^2 (mean over pixels) along Euler trajectories from x0.
+  """S(Z) along ``steps``-step Euler trajectories from x0 (Liu et al. 2022, Def. 2.3); zero iff straight, (B,)."""
+  meter = solvers.StraightnessMeter(x0)
+  z1, _ = solvers.euler(velocity, x0, steps=steps, t0=eps, t1=1.0, on_step=meter.on_step)
+  return meter.value(z1)
 
-  Zero for a perfectly straight flow. ``velocity(x, t)`` takes a (B,) time in [0, 1]. Returns (B,).
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resumable sampling rounds.
+
+def per_sample_noise(first_index, count, shape, seed, scale=1.0):
+  """Noise of samples first_index .. first_index + count - 1, each from its own seed (seed, index), so that a
+  sample does not depend on the round size or on how rounds are split across processes."""
+  noises = [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 2**32 + index))
+            for index in range(first_index, first_index + count)]
+  return torch.stack(noises) * scale
+
+
+class SampleRounds:
+  """Rounds of samples in one folder (``round_{r:05d}.npz``), each written atomically, under a manifest.
+
+  The manifest records what determines the samples (checkpoint hash, sampler settings, seed, round size). A folder
+  whose manifest differs is refused, so files from other settings are never mixed into one evaluation.
   """
-  dt = 1.0 / steps
-  z = x0
-  velocities = []
-  for i in range(steps):
-    t = torch.full((x0.shape[0],), eps + i / steps * (1.0 - eps), device=x0.device, dtype=x0.dtype)
-    v = velocity(z, t)
-    velocities.append(v)
-    z = z + v * dt
-  displacement = z - x0
-  return torch.stack([flow_math.per_sample_squared_error(v, displacement) for v in velocities]).mean(0)
+
+  def __init__(self, folder, manifest):
+    self.folder = folder
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, 'manifest.json')
+    manifest = json.loads(json.dumps(manifest))  # Normalise tuples etc. to their JSON form.
+    if os.path.exists(path):
+      with open(path, encoding='utf-8') as handle:
+        existing = json.load(handle)
+      if existing != manifest:
+        changed = sorted(k for k in set(existing) | set(manifest) if existing.get(k) != manifest.get(k))
+        details = ', '.join(f'{k}: {existing.get(k)!r} there, {manifest.get(k)!r} now' for k in changed)
+        raise ValueError(f'{folder} holds samples made with other settings ({details}). Use another '
+                         f'--eval_folder, or delete {folder} to start over.')
+    else:
+      write_json_atomic(path, manifest)
+
+  def path(self, index):
+    return os.path.join(self.folder, f'round_{index:05d}.npz')
+
+  def read(self, index):
+    """The arrays of a finished round, or None if it is missing or unreadable (then it is made again)."""
+    path = self.path(index)
+    if not os.path.exists(path):
+      return None
+    try:
+      with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+    except Exception:  # A torn file cannot exist (atomic writes), but a damaged disk can.
+      return None
+
+  def write(self, index, **arrays):
+    path = self.path(index)
+    tmp = f'{path}.tmp-{os.getpid()}.npz'
+    with open(tmp, 'wb') as handle:
+      np.savez(handle, **arrays)
+      handle.flush()
+      os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path, obj):
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as handle:
+    json.dump(obj, handle, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def file_sha256(path, chunk=1 << 22):
+  digest = hashlib.sha256()
+  with open(path, 'rb') as handle:
+    for block in iter(lambda: handle.read(chunk), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def wait_for_file(path, timeout_seconds, poll_seconds=5.0):
+  """True once ``path`` exists; False after ``timeout_seconds`` without it (never waits forever)."""
+  deadline = time.monotonic() + timeout_seconds
+  while not os.path.exists(path):
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+      return False
+    time.sleep(min(poll_seconds, remaining))
+  return True
+
+
+def write_sweep_table(eval_dir):
+  """report.csv over every report_{N}.json in ``eval_dir`` and, when FIDs exist, fid.png (FID per checkpoint)."""
+  reports = []
+  for name in os.listdir(eval_dir):
+    if name.startswith('report_') and name.endswith('.json'):
+      with open(os.path.join(eval_dir, name), encoding='utf-8') as handle:
+        reports.append(json.load(handle))
+  reports.sort(key=lambda r: r['checkpoint'])
+  columns = ['checkpoint', 'step', 'num_samples', 'fid', 'inception_score', 'inception_score_split_mean',
+             'inception_score_split_std', 'kid', 'kid_std', 'nfe_mean', 'straightness', 'eval_loss', 'bpd',
+             'sampler', 'seconds']
+  tmp = os.path.join(eval_dir, 'report.csv.tmp')
+  with open(tmp, 'w', newline='', encoding='utf-8') as handle:
+    writer = csv.DictWriter(handle, fieldnames=columns, extrasaction='ignore')
+    writer.writeheader()
+    writer.writerows(reports)
+  os.replace(tmp, os.path.join(eval_dir, 'report.csv'))
+  points = [(r['checkpoint'], r['fid']) for r in reports if r.get('fid') is not None]
+  if points:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot([p[0] for p in points], [p[1] for p in points], marker='o')
+    axis.set_xlabel('checkpoint')
+    axis.set_ylabel('FID')
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(os.path.join(eval_dir, 'fid.png'), dpi=100)
+    plt.close(figure)
+  return reports

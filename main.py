@@ -12,7 +12,8 @@ import run_lib
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Work directory: checkpoints, samples, logs and the resolved config.')
-flags.DEFINE_enum('mode', None, ['train', 'eval', 'reflow'], 'Running mode: train, eval or reflow.')
+flags.DEFINE_enum('mode', None, ['train', 'eval', 'reflow', 'stats'],
+                  'Running mode: train, eval, reflow, or stats (reference statistics for FID).')
 flags.DEFINE_string('eval_folder', 'eval', 'Folder under the workdir for evaluation results.')
 flags.mark_flags_as_required(['config', 'workdir', 'mode'])
 
@@ -30,16 +31,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config, workdir = FLAGS.config, FLAGS.workdir
-  if FLAGS.mode != 'train' and not os.path.isdir(workdir):
+  if FLAGS.mode not in ('train', 'stats') and not os.path.isdir(workdir):
     sys.exit(f'error: --workdir {workdir!r} does not exist; --mode {FLAGS.mode} reads checkpoints from an existing '
              f'work directory')
   absl_logging.set_verbosity(absl_logging.INFO)
+  os.makedirs(workdir, exist_ok=True)
+  log_to_file(os.path.join(workdir, 'stdout.txt'))
   if FLAGS.mode == 'train':
-    os.makedirs(workdir, exist_ok=True)
-    log_to_file(os.path.join(workdir, 'stdout.txt'))
     run_lib.train(config, workdir)
   elif FLAGS.mode == 'eval':
     run_lib.evaluate(config, workdir, FLAGS.eval_folder)
+  elif FLAGS.mode == 'stats':
+    run_lib.compute_reference_stats(config, workdir)
   else:
     run_lib.reflow(config, workdir)
 

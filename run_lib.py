@@ -11,10 +11,13 @@ from tqdm import tqdm
 
 import checkpoints
 import datasets
+import evaluation
 import losses
 import sampling
 from metrics_log import MetricsLog
 from models import ExponentialMovingAverage, create_model
+from rectified_flow_pytorch import flow as flow_math
+from rectified_flow_pytorch import likelihood, solvers
 
 
 def select_device():
@@ -138,9 +141,153 @@ def train(config, workdir):
   return state
 
 
+def _held_out_batches(config, split, limit=0):
+  """Batches of a split in a fixed order, as [0, 1] images (no augmentation)."""
+  dataset = datasets.get_dataset(config, train=split == 'train')
+  if limit:
+    dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+  return torch.utils.data.DataLoader(dataset, batch_size=config.eval.batch_size, shuffle=False,
+                                     num_workers=config.data.num_workers)
+
+
+@torch.no_grad()
+def held_out_loss(config, flow, device):
+  """Mean training loss of the current weights over the held-out split (fixed noise and times)."""
+  scaler = datasets.get_data_scaler(config)
+  generator = torch.Generator().manual_seed(config.seed)
+  total, count = 0.0, 0
+  for batch in _held_out_batches(config, 'test'):
+    x1 = scaler(batch).to(device)
+    noise = (torch.randn(x1.shape, generator=generator) * flow.noise_std).to(device)
+    times = flow_math.sample_times(x1.shape[0], 'uniform', eps=flow.time_eps, generator=generator).to(device)
+    total += flow.per_sample_loss(x1, noise=noise, times=times).sum().item()
+    count += x1.shape[0]
+  return total / count
+
+
+def bits_per_dim(config, flow, device):
+  """Mean bits/dim of the bpd split under the flow, with uniform dequantisation, and the mean NFE."""
+  scaler = datasets.get_data_scaler(config)
+  generator = torch.Generator().manual_seed(config.seed)
+  # Model space spans 2^-7 (centred, [-1, 1)) or 2^-8 ([0, 1)) of the 8-bit range per dimension.
+  offset = 7.0 if config.data.centered else 8.0
+  values, nfes = [], []
+  for batch in _held_out_batches(config, config.eval.bpd_dataset, config.eval.bpd_num_images):
+    x1 = scaler(datasets.augment(batch, random_flip=False, uniform_dequantization=True, generator=generator))
+    log_p, nfe = likelihood.log_likelihood(
+        flow.velocity, x1.to(device), t_data=1.0, t_noise=config.training.time_eps, noise_std=flow.noise_std,
+        divergence=config.eval.bpd_divergence, solver='rk45', rtol=config.sampling.ode_tol,
+        atol=config.sampling.ode_tol, generator=generator)
+    values.append(likelihood.bits_per_dim(log_p.cpu(), x1[0].numel(), offset))
+    nfes.append(nfe)
+  return float(torch.cat(values).mean()), float(np.mean(nfes))
+
+
+def sample_checkpoint(config, flow, rounds, inception, device):
+  """Makes (or reuses) every round of eval.num_samples samples; returns their arrays concatenated."""
+  data, e = config.data, config.eval
+  shape = (data.num_channels, data.image_size, data.image_size)
+  sample_fn = sampling.get_sampling_fn(config, (e.batch_size, *shape))
+  inverse_scaler = datasets.get_data_inverse_scaler(config)
+  num_rounds = -(-e.num_samples // e.batch_size)
+  parts = []
+  for index in tqdm(range(num_rounds), desc='sampling rounds', dynamic_ncols=True):
+    part = rounds.read(index)
+    if part is None:
+      first = index * e.batch_size
+      count = min(e.batch_size, e.num_samples - first)
+      noise = evaluation.per_sample_noise(first, count, shape, config.seed, flow.noise_std).to(device)
+      meter = solvers.StraightnessMeter(noise)
+      generator = torch.Generator().manual_seed(config.seed * 2**32 + first)
+      samples, nfe = sample_fn(flow, noise=noise, on_step=meter.on_step, generator=generator)
+      images = evaluation.InceptionFeatures.to_uint8(inverse_scaler(samples).clamp(0.0, 1.0)).cpu()
+      pool_3, logits = inception(images) if inception is not None else (np.zeros((count, 0)), np.zeros((count, 0)))
+      part = {'images': images.numpy(), 'pool_3': np.asarray(pool_3), 'logits': np.asarray(logits),
+              'nfe': np.full(count, nfe), 'straightness': meter.value(samples).cpu().numpy()}
+      rounds.write(index, **part)
+    parts.append(part)
+  return {key: np.concatenate([p[key] for p in parts])[:e.num_samples] for key in parts[0]}
+
+
 def evaluate(config, workdir, eval_folder):
-  raise NotImplementedError('--mode eval (checkpoint sweeps with FID/IS/KID) is not implemented yet; it is '
-                            'tracked by the samplers-and-evaluation issue. Use --mode train.')
+  """Sweeps checkpoints eval.begin_ckpt..eval.end_ckpt: loss, bpd, samples, FID / IS / KID, straightness, NFE."""
+  device = select_device()
+  e = config.eval
+  eval_dir = os.path.join(workdir, eval_folder)
+  os.makedirs(eval_dir, exist_ok=True)
+  write_resolved_config(config, eval_dir)
+  reference, inception = None, None
+  if e.enable_sampling and not e.enable_figures_only:  # Fail before any sampling, not after hours of it.
+    reference = evaluation.load_reference_statistics(e.stats_path)
+    inception = evaluation.InceptionFeatures(evaluation.resolve_inception_weights(e.inception_weights_path), device)
+  state = build_training_state(config, device)
+  flow = losses.build_rectified_flow(config, state['model'])
+  params = [p for p in state['model'].parameters() if p.requires_grad]
+
+  for ckpt in range(e.begin_ckpt, e.end_ckpt + 1):
+    path = checkpoints.snapshot_checkpoint_path(workdir, ckpt)
+    if not evaluation.wait_for_file(path, e.checkpoint_wait_seconds):
+      logging.warning('Checkpoint %s does not exist after waiting %gs: skipped', path, e.checkpoint_wait_seconds)
+      continue
+    try:
+      checkpoints.load_checkpoint(path, state, device=device, load_optimizer=False)
+    except ValueError as error:
+      logging.error('Checkpoint %s skipped: %s', path, error)
+      continue
+    started = time.time()
+    report = {'checkpoint': ckpt, 'step': state['step'], 'checkpoint_sha256': evaluation.file_sha256(path)}
+    flow.eval()
+    with state['ema'].average_parameters(params):
+      if e.enable_loss:
+        report['eval_loss'] = held_out_loss(config, flow, device)
+      if e.enable_bpd:
+        report['bpd'], report['bpd_nfe_mean'] = bits_per_dim(config, flow, device)
+      if e.enable_sampling or e.enable_figures_only:
+        manifest = {'checkpoint_sha256': report['checkpoint_sha256'], 'seed': config.seed,
+                    'round_size': e.batch_size, 'image_shape': [config.data.num_channels, config.data.image_size,
+                                                                config.data.image_size],
+                    'inception': None if inception is None else evaluation.INCEPTION_WEIGHTS_FILE,
+                    **sampling.sampler_settings(config)}
+        rounds = evaluation.SampleRounds(os.path.join(eval_dir, f'ckpt_{ckpt}'), manifest)
+        if e.enable_figures_only:
+          config_one_round = config.copy_and_resolve_references()
+          config_one_round.eval.num_samples = min(e.batch_size, 64)
+          results = sample_checkpoint(config_one_round, flow, rounds, None, device)
+        else:
+          results = sample_checkpoint(config, flow, rounds, inception, device)
+        grid = torch.from_numpy(results['images'][:64]).float() / 255.0
+        sampling.save_sample_grid(grid, os.path.join(rounds.folder, 'sample_grid.png'))
+        report.update(num_samples=int(len(results['images'])), sampler=config.sampling.use_ode_sampler,
+                      nfe_mean=float(results['nfe'].mean()), straightness=float(results['straightness'].mean()))
+        if inception is not None:
+          mu, sigma = evaluation.gaussian_statistics(results['pool_3'])
+          report['fid'] = evaluation.frechet_distance(mu, sigma, reference['mu'], reference['sigma'])
+          report['inception_score'] = evaluation.inception_score(results['logits'], splits=1)[0]
+          report['inception_score_split_mean'], report['inception_score_split_std'] = evaluation.inception_score(
+              results['logits'], splits=e.inception_score_splits)
+          if reference['pool_3'] is not None:
+            report['kid'], report['kid_std'] = evaluation.kernel_inception_distance(
+                results['pool_3'], reference['pool_3'], subsets=e.kid_subsets, subset_size=e.kid_subset_size,
+                seed=config.seed)
+          else:
+            report['kid'] = None  # The stats file has mu/sigma only, not the raw features KID needs.
+    report['seconds'] = time.time() - started
+    evaluation.write_json_atomic(os.path.join(eval_dir, f'report_{ckpt}.json'), report)
+    logging.info('checkpoint %d: %s', ckpt, {k: v for k, v in report.items() if k != 'checkpoint_sha256'})
+  return evaluation.write_sweep_table(eval_dir)
+
+
+def compute_reference_stats(config, workdir):
+  """Inception pool_3 activations of the configured dataset's training split, written to eval.stats_path."""
+  device = select_device()
+  inception = evaluation.InceptionFeatures(
+      evaluation.resolve_inception_weights(config.eval.inception_weights_path), device)
+  batches = _held_out_batches(config, 'train', config.eval.stats_num_images)
+  features = [inception(batch)[0] for batch in tqdm(batches, desc='reference stats')]
+  pool_3 = torch.cat(features).numpy()
+  evaluation.save_reference_statistics(config.eval.stats_path, pool_3)
+  logging.info('Wrote %s: pool_3 of %d images of %s', config.eval.stats_path, len(pool_3), config.data.dataset)
+  return config.eval.stats_path
 
 
 def reflow(config, workdir):

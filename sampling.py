@@ -7,20 +7,37 @@ from torchvision.utils import save_image
 from rectified_flow_pytorch import solvers
 
 
+def sampler_settings(config):
+  """Everything that determines a sample given its noise (recorded in evaluation manifests)."""
+  s = config.sampling
+  return {'sampler': s.use_ode_sampler, 'sample_N': s.sample_N, 'ode_tol': s.ode_tol, 'eps': config.training.time_eps,
+          'sigma_variance': s.sigma_variance, 'init_noise_scale': s.init_noise_scale}
+
+
 def get_sampling_fn(config, shape):
-  """``sample(flow) -> (samples in model space, nfe)`` for the sampler named by ``sampling.use_ode_sampler``."""
+  """``sample(flow, noise=None, on_step=None, generator=None) -> (samples in model space, nfe)``.
+
+  Integrates ``flow.velocity`` from t = eps to 1 with ``sampling.use_ode_sampler`` as the published samplers do;
+  ``on_step`` receives every step (e.g. a ``StraightnessMeter``), ``generator`` drives the stochastic sampler.
+  """
   name = config.sampling.use_ode_sampler
   if name not in solvers.SOLVERS:
     raise ValueError(f'Unknown sampling.use_ode_sampler {name!r}; valid samplers: {list(solvers.SOLVERS)}')
   eps, steps, tol = config.training.time_eps, config.sampling.sample_N, config.sampling.ode_tol
+  sigma_variance = config.sampling.sigma_variance
+  if sigma_variance and name != 'euler':
+    raise ValueError(f'sampling.sigma_variance={sigma_variance} needs sampling.use_ode_sampler=euler (the stochastic '
+                     f'sampler is an Euler-Maruyama scheme), not {name!r}')
 
-  def sample(flow, noise=None):
-    """Integrates ``flow.velocity`` from t = eps to 1 as the published samplers do."""
+  def sample(flow, noise=None, on_step=None, generator=None):
     if noise is None:
       noise = flow.sample_noise(shape, device=flow._device())
     if name == 'euler':  # The published grid: t_i = eps + i (1 - eps) / N with steps of 1/N.
-      return solvers.euler(flow.velocity, noise, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps)
-    return solvers.solve(name, flow.velocity, noise, t0=eps, t1=1.0, steps=steps, rtol=tol, atol=tol)
+      return solvers.euler(flow.velocity, noise, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps,
+                           sigma_variance=sigma_variance, noise_std=flow.noise_std, generator=generator,
+                           on_step=on_step)
+    return solvers.solve(name, flow.velocity, noise, t0=eps, t1=1.0, steps=steps, rtol=tol, atol=tol,
+                         on_step=on_step)
 
   return sample
 

@@ -21,7 +21,28 @@ def get_default_configs():
   sampling.use_ode_sampler = 'rk45'  # 'rk45' (adaptive Dormand-Prince) or 'euler'.
   sampling.ode_tol = 1e-5  # rtol = atol of the RK45 sampler.
   sampling.sample_N = 1000  # Number of steps of the Euler sampler.
+  sampling.sigma_variance = 0.0  # > 0: the published stochastic Euler sampler, noise (1 - t) * sigma_variance.
   sampling.snapshot_batch_size = 64  # Images in each snapshot sample grid.
+
+  config.eval = evaluate = ml_collections.ConfigDict()
+  evaluate.begin_ckpt = 1  # First checkpoint index of the sweep (checkpoints/checkpoint_{i}.pth).
+  evaluate.end_ckpt = 13  # Last checkpoint index of the sweep.
+  evaluate.checkpoint_wait_seconds = 0.0  # Wait this long for a missing checkpoint, then skip it.
+  evaluate.batch_size = 1024  # Samples per sampling round (RK45 treats a round as one system).
+  evaluate.enable_sampling = False  # Sample eval.num_samples images and compute FID / IS / KID / straightness.
+  evaluate.num_samples = 50000  # Samples per checkpoint.
+  evaluate.enable_figures_only = False  # Only write a sample grid per checkpoint.
+  evaluate.enable_loss = False  # Loss of the EMA weights on the held-out split.
+  evaluate.enable_bpd = False  # Bits per dimension by the instantaneous change of variables.
+  evaluate.bpd_dataset = 'test'  # Split for bpd: 'train' or 'test'.
+  evaluate.bpd_num_images = 10000  # Images of that split used for bpd (0: all).
+  evaluate.bpd_divergence = 'hutchinson'  # 'hutchinson' (one probe per image) or 'exact' (small images only).
+  evaluate.stats_path = 'assets/stats/cifar10_stats.npz'  # Reference statistics (pool_3, or mu and sigma).
+  evaluate.stats_num_images = 0  # Training images used by --mode stats (0: all).
+  evaluate.inception_weights_path = ''  # Local Inception weights file; empty: torch hub cache, downloaded once.
+  evaluate.inception_score_splits = 10  # Splits of the common IS protocol (the published one-split IS is also given).
+  evaluate.kid_subsets = 100  # Random subsets averaged by KID.
+  evaluate.kid_subset_size = 1000  # Samples per KID subset.
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'CIFAR10'  # Registered dataset name (datasets.registered_datasets()).

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import fir_resampling
+
 
 def variance_scaling_(tensor, scale=1.0):
   """In-place 'fan_avg' uniform variance-scaling init (the JAX/Flax default of the published models).
@@ -136,9 +138,6 @@ class ResnetBlockBigGANpp(nn.Module):
                fir=False, fir_kernel=(1, 3, 3, 1), skip_rescale=True, init_scale=0.0):
     super().__init__()
     out_ch = out_ch if out_ch else in_ch
-    if fir:
-      raise NotImplementedError('FIR resampling (model.fir=True) is part of the NCSN++ 256x256 work; '
-                                'set model.fir=False for DDPM++.')
     self.GroupNorm_0 = group_norm(in_ch)
     self.Conv_0 = conv2d(in_ch, out_ch, 3)
     if temb_dim is not None:
@@ -151,14 +150,21 @@ class ResnetBlockBigGANpp(nn.Module):
       self.Conv_2 = conv2d(in_ch, out_ch, 1)
     self.act = act
     self.up, self.down = up, down
+    self.fir, self.fir_kernel = fir, tuple(fir_kernel)
     self.skip_rescale = skip_rescale
 
   def forward(self, x, temb=None):
     h = self.act(self.GroupNorm_0(x))
     if self.up:
-      h, x = naive_upsample_2d(h), naive_upsample_2d(x)
+      if self.fir:
+        h, x = fir_resampling.upsample_2d(h, self.fir_kernel), fir_resampling.upsample_2d(x, self.fir_kernel)
+      else:
+        h, x = naive_upsample_2d(h), naive_upsample_2d(x)
     elif self.down:
-      h, x = naive_downsample_2d(h), naive_downsample_2d(x)
+      if self.fir:
+        h, x = fir_resampling.downsample_2d(h, self.fir_kernel), fir_resampling.downsample_2d(x, self.fir_kernel)
+      else:
+        h, x = naive_downsample_2d(h), naive_downsample_2d(x)
     h = self.Conv_0(h)
     if temb is not None:
       h = h + self.Dense_0(self.act(temb))[:, :, None, None]
@@ -167,3 +173,79 @@ class ResnetBlockBigGANpp(nn.Module):
     if self.has_skip_conv:
       x = self.Conv_2(x)
     return (x + h) / math.sqrt(2.0) if self.skip_rescale else x + h
+
+
+class FIRConv2d(nn.Module):
+  """3x3 convolution fused with FIR 2x up- or downsampling (``weight`` (out, in, k, k) and ``bias``)."""
+
+  def __init__(self, in_ch, out_ch, kernel_size, up=False, down=False, fir_kernel=(1, 3, 3, 1)):
+    super().__init__()
+    assert up != down, 'FIRConv2d resamples: exactly one of up / down'
+    self.weight = nn.Parameter(variance_scaling_(torch.empty(out_ch, in_ch, kernel_size, kernel_size)))
+    self.bias = nn.Parameter(torch.zeros(out_ch))
+    self.up, self.fir_kernel = up, tuple(fir_kernel)
+
+  def forward(self, x):
+    if self.up:
+      x = fir_resampling.upsample_conv_2d(x, self.weight, self.fir_kernel)
+    else:
+      x = fir_resampling.conv_downsample_2d(x, self.weight, self.fir_kernel)
+    return x + self.bias[None, :, None, None]
+
+
+class Upsample(nn.Module):
+  """2x upsampling: nearest or FIR, optionally with a (fused) 3x3 convolution."""
+
+  def __init__(self, in_ch=None, out_ch=None, with_conv=False, fir=False, fir_kernel=(1, 3, 3, 1)):
+    super().__init__()
+    out_ch = out_ch if out_ch else in_ch
+    if with_conv:
+      if fir:
+        self.Conv2d_0 = FIRConv2d(in_ch, out_ch, 3, up=True, fir_kernel=fir_kernel)
+      else:
+        self.Conv_0 = conv2d(in_ch, out_ch, 3)
+    self.with_conv, self.fir, self.fir_kernel = with_conv, fir, tuple(fir_kernel)
+
+  def forward(self, x):
+    if self.fir:
+      return self.Conv2d_0(x) if self.with_conv else fir_resampling.upsample_2d(x, self.fir_kernel)
+    h = naive_upsample_2d(x)
+    return self.Conv_0(h) if self.with_conv else h
+
+
+class Downsample(nn.Module):
+  """2x downsampling: average pooling or FIR, optionally with a (fused) 3x3 convolution."""
+
+  def __init__(self, in_ch=None, out_ch=None, with_conv=False, fir=False, fir_kernel=(1, 3, 3, 1)):
+    super().__init__()
+    out_ch = out_ch if out_ch else in_ch
+    if with_conv:
+      if fir:
+        self.Conv2d_0 = FIRConv2d(in_ch, out_ch, 3, down=True, fir_kernel=fir_kernel)
+      else:
+        self.Conv_0 = nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=0)
+        variance_scaling_(self.Conv_0.weight)
+        nn.init.zeros_(self.Conv_0.bias)
+    self.with_conv, self.fir, self.fir_kernel = with_conv, fir, tuple(fir_kernel)
+
+  def forward(self, x):
+    if self.fir:
+      return self.Conv2d_0(x) if self.with_conv else fir_resampling.downsample_2d(x, self.fir_kernel)
+    if self.with_conv:
+      return self.Conv_0(F.pad(x, (0, 1, 0, 1)))
+    return naive_downsample_2d(x)
+
+
+class Combine(nn.Module):
+  """Merges a progressive-input pyramid level into the main path: 1x1 conv, then sum or concatenation."""
+
+  def __init__(self, dim1, dim2, method='cat'):
+    super().__init__()
+    if method not in ('cat', 'sum'):
+      raise ValueError(f"Unknown model.progressive_combine {method!r}; valid: 'cat', 'sum'")
+    self.Conv_0 = conv2d(dim1, dim2, 1)
+    self.method = method
+
+  def forward(self, x, y):
+    h = self.Conv_0(x)
+    return torch.cat([h, y], dim=1) if self.method == 'cat' else h + y

@@ -12,8 +12,9 @@ from models.registry import register_model
 
 _SUPPORTED = {
     'resblock_type': ('biggan',),
-    'progressive': ('none',),
-    'progressive_input': ('none',),
+    'progressive': ('none', 'output_skip', 'residual'),
+    'progressive_input': ('none', 'input_skip', 'residual'),
+    'progressive_combine': ('sum', 'cat'),
     'embedding_type': ('positional', 'fourier'),
     'normalization': ('GroupNorm',),
     'attention_type': ('ddpm',),
@@ -40,7 +41,8 @@ class NCSNpp(nn.Module):
                sigma_min, sigma_max, num_scales):
     super().__init__()
     settings = dict(resblock_type=resblock_type, progressive=progressive, progressive_input=progressive_input,
-                    embedding_type=embedding_type, normalization=normalization, attention_type=attention_type)
+                    progressive_combine=progressive_combine, embedding_type=embedding_type,
+                    normalization=normalization, attention_type=attention_type)
     for key, value in settings.items():
       if value not in _SUPPORTED[key]:
         raise ValueError(f'model.{key}={value!r} is not supported yet; supported: {_SUPPORTED[key]}')
@@ -49,7 +51,7 @@ class NCSNpp(nn.Module):
     if image_size % 2 ** (len(ch_mult) - 1):
       raise ValueError(f'data.image_size={image_size} must be divisible by 2**(len(model.ch_mult)-1)='
                        f'{2 ** (len(ch_mult) - 1)}')
-    del resamp_with_conv, progressive_combine  # Only used by the progressive / DDPM-block variants.
+    del resamp_with_conv  # Only used by the DDPM-block variant, whose resampling layers are convolutions.
     self.act = act = layers.get_activation(nonlinearity)
     self.register_buffer('sigmas', torch.tensor(noise_scales(sigma_min, sigma_max, num_scales)))
     self.centered = centered
@@ -60,6 +62,8 @@ class NCSNpp(nn.Module):
     self.num_resolutions = len(ch_mult)
     self.num_res_blocks = num_res_blocks
     self.attn_resolutions = tuple(attn_resolutions)
+    self.progressive, self.progressive_input = progressive, progressive_input
+    self.skip_rescale = skip_rescale
 
     modules = []
     if embedding_type == 'fourier':
@@ -79,10 +83,15 @@ class NCSNpp(nn.Module):
     def attn_block(channels):
       return layers.AttnBlockpp(channels, skip_rescale=skip_rescale, init_scale=init_scale)
 
+    # Parameter-free FIR / nearest resamplers of the progressive paths (their learned variants are modules).
+    self.pyramid_upsample = layers.Upsample(fir=fir, fir_kernel=fir_kernel, with_conv=False)
+    self.pyramid_downsample = layers.Downsample(fir=fir, fir_kernel=fir_kernel, with_conv=False)
+
     resolutions = [image_size // 2 ** i for i in range(self.num_resolutions)]
     modules.append(layers.conv2d(num_channels, nf, 3))
     skip_channels = [nf]
     in_ch = nf
+    input_pyramid_ch = num_channels
     for level in range(self.num_resolutions):  # Downsampling path.
       for _ in range(num_res_blocks):
         out_ch = nf * ch_mult[level]
@@ -93,10 +102,18 @@ class NCSNpp(nn.Module):
         skip_channels.append(in_ch)
       if level != self.num_resolutions - 1:
         modules.append(resnet_block(in_ch, down=True))
+        if progressive_input == 'input_skip':
+          modules.append(layers.Combine(input_pyramid_ch, in_ch, method=progressive_combine))
+          if progressive_combine == 'cat':
+            in_ch *= 2
+        elif progressive_input == 'residual':
+          modules.append(layers.Downsample(input_pyramid_ch, in_ch, with_conv=True, fir=fir, fir_kernel=fir_kernel))
+          input_pyramid_ch = in_ch
         skip_channels.append(in_ch)
 
     modules += [resnet_block(in_ch), attn_block(in_ch), resnet_block(in_ch)]  # Middle.
 
+    pyramid_ch = 0
     for level in reversed(range(self.num_resolutions)):  # Upsampling path.
       for _ in range(num_res_blocks + 1):
         out_ch = nf * ch_mult[level]
@@ -104,12 +121,24 @@ class NCSNpp(nn.Module):
         in_ch = out_ch
       if resolutions[level] in self.attn_resolutions:
         modules.append(attn_block(in_ch))
+      if progressive == 'output_skip':  # Each level adds its own RGB prediction to the upsampled pyramid.
+        modules.append(layers.group_norm(in_ch))
+        modules.append(layers.conv2d(in_ch, num_channels, 3, init_scale=init_scale))
+        pyramid_ch = num_channels
+      elif progressive == 'residual':
+        if level == self.num_resolutions - 1:
+          modules.append(layers.group_norm(in_ch))
+          modules.append(layers.conv2d(in_ch, in_ch, 3))
+        else:
+          modules.append(layers.Upsample(pyramid_ch, in_ch, with_conv=True, fir=fir, fir_kernel=fir_kernel))
+        pyramid_ch = in_ch
       if level != 0:
         modules.append(resnet_block(in_ch, up=True))
     assert not skip_channels
 
-    modules.append(layers.group_norm(in_ch))
-    modules.append(layers.conv2d(in_ch, num_channels, 3, init_scale=init_scale))
+    if progressive != 'output_skip':
+      modules.append(layers.group_norm(in_ch))
+      modules.append(layers.conv2d(in_ch, num_channels, 3, init_scale=init_scale))
     self.all_modules = nn.ModuleList(modules)
 
   def forward(self, x, time_cond):
@@ -128,6 +157,7 @@ class NCSNpp(nn.Module):
     if not self.centered:
       x = 2 * x - 1.0  # Data in [0, 1] -> [-1, 1].
 
+    input_pyramid = x if self.progressive_input != 'none' else None
     hs = [next(modules)(x)]
     for level in range(self.num_resolutions):
       for _ in range(self.num_res_blocks):
@@ -136,25 +166,51 @@ class NCSNpp(nn.Module):
           h = next(modules)(h)
         hs.append(h)
       if level != self.num_resolutions - 1:
-        hs.append(next(modules)(hs[-1], temb))
+        h = next(modules)(hs[-1], temb)
+        if self.progressive_input == 'input_skip':
+          input_pyramid = self.pyramid_downsample(input_pyramid)
+          h = next(modules)(input_pyramid, h)
+        elif self.progressive_input == 'residual':
+          input_pyramid = next(modules)(input_pyramid)
+          input_pyramid = self._residual_sum(input_pyramid, h)
+          h = input_pyramid
+        hs.append(h)
 
     h = hs[-1]
     h = next(modules)(h, temb)
     h = next(modules)(h)
     h = next(modules)(h, temb)
 
+    pyramid = None
     for level in reversed(range(self.num_resolutions)):
       for _ in range(self.num_res_blocks + 1):
         h = next(modules)(torch.cat([h, hs.pop()], dim=1), temb)
       if h.shape[-1] in self.attn_resolutions:
         h = next(modules)(h)
+      if self.progressive == 'output_skip':
+        level_output = self.act(next(modules)(h))  # GroupNorm, then a 3x3 conv to image channels.
+        level_output = next(modules)(level_output)
+        pyramid = level_output if pyramid is None else self.pyramid_upsample(pyramid) + level_output
+      elif self.progressive == 'residual':
+        if pyramid is None:
+          pyramid = self.act(next(modules)(h))
+          pyramid = next(modules)(pyramid)
+        else:
+          pyramid = self._residual_sum(next(modules)(pyramid), h)
+          h = pyramid
       if level != 0:
         h = next(modules)(h, temb)
     assert not hs
 
-    h = self.act(next(modules)(h))
-    h = next(modules)(h)
+    if self.progressive == 'output_skip':
+      h = pyramid
+    else:
+      h = self.act(next(modules)(h))
+      h = next(modules)(h)
     assert next(modules, None) is None, 'not every module of all_modules was used'
     if self.scale_by_sigma:
       h = h / used_sigmas.reshape(-1, *([1] * (h.dim() - 1)))
     return h
+
+  def _residual_sum(self, a, b):
+    return (a + b) / np.sqrt(2.0) if self.skip_rescale else a + b

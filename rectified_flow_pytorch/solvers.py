@@ -8,6 +8,36 @@ import math
 import torch
 
 
+class StraightnessMeter:
+  """Streams S(Z) = (1/T) int ||(Z1 - Z0) - v(Z_t, t)||^2 / d dt (Liu et al. 2022, Def. 2.3) along a solve.
+
+  Pass ``meter.on_step`` to a solver; it receives each step's start time, signed step h and the velocity at the
+  step's start, and keeps running sums A = sum |h| v and B = sum |h| ||v||^2 / d (memory of one batch), so that
+  S = ||D||^2 / d - 2 D.A / (T d) + B / T with D = Z1 - Z0 and T = sum |h|. ``value(z1)`` returns (B,).
+  """
+
+  def __init__(self, x0):
+    self.x0 = x0
+    self.weighted_velocity = torch.zeros_like(x0, dtype=torch.float64)
+    self.weighted_square = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
+    self.total_time = 0.0
+
+  def on_step(self, t, h, v):
+    weight = abs(h)
+    v = v.to(torch.float64)
+    self.weighted_velocity += weight * v
+    self.weighted_square += weight * v.flatten(1).square().mean(1)
+    self.total_time += weight
+
+  def value(self, z1):
+    if self.total_time == 0:
+      raise ValueError('No solver step was recorded: pass meter.on_step to the solver')
+    displacement = (z1 - self.x0).to(torch.float64).flatten(1)
+    d = displacement.shape[1]
+    cross = (displacement * self.weighted_velocity.flatten(1)).sum(1) / d
+    return (displacement.square().mean(1) - 2 * cross / self.total_time + self.weighted_square / self.total_time)
+
+
 class CountedField:
   """Calls ``velocity(x, t)`` with t a (B,) tensor and counts the calls (one call = one NFE for the batch)."""
 
@@ -27,35 +57,55 @@ def _check_steps(steps):
 
 
 @torch.no_grad()
-def euler(velocity, x, *, steps, t0=0.0, t1=1.0, step_size=None):
+def euler(velocity, x, *, steps, t0=0.0, t1=1.0, step_size=None, sigma_variance=0.0, noise_std=1.0,
+          generator=None, on_step=None):
   """N Euler steps at t_i = t0 + i (t1 - t0) / N, each of size ``step_size`` (default (t1 - t0) / N).
 
   The published sampler is ``t0=eps, t1=1, step_size=1/N``. One step is x0 + v(x0, t0) (t1 - t0).
-  Returns (x(t1), nfe).
+  ``sigma_variance > 0`` gives the published stochastic variant (forward direction only): noise of scale
+  sigma_t = (1 - t) sigma_variance per step with the drift correction
+  sigma_t^2 / (2 noise_std^2 (1 - t)^2) (t (1 - t) v / 2 - (2 - t) x / 2). Returns (x(t1), nfe).
   """
   _check_steps(steps)
+  if sigma_variance and t1 < t0:
+    raise ValueError('The stochastic Euler sampler (sigma_variance > 0) only runs forward, noise to data')
   field = CountedField(velocity)
   dt = (t1 - t0) / steps if step_size is None else math.copysign(step_size, t1 - t0)
   for i in range(steps):
-    x = x + field(x, t0 + i / steps * (t1 - t0)) * dt
+    t = t0 + i / steps * (t1 - t0)
+    v = field(x, t)
+    if on_step is not None:
+      on_step(t, dt, v)
+    if sigma_variance:
+      sigma_t = (1.0 - t) * sigma_variance
+      correction = sigma_t ** 2 / (2 * noise_std ** 2 * max(1.0 - t, 1e-12) ** 2)
+      drift = v + correction * (0.5 * t * (1.0 - t) * v - 0.5 * (2.0 - t) * x)
+      noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device if generator
+                          else x.device).to(x.device)
+      x = x + drift * dt + sigma_t * math.sqrt(dt) * noise
+    else:
+      x = x + v * dt
   return x, field.nfe
 
 
 @torch.no_grad()
-def midpoint(velocity, x, *, steps, t0=0.0, t1=1.0):
+def midpoint(velocity, x, *, steps, t0=0.0, t1=1.0, on_step=None):
   """Explicit midpoint rule (2nd order, 2 NFE per step). Returns (x(t1), nfe)."""
   _check_steps(steps)
   field = CountedField(velocity)
   h = (t1 - t0) / steps
   for i in range(steps):
     t = t0 + i * h
-    x_mid = x + 0.5 * h * field(x, t)
+    d0 = field(x, t)
+    if on_step is not None:
+      on_step(t, h, d0)
+    x_mid = x + 0.5 * h * d0
     x = x + h * field(x_mid, t + 0.5 * h)
   return x, field.nfe
 
 
 @torch.no_grad()
-def heun(velocity, x, *, steps, t0=0.0, t1=1.0):
+def heun(velocity, x, *, steps, t0=0.0, t1=1.0, on_step=None):
   """Heun's method (explicit trapezoid, 2nd order, 2 NFE per step). Returns (x(t1), nfe)."""
   _check_steps(steps)
   field = CountedField(velocity)
@@ -63,6 +113,8 @@ def heun(velocity, x, *, steps, t0=0.0, t1=1.0):
   for i in range(steps):
     t = t0 + i * h
     d0 = field(x, t)
+    if on_step is not None:
+      on_step(t, h, d0)
     d1 = field(x + h * d0, t + h)
     x = x + 0.5 * h * (d0 + d1)
   return x, field.nfe
@@ -95,7 +147,8 @@ def _weighted_sum(coefficients, stages):
 
 
 @torch.no_grad()
-def rk45(velocity, x, *, t0=1e-3, t1=1.0, rtol=1e-5, atol=1e-5, state_dtype=None, max_steps=100_000):
+def rk45(velocity, x, *, t0=1e-3, t1=1.0, rtol=1e-5, atol=1e-5, state_dtype=None, max_steps=100_000,
+         on_step=None):
   """Adaptive Dormand-Prince RK45 with scipy.integrate.solve_ivp's step-size control.
 
   The whole batch is one flattened system (one error norm, one step size), as in the published sampler that
@@ -156,6 +209,8 @@ def rk45(velocity, x, *, t0=1e-3, t1=1.0, rtol=1e-5, atol=1e-5, state_dtype=None
         break
       h_abs *= max(_MIN_FACTOR, _SAFETY * error_norm ** _ERROR_EXPONENT)
       rejected = True
+    if on_step is not None:
+      on_step(t, h, fy)
     t, y, fy = t_new, y_new, f_new
   raise RuntimeError(f'RK45 did not reach t={t1} within {max_steps} steps')
 
@@ -164,10 +219,10 @@ FIXED_STEP_SOLVERS = {'euler': euler, 'midpoint': midpoint, 'heun': heun}
 SOLVERS = ('euler', 'heun', 'midpoint', 'rk45')
 
 
-def solve(solver, velocity, x, *, t0, t1, steps=None, rtol=1e-5, atol=1e-5, state_dtype=None):
+def solve(solver, velocity, x, *, t0, t1, steps=None, rtol=1e-5, atol=1e-5, state_dtype=None, on_step=None):
   """Integrates from t0 to t1 with a named solver: fixed-step ones take ``steps``, 'rk45' takes rtol/atol."""
   if solver == 'rk45':
-    return rk45(velocity, x, t0=t0, t1=t1, rtol=rtol, atol=atol, state_dtype=state_dtype)
+    return rk45(velocity, x, t0=t0, t1=t1, rtol=rtol, atol=atol, state_dtype=state_dtype, on_step=on_step)
   if solver not in FIXED_STEP_SOLVERS:
     raise ValueError(f'Unknown solver {solver!r}; valid solvers: {list(SOLVERS)}')
-  return FIXED_STEP_SOLVERS[solver](velocity, x, steps=steps, t0=t0, t1=t1)
+  return FIXED_STEP_SOLVERS[solver](velocity, x, steps=steps, t0=t0, t1=t1, on_step=on_step)

@@ -42,17 +42,37 @@ def test_full_size_cifar10_ddpmpp_has_the_published_state_dict():
   assert all(p.requires_grad for p in net.parameters())
 
 
-@pytest.fixture(scope='module')
-def tiny_ddpmpp():
-  net = models.create_model(fixture_config('ddpmpp_tiny'))
-  checkpoint = torch.load(reference_path('official_fixtures', 'ddpmpp_tiny_official_checkpoint.pth'),
+def load_fixture(name):
+  net = models.create_model(fixture_config(name))
+  checkpoint = torch.load(reference_path('official_fixtures', f'{name}_official_checkpoint.pth'),
                           map_location='cpu', weights_only=False)
-  io = torch.load(reference_path('official_fixtures', 'ddpmpp_tiny_io.pt'), map_location='cpu', weights_only=False)
+  io = torch.load(reference_path('official_fixtures', f'{name}_io.pt'), map_location='cpu', weights_only=False)
   return net, checkpoint, io
 
 
-def test_tiny_ddpmpp_reproduces_the_published_outputs(tiny_ddpmpp):
-  net, checkpoint, io = tiny_ddpmpp
+@pytest.fixture(scope='module')
+def tiny_ddpmpp():
+  return load_fixture('ddpmpp_tiny')
+
+
+def test_full_size_celeba_hq_ncsnpp_has_the_published_state_dict():
+  config = fixture_config('ncsnpp_tiny')
+  config.data.image_size = 256
+  config.model.nf = 128
+  config.model.ch_mult = (1, 1, 2, 2, 2, 2, 2)
+  config.model.num_res_blocks = 2
+  expected = read_key_table('celeba_hq_ncsnpp_state_dict_keys.tsv')
+  net = models.create_model(config)
+  ours = {key: (str(tuple(value.shape)), str(value.dtype).replace('torch.', ''))
+          for key, value in checkpoints.to_published_state_dict(net).items()}
+  assert list(ours) == list(expected) and ours == expected
+  assert sum(p.numel() for p in net.parameters()) == 65_574_549
+  assert sum(p.numel() for p in net.parameters() if p.requires_grad) == 65_574_421
+
+
+@pytest.mark.parametrize('name', ['ddpmpp_tiny', 'ncsnpp_tiny'])
+def test_tiny_models_reproduce_the_published_outputs(name):
+  net, checkpoint, io = load_fixture(name)
   checkpoints.load_network_weights(net, checkpoint['model'])
   net.eval()
   with torch.no_grad():
@@ -65,6 +85,21 @@ def test_tiny_ddpmpp_reproduces_the_published_outputs(tiny_ddpmpp):
     out_ema = net(io['x'], io['model_input_time'])
   torch.testing.assert_close(out_ema, io['output_ema_weights'], atol=1e-5, rtol=0)
   assert not torch.allclose(out, out_ema, atol=1e-5)  # The two weight sets really differ.
+
+
+@pytest.mark.parametrize('progressive,progressive_input,combine', [
+    ('residual', 'residual', 'sum'), ('output_skip', 'input_skip', 'cat'), ('none', 'residual', 'sum')])
+def test_other_progressive_variants_build_run_and_train(progressive, progressive_input, combine):
+  config = fixture_config('ncsnpp_tiny')
+  config.model.progressive = progressive
+  config.model.progressive_input = progressive_input
+  config.model.progressive_combine = combine
+  net = models.create_model(config)
+  x = torch.randn(2, 3, 32, 32)
+  out = net(x, torch.tensor([1.0, 500.0]))
+  assert out.shape == x.shape and torch.isfinite(out).all()
+  out.square().mean().backward()
+  assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
 
 
 def test_velocity_field_applies_the_network_time_scale(tiny_ddpmpp):

@@ -9,17 +9,18 @@ from tests.reference_data import reference_path
 from tests.test_models import fixture_config
 
 
-@pytest.fixture(scope='module')
-def ema_velocity():
-  net = models.create_model(fixture_config('ddpmpp_tiny'))
-  checkpoint = torch.load(reference_path('official_fixtures', 'ddpmpp_tiny_official_checkpoint.pth'),
+@pytest.fixture(scope='module', params=['ddpmpp_tiny', 'ncsnpp_tiny'])
+def ema_velocity(request):
+  net = models.create_model(fixture_config(request.param))
+  checkpoint = torch.load(reference_path('official_fixtures', f'{request.param}_official_checkpoint.pth'),
                           map_location='cpu', weights_only=False)
   checkpoints.load_network_weights(net, checkpoint['model'])
   ema = models.ExponentialMovingAverage(net.parameters(), decay=0.5)
   ema.load_state_dict(checkpoint['ema'])
   ema.copy_to(net.parameters())
   net.eval()
-  io = torch.load(reference_path('official_fixtures', 'ddpmpp_tiny_io.pt'), map_location='cpu', weights_only=False)
+  io = torch.load(reference_path('official_fixtures', f'{request.param}_io.pt'), map_location='cpu',
+                  weights_only=False)
   return models.VelocityField(net), io
 
 

@@ -31,6 +31,14 @@ def get_config():
   model.dropout = 0.0
   model.ema_rate = 0.999
 
+  evaluate = config.eval
+  evaluate.begin_ckpt = 1
+  evaluate.end_ckpt = 3
+  evaluate.batch_size = 500
+  evaluate.num_samples = 2000
+  evaluate.stats_path = 'assets/stats/digits16_stats.npz'
+  evaluate.kid_subset_size = 500
+
   config.optim.warmup = 200
   config.optim.lr = 1e-3
   return config

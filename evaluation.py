@@ -11,11 +11,11 @@ import hashlib
 import json
 import os
 import time
-import urllib.error
 
 import numpy as np
 import torch
 
+import pretrained_weights
 from rectified_flow_pytorch import solvers
 
 INCEPTION_WEIGHTS_URL = ('https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/'
@@ -26,31 +26,10 @@ INCEPTION_WEIGHTS_FILE = os.path.basename(INCEPTION_WEIGHTS_URL)
 # ----------------------------------------------------------------------------------------------------------------
 # Inception features.
 
-def default_inception_weights_path():
-  return os.path.join(torch.hub.get_dir(), 'checkpoints', INCEPTION_WEIGHTS_FILE)
-
-
 def resolve_inception_weights(path='', download=True):
   """A local file with the Inception weights: ``path`` if given, else the hub cache, downloading once if allowed."""
-  if path:
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f'eval.inception_weights_path={path!r} does not exist. Download {INCEPTION_WEIGHTS_URL} '
-                              f'to that path, or leave the option empty to use {default_inception_weights_path()}.')
-    return path
-  target = default_inception_weights_path()
-  if os.path.isfile(target):
-    return target
-  message = (f'The Inception weights {INCEPTION_WEIGHTS_FILE} are not in the cache. On a machine without internet, '
-             f'download {INCEPTION_WEIGHTS_URL} elsewhere and place it at {target}, or pass '
-             f'--config.eval.inception_weights_path=/path/to/{INCEPTION_WEIGHTS_FILE}.')
-  if not download:
-    raise FileNotFoundError(message)
-  os.makedirs(os.path.dirname(target), exist_ok=True)
-  try:
-    torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, target, progress=False)
-  except (urllib.error.URLError, OSError) as error:
-    raise ConnectionError(f'Downloading the Inception weights failed ({error}). {message}') from error
-  return target
+  return pretrained_weights.resolve_pretrained_weights(INCEPTION_WEIGHTS_URL, path, 'Inception weights',
+                                                       'eval.inception_weights_path', download)
 
 
 class InceptionFeatures:
@@ -175,14 +154,6 @@ def straightness(velocity, x0, *, steps=100, eps=0.0):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Resumable sampling rounds.
-
-def per_sample_noise(first_index, count, shape, seed, scale=1.0):
-  """Noise of samples first_index .. first_index + count - 1, each from its own seed (seed, index), so that a
-  sample does not depend on the round size or on how rounds are split across processes."""
-  noises = [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 2**32 + index))
-            for index in range(first_index, first_index + count)]
-  return torch.stack(noises) * scale
-
 
 class SampleRounds:
   """Rounds of samples in one folder (``round_{r:05d}.npz``), each written atomically, under a manifest.

@@ -1,8 +1,15 @@
-"""Config -> library adapters: the rectified flow, the optimiser and the one step function."""
+"""Config -> library adapters: the rectified flow, reflow time schedules and losses, the optimiser, and the one
+step function shared by 1-rectified-flow training, reflow and distillation."""
 import torch
+import torch.nn.functional as F
 
+import pretrained_weights
 from models import VelocityField
 from rectified_flow_pytorch import RectifiedFlow
+from rectified_flow_pytorch import flow as flow_math
+
+REFLOW_LOSSES = ('l2', 'lpips', 'lpips+l2')
+VGG16_WEIGHTS_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
 
 
 def build_rectified_flow(config, net):
@@ -27,18 +34,95 @@ def learning_rate(config, step):
   return config.optim.lr * min(step / warmup, 1.0) if warmup > 0 else config.optim.lr
 
 
-def get_step_fn(config, flow, optimizer, ema, train):
+def reflow_time_schedule(schedule, eps):
+  """``times(batch_size, device)`` of a reflow stage (Liu et al. 2022, Sec. 3.3), or None for 'uniform'.
+
+  'uniform': t ~ U[eps, 1] (reflow: the next rectified flow); 't0': t = eps (one-step distillation); 't1': t = 1
+  (one-step inversion); an integer k: t uniform on the k-step Euler grid eps + i (1 - eps) / k (k-step distillation).
+  """
+  schedule = str(schedule)
+  if schedule == 'uniform':
+    return None
+  if schedule == 't0':
+    return lambda batch_size, device: torch.full((batch_size,), eps, device=device)
+  if schedule == 't1':
+    return lambda batch_size, device: torch.ones(batch_size, device=device)
+  if schedule.isdigit() and int(schedule) >= 1:
+    k = int(schedule)
+    return lambda batch_size, device: (torch.randint(0, k, (batch_size,), device=device) * (1.0 - eps) / k + eps)
+  raise ValueError(f"Unknown reflow.reflow_t_schedule {schedule!r}; valid: 'uniform', 't0', 't1', or an integer k >= 1")
+
+
+def build_lpips(weights_path='', random_backbone=False):
+  """LPIPS with a VGG16 backbone (Zhang et al. 2018) from the ``lpips`` package, which ships its linear layers.
+
+  The backbone's ImageNet weights come from ``weights_path`` or torch's hub cache (downloaded once on request);
+  ``random_backbone=True`` keeps lpips' randomly initialised backbone (``pnet_rand``), for tests.
+  """
+  import lpips
+
+  model = lpips.LPIPS(net='vgg', pnet_rand=True, verbose=False)
+  if not random_backbone:
+    path = pretrained_weights.resolve_pretrained_weights(VGG16_WEIGHTS_URL, weights_path, 'VGG16 weights for LPIPS',
+                                                         'reflow.lpips_weights_path')
+    features = {key[len('features.'):]: value for key, value in torch.load(path, map_location='cpu').items()
+                if key.startswith('features.')}
+    for part in (model.net.slice1, model.net.slice2, model.net.slice3, model.net.slice4, model.net.slice5):
+      part.load_state_dict({key: features[key] for key in part.state_dict()})
+  return model.eval().requires_grad_(False)
+
+
+def lpips_distance(lpips_model, x, y):
+  """LPIPS of [-1, 1] images after bilinear upsampling to 224x224 as the published distillation did, (B,)."""
+  if x.shape[1] == 1:
+    x, y = x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1)
+  x = F.interpolate(x, size=(224, 224), mode='bilinear', align_corners=False)
+  y = F.interpolate(y, size=(224, 224), mode='bilinear', align_corners=False)
+  return lpips_model(x, y).reshape(-1)
+
+
+def get_loss_fn(config, flow, reflow=False, lpips_model=None):
+  """``loss_fn(x0, x1) -> scalar``: x0 is None for 1-RF training (the flow draws the noise), a pair otherwise.
+
+  Reflow stages take their time schedule and loss from ``config.reflow``: 'l2' is the flow's own loss on the
+  pairs, 'lpips' the LPIPS between the one-step estimate X1_hat = X_t + (1 - t) v and X1, 'lpips+l2' their sum.
+  """
+  if not reflow:
+    return lambda x0, x1: flow(x1, noise=x0)
+  times_fn = reflow_time_schedule(config.reflow.reflow_t_schedule, config.training.time_eps)
+  loss_name = config.reflow.reflow_loss
+  if loss_name not in REFLOW_LOSSES:
+    raise ValueError(f'Unknown reflow.reflow_loss {loss_name!r}; valid: {list(REFLOW_LOSSES)}')
+  if loss_name != 'l2' and lpips_model is None:
+    raise ValueError(f"reflow.reflow_loss={loss_name!r} needs an LPIPS model")
+
+  def loss_fn(x0, x1):
+    times = times_fn(x1.shape[0], x1.device) if times_fn is not None else None
+    if loss_name == 'l2':
+      return flow(x1, noise=x0, times=times)
+    noise, times, x_t, prediction = flow.predict_on_path(x1, noise=x0, times=times)
+    clean = flow_math.to_clean(flow.predict, prediction, x_t, times)
+    loss = lpips_distance(lpips_model, clean, x1)
+    if loss_name == 'lpips+l2':
+      target = flow_math.prediction_target(flow.predict, noise, x1)
+      loss = loss + flow_math.per_sample_squared_error(prediction, target, flow.loss_reduction)
+    return loss.mean()
+
+  return loss_fn
+
+
+def get_step_fn(config, loss_fn, params, optimizer, ema, train):
   """One update (``train=True``) or one held-out loss on the EMA weights (``train=False``).
 
-  The returned ``step_fn(state, batch)`` takes ``state = {'model', 'ema', 'optimizer', 'step'}`` and a batch in
-  model space, and returns the scalar loss (a detached tensor).
+  The returned ``step_fn(state, x0, x1)`` takes ``state = {'model', 'ema', 'optimizer', 'step'}`` and a batch in
+  model space (x0 None unless training on pairs), and returns the scalar loss (a detached tensor).
   """
-  params = [p for p in flow.parameters() if p.requires_grad]
+  params = [p for p in params if p.requires_grad]
 
-  def train_step(state, batch):
-    flow.train()
+  def train_step(state, x0, x1):
+    state['model'].train()
     optimizer.zero_grad(set_to_none=True)
-    loss = flow(batch)
+    loss = loss_fn(x0, x1)
     loss.backward()
     for group in optimizer.param_groups:
       group['lr'] = learning_rate(config, state['step'])
@@ -50,10 +134,10 @@ def get_step_fn(config, flow, optimizer, ema, train):
     return loss.detach()
 
   @torch.no_grad()
-  def eval_step(state, batch):
-    flow.eval()
+  def eval_step(state, x0, x1):
+    state['model'].eval()
     with ema.average_parameters(params):
-      loss = flow(batch)
+      loss = loss_fn(x0, x1)
     return loss.detach()
 
   return train_step if train else eval_step

@@ -31,9 +31,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config, workdir = FLAGS.config, FLAGS.workdir
-  if FLAGS.mode not in ('train', 'stats') and not os.path.isdir(workdir):
-    sys.exit(f'error: --workdir {workdir!r} does not exist; --mode {FLAGS.mode} reads checkpoints from an existing '
-             f'work directory')
+  if FLAGS.mode == 'eval' and not os.path.isdir(workdir):
+    sys.exit(f'error: --workdir {workdir!r} does not exist; --mode eval reads the checkpoints of an existing work '
+             f'directory')
   absl_logging.set_verbosity(absl_logging.INFO)
   os.makedirs(workdir, exist_ok=True)
   log_to_file(os.path.join(workdir, 'stdout.txt'))

@@ -12,6 +12,7 @@ from tqdm import tqdm
 import checkpoints
 import datasets
 import evaluation
+from datasets import reflow_pairs
 import losses
 import sampling
 from metrics_log import MetricsLog
@@ -51,8 +52,37 @@ def build_training_state(config, device):
   return {'model': net, 'ema': ema, 'optimizer': optimizer, 'step': 0}
 
 
+def data_batches(config, train, start_batch, device, generator=None):
+  """(None, x1) batches of the configured dataset in model space: augmented for training, plain for held-out."""
+  data = config.data
+  dataset = datasets.get_dataset(config, train=train)
+  batch_size = config.training.batch_size if train else min(config.training.batch_size, len(dataset))
+  batches = datasets.endless_batches(dataset, batch_size, seed=config.seed + (0 if train else 1),
+                                     start_batch=start_batch, num_workers=data.num_workers if train else 0,
+                                     pin_memory=device.type == 'cuda')
+  scaler = datasets.get_data_scaler(config)
+  for batch in batches:
+    if train:
+      batch = datasets.augment(batch, random_flip=data.random_flip,
+                               uniform_dequantization=data.uniform_dequantization, generator=generator)
+    yield None, scaler(batch.to(device, non_blocking=True))
+
+
 def train(config, workdir):
-  """Trains a rectified flow from scratch, resuming from ``workdir/checkpoints-meta`` when a run was interrupted."""
+  """Trains a 1-rectified flow from scratch (resuming from ``workdir/checkpoints-meta`` when interrupted)."""
+  return run_training(
+      config, workdir,
+      train_batches=lambda start, device, generator: data_batches(config, True, start, device, generator),
+      eval_batches=lambda start, device: data_batches(config, False, start, device))
+
+
+def run_training(config, workdir, train_batches, eval_batches, initialize=None, lpips_model=None, reflow=False):
+  """The one training loop of every stage; stages differ only in these arguments.
+
+  ``train_batches(start_batch, device, generator)`` and ``eval_batches(start_batch, device)`` yield (x0 or None,
+  x1) in model space, resuming at a batch index; ``initialize(state)`` sets the initial weights of a fresh run
+  (e.g. the teacher's); ``reflow`` selects the reflow time schedule and loss of ``config.reflow``.
+  """
   device = select_device()
   os.makedirs(workdir, exist_ok=True)
   write_resolved_config(config, workdir)
@@ -68,21 +98,19 @@ def train(config, workdir):
   if os.path.exists(meta_path):
     resumed = checkpoints.load_checkpoint(meta_path, state, device=device)
     logging.info('Resumed from %s at step %d', meta_path, state['step'])
+  elif initialize is not None:
+    initialize(state)
 
   flow = losses.build_rectified_flow(config, net)
-  train_step = losses.get_step_fn(config, flow, state['optimizer'], state['ema'], train=True)
-  eval_step = losses.get_step_fn(config, flow, state['optimizer'], state['ema'], train=False)
   params = [p for p in net.parameters() if p.requires_grad]
-  scaler, inverse_scaler = datasets.get_data_scaler(config), datasets.get_data_inverse_scaler(config)
+  loss_fn = losses.get_loss_fn(config, flow, reflow=reflow, lpips_model=lpips_model)
+  train_step = losses.get_step_fn(config, loss_fn, params, state['optimizer'], state['ema'], train=True)
+  eval_step = losses.get_step_fn(config, loss_fn, params, state['optimizer'], state['ema'], train=False)
+  inverse_scaler = datasets.get_data_inverse_scaler(config)
 
   training, data = config.training, config.data
-  train_set, eval_set = datasets.get_dataset(config, train=True), datasets.get_dataset(config, train=False)
-  train_batches = datasets.endless_batches(train_set, training.batch_size, seed=config.seed,
-                                           start_batch=state['step'], num_workers=data.num_workers,
-                                           pin_memory=device.type == 'cuda')
-  eval_batch_size = min(training.batch_size, len(eval_set))
-  eval_batches = datasets.endless_batches(eval_set, eval_batch_size, seed=config.seed + 1,
-                                          start_batch=state['step'] // training.eval_freq)
+  batches = train_batches(state['step'], device, data_generator)
+  held_out = eval_batches(state['step'] // training.eval_freq, device)
 
   shape = (config.sampling.snapshot_batch_size, data.num_channels, data.image_size, data.image_size)
   sample_fn = sampling.get_sampling_fn(config, shape)
@@ -97,9 +125,8 @@ def train(config, workdir):
                   mininterval=1.0)
   last_log_time, last_log_step = time.time(), state['step']
   while state['step'] < training.n_iters:
-    batch = datasets.augment(next(train_batches), random_flip=data.random_flip,
-                             uniform_dequantization=data.uniform_dequantization, generator=data_generator)
-    loss = train_step(state, scaler(batch.to(device, non_blocking=True)))
+    x0, x1 = next(batches)
+    loss = train_step(state, x0, x1)
     step = state['step']
     progress.update(1)
 
@@ -114,13 +141,13 @@ def train(config, workdir):
       logging.info('step: %d, training_loss: %.5e, images/s: %.1f', step, loss_value, images_per_second)
 
     if step % training.eval_freq == 0:
-      eval_loss = eval_step(state, scaler(next(eval_batches).to(device))).item()
+      eval_loss = eval_step(state, *next(held_out)).item()
       metrics.log(step, eval_loss=eval_loss)
       logging.info('step: %d, eval_loss: %.5e', step, eval_loss)
 
     is_snapshot = step % training.snapshot_freq == 0 or step == training.n_iters
     if is_snapshot and training.snapshot_sampling:
-      flow.eval()
+      net.eval()
       with state['ema'].average_parameters(params):
         samples, nfe = sample_fn(flow, noise=snapshot_noise)
       images = inverse_scaler(samples).clamp(0.0, 1.0)
@@ -136,9 +163,125 @@ def train(config, workdir):
       checkpoints.save_checkpoint(meta_path, state, config, data_generator)
   progress.close()
   metrics.close()
-  with open(os.path.join(workdir, 'train_done.json'), 'w', encoding='utf-8') as handle:
-    json.dump({'step': state['step']}, handle)
   return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reflow: pair generation, reflow training and distillation.
+
+def load_teacher(config, device):
+  """The network of ``reflow.last_flow_ckpt`` with its EMA weights, frozen; also returns the file's sha256."""
+  path = config.reflow.last_flow_ckpt
+  if not path or not os.path.isfile(path):
+    raise FileNotFoundError(f'reflow.last_flow_ckpt={path!r} does not exist: pass the checkpoint of the flow to '
+                            f'reflow from, e.g. --config.reflow.last_flow_ckpt=logs/1_rf/checkpoints/checkpoint_13.pth')
+  teacher = build_training_state(config, device)
+  checkpoints.load_checkpoint(path, teacher, device=device, load_optimizer=False)
+  teacher['ema'].copy_to(teacher['model'].parameters())
+  net = teacher['model'].eval().requires_grad_(False)
+  return net, evaluation.file_sha256(path)
+
+
+def initialize_student_from_teacher(config, device):
+  """``initialize(state)``: the teacher's raw weights (published) or its EMA weights; fresh optimiser and EMA."""
+
+  def initialize(state):
+    path = config.reflow.last_flow_ckpt
+    teacher = build_training_state(config, device)
+    checkpoints.load_checkpoint(path, teacher, device=device, load_optimizer=False)
+    if config.reflow.init_from_ema:
+      teacher['ema'].copy_to(teacher['model'].parameters())
+    state['model'].load_state_dict(teacher['model'].state_dict())
+    state['ema'] = ExponentialMovingAverage(state['model'].parameters(), decay=config.model.ema_rate)
+    logging.info('Student initialised from the %s weights of %s', 'EMA' if config.reflow.init_from_ema else 'raw',
+                 path)
+
+  return initialize
+
+
+def pair_batches(config, start_batch, device, seed_offset=0):
+  """(z0, z1) batches read lazily from the pair shards under ``reflow.data_root``."""
+  shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
+  pairs = reflow_pairs.PairShards(config.reflow.data_root, shape)
+  batches = datasets.endless_batches(pairs, config.training.batch_size, seed=config.seed + seed_offset,
+                                     start_batch=start_batch, num_workers=config.data.num_workers,
+                                     pin_memory=device.type == 'cuda')
+  for z0, z1 in batches:
+    yield z0.to(device, non_blocking=True), z1.to(device, non_blocking=True)
+
+
+def online_pair_batches(config, teacher_velocity, device, generator=None):
+  """(z0, z1) with z1 from the teacher's N-step Euler solve of fresh noise (published online reflow: N = 20)."""
+  shape = (config.training.batch_size, config.data.num_channels, config.data.image_size, config.data.image_size)
+  steps, eps = config.reflow.online_teacher_steps, config.training.time_eps
+  while True:
+    z0 = torch.randn(shape, generator=generator) * config.sampling.init_noise_scale
+    z0 = z0.to(device)
+    z1, _ = solvers.euler(teacher_velocity, z0, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps)
+    yield z0, z1
+
+
+def generate_reflow_pairs(config, workdir):
+  """Pairs (z0, z1 = ODE(z0)) from the teacher's EMA weights, in atomic shards under reflow.data_root/seed_{seed}."""
+  device = select_device()
+  r = config.reflow
+  if not r.data_root:
+    raise ValueError('reflow.data_root is empty: pass the folder for the pairs, e.g. '
+                     '--config.reflow.data_root=assets/reflow_data/1_rectified_flow')
+  net, teacher_sha256 = load_teacher(config, device)
+  flow = losses.build_rectified_flow(config, net)
+  shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
+  settings = {'teacher': os.path.abspath(r.last_flow_ckpt), 'teacher_sha256': teacher_sha256,
+              'weights': 'ema', 'pair_format': r.pair_format, 'image_shape': list(shape),
+              **sampling.sampler_settings(config)}
+  writer = reflow_pairs.PairShardWriter(r.data_root, config.seed, settings, r.total_number_of_samples,
+                                        r.pairs_per_shard)
+  needed = writer.check_free_disk()
+  missing = writer.missing_shards()
+  logging.info('Generating %d of %d shards (%.2f GB, %d bytes per pair, format %s) into %s', len(missing),
+               writer.num_shards, needed / 1e9, reflow_pairs.bytes_per_pair(r.pair_format, shape), r.pair_format,
+               writer.folder)
+  sample_fn = sampling.get_sampling_fn(config, (r.pairs_per_shard, *shape))
+  for index in tqdm(missing, desc='pair shards', dynamic_ncols=True):
+    first, count = writer.shard_range(index)
+    z0 = flow_math.indexed_noise(config.seed, first, count, shape, flow.noise_std).to(device)
+    generator = torch.Generator().manual_seed(config.seed * 2**32 + first)
+    z1, nfe = sample_fn(flow, noise=z0, generator=generator)
+    writer.write_shard(index, z0, z1, nfe)
+  logging.info('%s: %d pairs, NFE %s', writer.folder, writer.manifest.get('count', 0), writer.manifest.get('nfe'))
+  return writer.manifest
+
+
+def reflow(config, workdir):
+  """--mode reflow: ``reflow.reflow_type`` generate_data_from_z0, train_reflow or train_online_reflow."""
+  r = config.reflow
+  if r.reflow_type == 'generate_data_from_z0':
+    return generate_reflow_pairs(config, workdir)
+  if r.reflow_type not in ('train_reflow', 'train_online_reflow'):
+    raise ValueError(f"Unknown reflow.reflow_type {r.reflow_type!r}; valid: 'generate_data_from_z0', "
+                     f"'train_reflow', 'train_online_reflow'")
+  device = select_device()
+  resuming = os.path.exists(checkpoints.preemption_checkpoint_path(workdir))
+  teacher_net = None
+  if not resuming or r.reflow_type == 'train_online_reflow':
+    teacher_net, _ = load_teacher(config, device)  # Also fails early, clearly, when the teacher is missing.
+  lpips_model = None
+  if r.reflow_loss != 'l2':
+    lpips_model = losses.build_lpips(r.lpips_weights_path).to(device)
+  initialize = initialize_student_from_teacher(config, device)
+  if r.reflow_type == 'train_reflow':
+    return run_training(config, workdir,
+                        train_batches=lambda start, device, generator: pair_batches(config, start, device),
+                        eval_batches=lambda start, device: pair_batches(config, start, device, seed_offset=1),
+                        initialize=initialize, lpips_model=lpips_model, reflow=True)
+  teacher_velocity = losses.build_rectified_flow(config, teacher_net).velocity
+  held_out_generator = torch.Generator().manual_seed(config.seed + 1)
+  return run_training(config, workdir,
+                      train_batches=lambda start, device, generator: online_pair_batches(config, teacher_velocity,
+                                                                                         device),
+                      eval_batches=lambda start, device: online_pair_batches(config, teacher_velocity, device,
+                                                                             held_out_generator),
+                      initialize=initialize, lpips_model=lpips_model, reflow=True)
 
 
 def _held_out_batches(config, split, limit=0):
@@ -196,7 +339,7 @@ def sample_checkpoint(config, flow, rounds, inception, device):
     if part is None:
       first = index * e.batch_size
       count = min(e.batch_size, e.num_samples - first)
-      noise = evaluation.per_sample_noise(first, count, shape, config.seed, flow.noise_std).to(device)
+      noise = flow_math.indexed_noise(config.seed, first, count, shape, flow.noise_std).to(device)
       meter = solvers.StraightnessMeter(noise)
       generator = torch.Generator().manual_seed(config.seed * 2**32 + first)
       samples, nfe = sample_fn(flow, noise=noise, on_step=meter.on_step, generator=generator)
@@ -290,6 +433,3 @@ def compute_reference_stats(config, workdir):
   return config.eval.stats_path
 
 
-def reflow(config, workdir):
-  raise NotImplementedError('--mode reflow (pair generation, reflow and distillation) is not implemented yet; it '
-                            'is tracked by the reflow issue. Use --mode train.')

@@ -44,6 +44,19 @@ def get_default_configs():
   evaluate.kid_subsets = 100  # Random subsets averaged by KID.
   evaluate.kid_subset_size = 1000  # Samples per KID subset.
 
+  config.reflow = reflow = ml_collections.ConfigDict()
+  reflow.reflow_type = 'generate_data_from_z0'  # --mode reflow: generate_data_from_z0, train_reflow, train_online_reflow.
+  reflow.reflow_t_schedule = 'uniform'  # 'uniform' (k-RF), 't0' (1-step distillation), 't1' (inversion), or k.
+  reflow.reflow_loss = 'l2'  # 'l2', 'lpips' or 'lpips+l2' (LPIPS with 't0').
+  reflow.last_flow_ckpt = ''  # Checkpoint of the teacher flow (pairs come from its EMA weights).
+  reflow.init_from_ema = False  # Start the student from the teacher's EMA weights (published: raw weights).
+  reflow.data_root = ''  # Folder of the generated pairs (one seed_{seed} subfolder per generating run).
+  reflow.total_number_of_samples = 100000  # Pairs to generate per seed.
+  reflow.pairs_per_shard = 1024  # Pairs per shard file (one sampler call each).
+  reflow.pair_format = 'float32'  # 'float32' (published: z0 and z1) or 'compact' (z1 float16, z0 from seeds).
+  reflow.online_teacher_steps = 20  # Euler steps of the teacher in the online variants.
+  reflow.lpips_weights_path = ''  # Local VGG16 weights for LPIPS; empty: torch hub cache, downloaded once.
+
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'CIFAR10'  # Registered dataset name (datasets.registered_datasets()).
   data.root = 'data'  # Folder holding (or receiving) the dataset files.

@@ -57,6 +57,16 @@ def sample_uniform_times(batch_size, *, eps=1e-3, device=None, dtype=torch.float
   return sample_times(batch_size, 'uniform', eps=eps, device=device, dtype=dtype, generator=generator)
 
 
+def indexed_noise(seed, first_index, count, shape, scale=1.0):
+  """Gaussian noise of samples first_index .. first_index + count - 1, each drawn from its own seed (seed, index).
+
+  A sample's noise then depends neither on the batch it is drawn in nor on how work is split across processes.
+  """
+  noises = [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 2**32 + index))
+            for index in range(first_index, first_index + count)]
+  return torch.stack(noises) * scale
+
+
 def interpolate(x0, x1, t):
   """X_t = t X1 + (1 - t) X0 for a (B,) time vector and (B, ...) endpoints."""
   t = append_dims(t, x1.dim()).to(x1.dtype)

@@ -72,8 +72,8 @@ class RectifiedFlow(nn.Module):
     return flow.sample_times(batch_size, self.time_distribution, eps=self.time_eps, device=device, dtype=dtype,
                              **self.time_distribution_kwargs)
 
-  def per_sample_loss(self, data, noise=None, times=None, **model_kwargs):
-    """The loss of each sample, (B,)."""
+  def predict_on_path(self, data, noise=None, times=None, **model_kwargs):
+    """Draws (X0, t) where not given and returns (noise, times, X_t, the model's prediction at (X_t, t))."""
     if self.data_shape is None:
       self.data_shape = tuple(data.shape[1:])
     if noise is None:
@@ -81,7 +81,11 @@ class RectifiedFlow(nn.Module):
     if times is None:
       times = self.sample_times(data.shape[0], device=data.device, dtype=data.dtype)
     x_t = flow.interpolate(noise, data, times)
-    prediction = self.predict_raw(x_t, times, **model_kwargs)
+    return noise, times, x_t, self.predict_raw(x_t, times, **model_kwargs)
+
+  def per_sample_loss(self, data, noise=None, times=None, **model_kwargs):
+    """The loss of each sample, (B,)."""
+    noise, times, x_t, prediction = self.predict_on_path(data, noise, times, **model_kwargs)
     if self.loss_name == 'lpips_huber':
       clean = flow.to_clean(self.predict, prediction, x_t, times)
       weight = 1.0 / (1.0 - times).clamp(min=1e-3)

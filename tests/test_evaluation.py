@@ -108,7 +108,7 @@ def test_inception_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
   with pytest.raises(ConnectionError, match=evaluation.INCEPTION_WEIGHTS_FILE) as error:
     evaluation.resolve_inception_weights('')
   assert str(tmp_path / 'hub') in str(error.value)
-  with pytest.raises(FileNotFoundError, match='does not exist'):
+  with pytest.raises(FileNotFoundError, match='eval.inception_weights_path.*does not exist'):
     evaluation.resolve_inception_weights(str(tmp_path / 'nope.pth'))
 
 

@@ -1,0 +1,168 @@
+"""Reflow pairs (z0, z1 = ODE(z0)) on disk: shards written atomically, read lazily, resumable, never mixed.
+
+Layout: ``data_root/seed_{seed}/manifest.json`` and ``shard_{i:06d}.npy``, one folder per generation seed (runs
+with different seeds can generate in parallel). Pair j of a seed has the noise z0 of seed (seed, j), so every
+pair is reproducible. Two storage formats:
+  - 'float32': the published layout, z0 and z1 in float32, shard array (2, N, C, H, W);
+  - 'compact': z1 in float16, shard array (N, C, H, W); z0 is regenerated from its seed when read.
+Shards are memory-mapped when read, so training never loads all pairs into memory.
+"""
+import bisect
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+
+from rectified_flow_pytorch import flow
+
+PAIR_FORMATS = ('float32', 'compact')
+
+
+def bytes_per_pair(pair_format, shape):
+  elements = int(np.prod(shape))
+  return elements * (2 * 4 if pair_format == 'float32' else 2)
+
+
+def _write_json(path, obj):
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as handle:
+    json.dump(obj, handle, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+class PairShardWriter:
+  """Writes the shards of one seed folder; ``missing_shards()`` tells a resumed run what is left to make."""
+
+  def __init__(self, data_root, seed, settings, total_pairs, pairs_per_shard):
+    if settings['pair_format'] not in PAIR_FORMATS:
+      raise ValueError(f"Unknown reflow.pair_format {settings['pair_format']!r}; valid: {list(PAIR_FORMATS)}")
+    self.folder = os.path.join(data_root, f'seed_{seed}')
+    os.makedirs(self.folder, exist_ok=True)
+    for name in os.listdir(self.folder):  # Half-written files of a killed run: never renamed, never counted.
+      if '.tmp-' in name:
+        os.remove(os.path.join(self.folder, name))
+    self.seed, self.total_pairs, self.pairs_per_shard = seed, total_pairs, pairs_per_shard
+    self.manifest_path = os.path.join(self.folder, 'manifest.json')
+    self.settings = json.loads(json.dumps({**settings, 'seed': seed, 'pairs_per_shard': pairs_per_shard}))
+    if os.path.exists(self.manifest_path):
+      with open(self.manifest_path, encoding='utf-8') as handle:
+        existing = json.load(handle)
+      changed = sorted(k for k in self.settings if existing.get(k) != self.settings[k])
+      if changed:
+        details = ', '.join(f'{k}: {existing.get(k)!r} there, {self.settings[k]!r} now' for k in changed)
+        raise ValueError(f'{self.folder} holds pairs made with other settings ({details}). Use another '
+                         f'reflow.data_root or seed, or delete the folder to start over.')
+      self.manifest = existing
+    else:
+      self.manifest = {**self.settings, 'shards': {}}
+    self.manifest['total_number_of_samples'] = total_pairs
+    _write_json(self.manifest_path, self.manifest)
+
+  @property
+  def num_shards(self):
+    return -(-self.total_pairs // self.pairs_per_shard)
+
+  def shard_path(self, index):
+    return os.path.join(self.folder, f'shard_{index:06d}.npy')
+
+  def shard_range(self, index):
+    first = index * self.pairs_per_shard
+    return first, min(self.pairs_per_shard, self.total_pairs - first)
+
+  def missing_shards(self):
+    return [i for i in range(self.num_shards)
+            if not (str(i) in self.manifest['shards'] and os.path.exists(self.shard_path(i)))]
+
+  def check_free_disk(self):
+    """Refuses to start when the remaining shards would not fit on the disk."""
+    shape = self.settings['image_shape']
+    needed = sum(self.shard_range(i)[1] for i in self.missing_shards()) * bytes_per_pair(
+        self.settings['pair_format'], shape)
+    free = shutil.disk_usage(self.folder).free
+    if needed > free:
+      raise OSError(f'{len(self.missing_shards())} shards of pairs need {needed / 1e9:.2f} GB but {self.folder} has '
+                    f'{free / 1e9:.2f} GB free. Free space, lower reflow.total_number_of_samples, or use '
+                    f"reflow.pair_format='compact' ({bytes_per_pair('compact', shape)} instead of "
+                    f"{bytes_per_pair('float32', shape)} bytes per pair).")
+    return needed
+
+  def write_shard(self, index, z0, z1, nfe):
+    """Writes shard ``index`` (temporary file, fsync, rename), then records it in the manifest."""
+    if self.settings['pair_format'] == 'float32':
+      array = np.stack([z0.float().cpu().numpy(), z1.float().cpu().numpy()])
+    else:
+      array = z1.cpu().numpy().astype(np.float16)
+    path = self.shard_path(index)
+    tmp = f'{path}.tmp-{os.getpid()}.npy'
+    with open(tmp, 'wb') as handle:
+      np.save(handle, array)
+      handle.flush()
+      os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    first, count = self.shard_range(index)
+    self.manifest['shards'][str(index)] = {'first_pair': first, 'count': count, 'nfe': nfe}
+    nfes = [s['nfe'] for s in self.manifest['shards'].values()]
+    self.manifest['count'] = sum(s['count'] for s in self.manifest['shards'].values())
+    self.manifest['nfe'] = {'mean': float(np.mean(nfes)), 'min': int(min(nfes)), 'max': int(max(nfes))}
+    self.manifest['bytes_per_pair'] = bytes_per_pair(self.settings['pair_format'], self.settings['image_shape'])
+    _write_json(self.manifest_path, self.manifest)
+
+
+class PairShards(torch.utils.data.Dataset):
+  """Every finished shard under ``data_root`` (all seed folders) as one dataset of (z0, z1) float32 pairs."""
+
+  def __init__(self, data_root, image_shape=None):
+    if not os.path.isdir(data_root):
+      raise FileNotFoundError(f'reflow.data_root={data_root!r} does not exist: generate pairs first with '
+                              f"--mode reflow --config.reflow.reflow_type=generate_data_from_z0")
+    self.entries = []  # (path, seed, first_pair, count, pair_format, noise_scale)
+    shape = None
+    for folder in sorted(os.listdir(data_root)):
+      manifest_path = os.path.join(data_root, folder, 'manifest.json')
+      if not os.path.isfile(manifest_path):
+        continue
+      with open(manifest_path, encoding='utf-8') as handle:
+        manifest = json.load(handle)
+      shape = shape or tuple(manifest['image_shape'])
+      if tuple(manifest['image_shape']) != shape:
+        raise ValueError(f'{manifest_path} has pairs of shape {manifest["image_shape"]}, others {list(shape)}')
+      for index, shard in sorted(manifest['shards'].items(), key=lambda item: int(item[0])):
+        path = os.path.join(data_root, folder, f'shard_{int(index):06d}.npy')
+        self.entries.append((path, manifest['seed'], shard['first_pair'], shard['count'], manifest['pair_format'],
+                             manifest['init_noise_scale']))
+    if not self.entries:
+      raise FileNotFoundError(f'No finished pair shards under {data_root!r}: generate pairs first with --mode reflow '
+                              f'--config.reflow.reflow_type=generate_data_from_z0 and this reflow.data_root')
+    if image_shape is not None and tuple(image_shape) != shape:
+      raise ValueError(f'The pairs under {data_root!r} have shape {list(shape)} but the config expects '
+                       f'{list(image_shape)}')
+    self.shape = shape
+    self.offsets = np.cumsum([0] + [entry[3] for entry in self.entries]).tolist()
+    self._open = {}
+
+  def __len__(self):
+    return self.offsets[-1]
+
+  def _array(self, shard):
+    if shard not in self._open:
+      path = self.entries[shard][0]
+      try:
+        self._open[shard] = np.load(path, mmap_mode='r')
+      except Exception as error:
+        raise ValueError(f'Pair shard {path!r} is unreadable ({error}); delete it and rerun pair generation, which '
+                         f'makes only the missing shards') from error
+    return self._open[shard]
+
+  def __getitem__(self, index):
+    shard = bisect.bisect_right(self.offsets, index) - 1
+    path, seed, first_pair, _, pair_format, noise_scale = self.entries[shard]
+    offset = index - self.offsets[shard]
+    array = self._array(shard)
+    if pair_format == 'float32':
+      z0, z1 = torch.from_numpy(np.array(array[0, offset])), torch.from_numpy(np.array(array[1, offset]))
+    else:
+      z1 = torch.from_numpy(np.array(array[offset], dtype=np.float32))
+      z0 = flow.indexed_noise(seed, first_pair + offset, 1, self.shape, noise_scale)[0]
+    return z0, z1

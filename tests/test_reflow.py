@@ -1,0 +1,224 @@
+"""--mode reflow: pair generation (atomic, resumable, two layouts), reflow / distillation training, LPIPS."""
+import json
+import os
+import shutil
+from collections import namedtuple
+
+import numpy as np
+import pytest
+import torch
+
+import losses
+import run_lib
+import sampling
+from datasets import reflow_pairs
+from rectified_flow_pytorch import flow as flow_math
+from tests.test_train import tiny_digits_config
+
+
+def reflow_config(teacher, data_root, **reflow):
+  config = tiny_digits_config(n_iters=2, snapshot_freq=2, snapshot_freq_for_preemption=1)
+  config.reflow.last_flow_ckpt = str(teacher)
+  config.reflow.data_root = str(data_root)
+  config.reflow.total_number_of_samples = 10
+  config.reflow.pairs_per_shard = 4
+  config.sampling.sample_N = 3
+  for key, value in reflow.items():
+    config.reflow[key] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def teacher(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('teacher')
+  run_lib.train(tiny_digits_config(n_iters=2, snapshot_freq=2, snapshot_freq_for_preemption=2), str(workdir))
+  return workdir / 'checkpoints' / 'checkpoint_1.pth'
+
+
+def read_shards(folder):
+  return {name: np.load(os.path.join(folder, name)) for name in sorted(os.listdir(folder)) if name.endswith('.npy')}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Time schedules.
+
+def test_reflow_time_schedules():
+  eps = 1e-3
+  assert losses.reflow_time_schedule('uniform', eps) is None
+  assert torch.all(losses.reflow_time_schedule('t0', eps)(5, 'cpu') == eps)
+  assert torch.all(losses.reflow_time_schedule('t1', eps)(5, 'cpu') == 1.0)
+  grid = losses.reflow_time_schedule('4', eps)(4000, 'cpu')
+  expected = torch.tensor([eps + i * (1 - eps) / 4 for i in range(4)])
+  assert torch.allclose(torch.unique(grid), expected)
+  with pytest.raises(ValueError, match="'uniform', 't0', 't1'"):
+    losses.reflow_time_schedule('t2', eps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pair generation.
+
+def test_pairs_are_the_teachers_ode_solutions_with_a_complete_manifest(teacher, tmp_path):
+  config = reflow_config(teacher, tmp_path / 'pairs')
+  manifest = run_lib.generate_reflow_pairs(config, str(tmp_path / 'run'))
+  assert manifest['count'] == 10 and sorted(manifest['shards']) == ['0', '1', '2']
+  assert manifest['teacher_sha256'] == run_lib.evaluation.file_sha256(teacher)
+  assert manifest['sampler'] == 'euler' and manifest['sample_N'] == 3 and manifest['nfe']['mean'] == 3
+  assert manifest['pair_format'] == 'float32' and manifest['bytes_per_pair'] == 2 * 4 * 256
+
+  pairs = reflow_pairs.PairShards(str(tmp_path / 'pairs'), (1, 16, 16))
+  assert len(pairs) == 10
+  z0 = torch.stack([pairs[i][0] for i in range(10)])
+  z1 = torch.stack([pairs[i][1] for i in range(10)])
+  torch.testing.assert_close(z0, flow_math.indexed_noise(config.seed, 0, 10, (1, 16, 16)))
+  net, _ = run_lib.load_teacher(config, torch.device('cpu'))
+  flow = losses.build_rectified_flow(config, net)
+  expected, _ = sampling.get_sampling_fn(config, z0.shape)(flow, noise=z0)
+  torch.testing.assert_close(z1, expected, atol=1e-5, rtol=0)
+
+
+def test_a_killed_generation_resumes_without_duplicated_or_missing_pairs(teacher, tmp_path):
+  config = reflow_config(teacher, tmp_path / 'pairs')
+  run_lib.generate_reflow_pairs(config, str(tmp_path / 'run'))
+  folder = tmp_path / 'pairs' / f'seed_{config.seed}'
+  complete = read_shards(folder)
+  # Simulate a kill while shard 1 was being written: its file is gone, a half-written temporary is left.
+  os.remove(folder / 'shard_000001.npy')
+  (folder / 'shard_000001.npy.tmp-999.npy').write_bytes(b'partial')
+  run_lib.generate_reflow_pairs(config, str(tmp_path / 'run'))
+  resumed = read_shards(folder)
+  assert resumed.keys() == complete.keys()
+  for name in complete:
+    np.testing.assert_array_equal(resumed[name], complete[name])
+  pairs = reflow_pairs.PairShards(str(tmp_path / 'pairs'))
+  z0 = torch.stack([pairs[i][0] for i in range(len(pairs))])
+  assert len(pairs) == 10 and len(torch.unique(z0.flatten(1), dim=0)) == 10
+
+
+def test_compact_layout_regenerates_z0_and_is_four_times_smaller(teacher, tmp_path):
+  run_lib.generate_reflow_pairs(reflow_config(teacher, tmp_path / 'full'), str(tmp_path / 'run'))
+  compact = run_lib.generate_reflow_pairs(reflow_config(teacher, tmp_path / 'compact', pair_format='compact'),
+                                          str(tmp_path / 'run'))
+  full_pairs = reflow_pairs.PairShards(str(tmp_path / 'full'))
+  compact_pairs = reflow_pairs.PairShards(str(tmp_path / 'compact'))
+  for i in range(10):
+    torch.testing.assert_close(compact_pairs[i][0], full_pairs[i][0], atol=0, rtol=0)
+    torch.testing.assert_close(compact_pairs[i][1], full_pairs[i][1], atol=2e-3, rtol=1e-3)  # float16 z1.
+  full_bytes = sum(f.stat().st_size for f in (tmp_path / 'full').rglob('*.npy'))
+  compact_bytes = sum(f.stat().st_size for f in (tmp_path / 'compact').rglob('*.npy'))
+  assert compact['bytes_per_pair'] * 4 == 2 * 4 * 256
+  assert full_bytes / compact_bytes > 3.5
+
+
+def test_pairs_from_other_settings_are_refused(teacher, tmp_path):
+  run_lib.generate_reflow_pairs(reflow_config(teacher, tmp_path / 'pairs'), str(tmp_path / 'run'))
+  other = reflow_config(teacher, tmp_path / 'pairs')
+  other.sampling.sample_N = 5
+  with pytest.raises(ValueError, match='sample_N: 3 there, 5 now'):
+    run_lib.generate_reflow_pairs(other, str(tmp_path / 'run'))
+
+
+def test_too_little_disk_is_refused_before_generating(teacher, tmp_path, monkeypatch):
+  usage = namedtuple('usage', 'total used free')
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(10**9, 10**9 - 1000, 1000))
+  config = reflow_config(teacher, tmp_path / 'pairs', total_number_of_samples=100000)
+  with pytest.raises(OSError, match=r"GB but .* free.*'compact'"):
+    run_lib.generate_reflow_pairs(config, str(tmp_path / 'run'))
+  assert not list((tmp_path / 'pairs').rglob('*.npy'))
+
+
+def test_a_broken_shard_is_a_clear_error(teacher, tmp_path):
+  run_lib.generate_reflow_pairs(reflow_config(teacher, tmp_path / 'pairs'), str(tmp_path / 'run'))
+  (tmp_path / 'pairs' / 'seed_42' / 'shard_000002.npy').write_bytes(b'not a numpy file')
+  pairs = reflow_pairs.PairShards(str(tmp_path / 'pairs'))
+  with pytest.raises(ValueError, match='shard_000002.npy.*unreadable.*delete it'):
+    pairs[9]
+
+
+def test_missing_teacher_and_missing_pairs_are_clear_errors(tmp_path):
+  config = reflow_config(tmp_path / 'nope.pth', tmp_path / 'pairs', reflow_type='train_reflow')
+  with pytest.raises(FileNotFoundError, match='reflow.last_flow_ckpt'):
+    run_lib.reflow(config, str(tmp_path / 'run'))
+  with pytest.raises(FileNotFoundError, match='generate pairs first'):
+    reflow_pairs.PairShards(str(tmp_path / 'pairs'))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training on pairs.
+
+@pytest.mark.parametrize('init_from_ema', [False, True])
+def test_student_starts_from_the_teacher_with_fresh_optimiser_and_ema(teacher, tmp_path, init_from_ema):
+  config = reflow_config(teacher, tmp_path / 'pairs', reflow_type='train_reflow', init_from_ema=init_from_ema)
+  state = run_lib.build_training_state(config, torch.device('cpu'))
+  run_lib.initialize_student_from_teacher(config, torch.device('cpu'))(state)
+  saved = torch.load(teacher, weights_only=False)
+  params = [p for p in state['model'].parameters() if p.requires_grad]
+  if init_from_ema:
+    for p, shadow in zip(params, saved['ema']['shadow_params']):
+      assert torch.equal(p, shadow)
+  else:
+    for key, value in state['model'].state_dict().items():
+      assert torch.equal(value, saved['model']['module.' + key])
+  assert state['ema'].num_updates == 0 and all(torch.equal(s, p) for s, p in zip(state['ema'].shadow_params, params))
+  assert state['step'] == 0 and not state['optimizer'].state
+
+
+@pytest.mark.parametrize('reflow_type,schedule', [('train_reflow', 'uniform'), ('train_reflow', 't0'),
+                                                  ('train_reflow', '2'), ('train_online_reflow', 'uniform')])
+def test_reflow_training_runs_in_the_shared_loop_and_resumes(teacher, tmp_path, reflow_type, schedule):
+  run_lib.generate_reflow_pairs(reflow_config(teacher, tmp_path / 'pairs'), str(tmp_path / 'gen'))
+  config = reflow_config(teacher, tmp_path / 'pairs', reflow_type=reflow_type, reflow_t_schedule=schedule,
+                         online_teacher_steps=2)
+  workdir = tmp_path / 'student'
+  state = run_lib.reflow(config, str(workdir))
+  assert state['step'] == 2
+  assert (workdir / 'checkpoints' / 'checkpoint_1.pth').is_file()
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert all(np.isfinite(r['training_loss']) for r in records if 'training_loss' in r)
+  config.training.n_iters = 3
+  assert run_lib.reflow(config, str(workdir))['step'] == 3  # Resumed from the preemption checkpoint.
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LPIPS.
+
+def test_reflow_lpips_loss_is_the_lpips_package_on_the_one_step_estimate():
+  import lpips
+  import torch.nn.functional as F
+
+  torch.manual_seed(0)
+  lpips_model = losses.build_lpips(random_backbone=True)
+  config = tiny_digits_config()
+  config.reflow.reflow_t_schedule = 't0'
+  config.reflow.reflow_loss = 'lpips'
+  net = run_lib.create_model(config)
+  flow = losses.build_rectified_flow(config, net)
+  loss_fn = losses.get_loss_fn(config, flow, reflow=True, lpips_model=lpips_model)
+  z0, z1 = torch.randn(2, 1, 16, 16), torch.rand(2, 1, 16, 16) * 2 - 1
+  with torch.no_grad():
+    ours = loss_fn(z0, z1)
+    eps = config.training.time_eps
+    t = torch.full((2,), eps)
+    x_t = flow_math.interpolate(z0, z1, t)
+    estimate = x_t + (1 - eps) * flow.velocity(x_t, t)
+
+    def up(x):
+      return F.interpolate(x.repeat(1, 3, 1, 1), size=(224, 224), mode='bilinear', align_corners=False)
+
+    reference = lpips.LPIPS(net='vgg', pnet_rand=True, verbose=False)
+    reference.net.load_state_dict(lpips_model.net.state_dict())  # The same random backbone.
+    expected = reference(up(estimate), up(z1)).mean()
+  torch.testing.assert_close(ours, expected)
+  assert ours > 0
+
+
+def test_lpips_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
+  import urllib.error
+
+  monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+
+  def offline(*args, **kwargs):
+    raise urllib.error.URLError('no network')
+
+  monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
+  with pytest.raises(ConnectionError, match='vgg16-397923af.pth.*reflow.lpips_weights_path'):
+    losses.build_lpips()

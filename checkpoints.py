@@ -37,8 +37,9 @@ def from_published_state_dict(state_dict):
           for key, value in state_dict.items()}
 
 
-def load_network_weights(net, state_dict, source='checkpoint'):
-  """Strict load with an error that names the missing and unexpected keys and mismatched shapes."""
+def load_network_weights(net, state_dict, source='checkpoint', architecture=''):
+  """Strict load with an error that names the missing and unexpected keys, mismatched shapes and
+  ``architecture`` (a description of the configured one)."""
   state_dict = from_published_state_dict(state_dict)
   expected = net.state_dict()
   missing = sorted(set(expected) - set(state_dict))
@@ -52,8 +53,9 @@ def load_network_weights(net, state_dict, source='checkpoint'):
 
     raise ValueError(f'{source} does not fit the configured {type(net).__name__}: it was saved from a different '
                      f'architecture or config. Missing keys: {listing(missing)}. Unexpected keys: '
-                     f'{listing(unexpected)}. Shape mismatches: {listing(mismatched)}. Check --config and its '
-                     f'model.* settings against the run that wrote the file.')
+                     f'{listing(unexpected)}. Shape mismatches: {listing(mismatched)}. The config expects '
+                     f'{architecture or type(net).__name__}. Check --config and its model.* / data.* settings against '
+                     f'the run that wrote the file.')
   net.load_state_dict(state_dict, strict=True)
 
 
@@ -103,17 +105,21 @@ def save_checkpoint(path, state, config=None, data_generator=None):
   }, path)
 
 
+class CheckpointReadError(ValueError):
+  """A checkpoint file that cannot be read (truncated or corrupt), as opposed to one of another architecture."""
+
+
 def read_checkpoint(path, device='cpu'):
   try:
     return torch.load(path, map_location=device, weights_only=False)
   except FileNotFoundError:
     raise
   except Exception as error:  # Truncated or corrupt file.
-    raise ValueError(f'Checkpoint {path!r} could not be read ({type(error).__name__}: {error}); it is truncated or '
-                     f'corrupt') from error
+    raise CheckpointReadError(f'Checkpoint {path!r} could not be read ({type(error).__name__}: {error}); it is '
+                              f'truncated or corrupt') from error
 
 
-def load_checkpoint(path, state, device='cpu', load_optimizer=True):
+def load_checkpoint(path, state, device='cpu', load_optimizer=True, architecture=''):
   """Restores ``state`` in place from a published-format file; returns the raw dict read.
 
   RNG state is not touched: call ``restore_rng_state(checkpoint['rng'], ...)`` right before the loop resumes.
@@ -123,7 +129,7 @@ def load_checkpoint(path, state, device='cpu', load_optimizer=True):
   if missing:
     raise ValueError(f'{path!r} is not a rectified-flow checkpoint: it lacks the keys {missing} '
                      f'(expected optimizer, model, ema, step)')
-  load_network_weights(state['model'], checkpoint['model'], source=path)
+  load_network_weights(state['model'], checkpoint['model'], source=path, architecture=architecture)
   state['ema'].load_state_dict(checkpoint['ema'])
   if load_optimizer:
     state['optimizer'].load_state_dict(checkpoint['optimizer'])

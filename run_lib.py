@@ -16,7 +16,7 @@ from datasets import reflow_pairs
 import losses
 import sampling
 from metrics_log import MetricsLog
-from models import ExponentialMovingAverage, create_model
+from models import ExponentialMovingAverage, create_model, model_config_summary
 from rectified_flow_pytorch import flow as flow_math
 from rectified_flow_pytorch import likelihood, solvers
 
@@ -96,7 +96,7 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
   meta_path = checkpoints.preemption_checkpoint_path(workdir)
   resumed = None
   if os.path.exists(meta_path):
-    resumed = checkpoints.load_checkpoint(meta_path, state, device=device)
+    resumed = checkpoints.load_checkpoint(meta_path, state, device=device, architecture=model_config_summary(config))
     logging.info('Resumed from %s at step %d', meta_path, state['step'])
   elif initialize is not None:
     initialize(state)
@@ -176,7 +176,8 @@ def load_teacher(config, device):
     raise FileNotFoundError(f'reflow.last_flow_ckpt={path!r} does not exist: pass the checkpoint of the flow to '
                             f'reflow from, e.g. --config.reflow.last_flow_ckpt=logs/1_rf/checkpoints/checkpoint_13.pth')
   teacher = build_training_state(config, device)
-  checkpoints.load_checkpoint(path, teacher, device=device, load_optimizer=False)
+  checkpoints.load_checkpoint(path, teacher, device=device, load_optimizer=False,
+                              architecture=model_config_summary(config))
   teacher['ema'].copy_to(teacher['model'].parameters())
   net = teacher['model'].eval().requires_grad_(False)
   return net, evaluation.file_sha256(path)
@@ -188,7 +189,8 @@ def initialize_student_from_teacher(config, device):
   def initialize(state):
     path = config.reflow.last_flow_ckpt
     teacher = build_training_state(config, device)
-    checkpoints.load_checkpoint(path, teacher, device=device, load_optimizer=False)
+    checkpoints.load_checkpoint(path, teacher, device=device, load_optimizer=False,
+                              architecture=model_config_summary(config))
     if config.reflow.init_from_ema:
       teacher['ema'].copy_to(teacher['model'].parameters())
     state['model'].load_state_dict(teacher['model'].state_dict())
@@ -373,8 +375,9 @@ def evaluate(config, workdir, eval_folder):
       logging.warning('Checkpoint %s does not exist after waiting %gs: skipped', path, e.checkpoint_wait_seconds)
       continue
     try:
-      checkpoints.load_checkpoint(path, state, device=device, load_optimizer=False)
-    except ValueError as error:
+      checkpoints.load_checkpoint(path, state, device=device, load_optimizer=False,
+                                  architecture=model_config_summary(config))
+    except checkpoints.CheckpointReadError as error:  # A damaged file is skipped; a wrong architecture is raised.
       logging.error('Checkpoint %s skipped: %s', path, error)
       continue
     started = time.time()

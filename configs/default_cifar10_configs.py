@@ -60,6 +60,7 @@ def get_default_configs():
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'CIFAR10'  # Registered dataset name (datasets.registered_datasets()).
   data.root = 'data'  # Folder holding (or receiving) the dataset files.
+  data.category = ''  # LSUN category (e.g. 'bedroom', 'church_outdoor'): data.root/{category}_train_lmdb.
   data.download = False  # Download the dataset into data.root if it is missing.
   data.image_size = 32  # Height = width of the images fed to the model.
   data.num_channels = 3  # Image channels.

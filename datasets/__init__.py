@@ -1,5 +1,5 @@
 """Dataset registry, scalers, augmentation and the endless batch iterator."""
-from datasets import cifar10, digits  # noqa: F401  (register 'CIFAR10' and 'DIGITS')
+from datasets import cifar10, digits, image_folder  # noqa: F401  (register the datasets)
 from datasets.loader import endless_batches
 from datasets.registry import get_dataset, registered_datasets
 from datasets.transforms import augment, get_data_inverse_scaler, get_data_scaler

@@ -4,7 +4,7 @@ from models.ema import ExponentialMovingAverage
 from models.registry import get_model_class, registered_models
 from models.velocity import VelocityField
 
-__all__ = ['ExponentialMovingAverage', 'VelocityField', 'create_model', 'registered_models']
+__all__ = ['ExponentialMovingAverage', 'VelocityField', 'create_model', 'model_config_summary', 'registered_models']
 
 
 def model_kwargs_from_config(config):
@@ -19,6 +19,11 @@ def model_kwargs_from_config(config):
               embedding_type=m.embedding_type, fourier_scale=m.fourier_scale, conv_size=m.conv_size,
               scale_by_sigma=m.scale_by_sigma, nonlinearity=m.nonlinearity, normalization=m.normalization,
               sigma_min=m.sigma_min, sigma_max=m.sigma_max, num_scales=m.num_scales)
+
+
+def model_config_summary(config):
+  """One line naming the architecture a config builds, for error messages about mismatched checkpoints."""
+  return f'model.name={config.model.name}, ' + ', '.join(f'{k}={v}' for k, v in model_kwargs_from_config(config).items())
 
 
 def create_model(config):

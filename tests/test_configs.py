@@ -75,7 +75,17 @@ def code_attribute_names():
   return names
 
 
-@pytest.mark.parametrize('config_file', [CIFAR10, DIGITS])
+ALL_CONFIGS = sorted(os.path.join(REPO_ROOT, 'configs', 'rectified_flow', name)
+                     for name in os.listdir(os.path.join(REPO_ROOT, 'configs', 'rectified_flow'))
+                     if name.endswith('.py') and name != '__init__.py' and 'get_config' in
+                     open(os.path.join(REPO_ROOT, 'configs', 'rectified_flow', name)).read())
+
+
+def test_config_file_names_have_no_equals_sign():
+  assert ALL_CONFIGS and not [path for path in ALL_CONFIGS if '=' in os.path.basename(path)]
+
+
+@pytest.mark.parametrize('config_file', ALL_CONFIGS, ids=os.path.basename)
 def test_every_config_key_is_read_by_the_code(config_file):
   config = parse_config(['prog', f'--config={config_file}'])
   read = code_attribute_names()

@@ -25,7 +25,7 @@ def test_digits_are_real_16x16_images_in_unit_range():
 def test_unknown_dataset_lists_the_registered_ones():
   config = digits_config()
   config.data.dataset = 'MNIST'
-  with pytest.raises(ValueError, match=r"Unknown data.dataset 'MNIST'.*'CIFAR10', 'DIGITS'"):
+  with pytest.raises(ValueError, match=r"Unknown data.dataset 'MNIST'.*'CIFAR10'.*'DIGITS'.*'LSUN'"):
     datasets.get_dataset(config)
 
 

@@ -89,35 +89,31 @@ def euler(velocity, x, *, steps, t0=0.0, t1=1.0, step_size=None, sigma_variance=
 
 
 @torch.no_grad()
+def second_order(velocity, x, *, steps, t0=0.0, t1=1.0, alpha=1.0, on_step=None):
+  """Explicit two-stage Runge-Kutta (2nd order, 2 NFE per step): k1 = v(x, t), k2 = v(x + a h k1, t + a h),
+  x += h ((1 - 1/(2a)) k1 + 1/(2a) k2). a = 1 is Heun's method (trapezoid), a = 1/2 the midpoint rule."""
+  _check_steps(steps)
+  field = CountedField(velocity)
+  h = (t1 - t0) / steps
+  second_weight = 1.0 / (2.0 * alpha)
+  for i in range(steps):
+    t = t0 + i * h
+    k1 = field(x, t)
+    if on_step is not None:
+      on_step(t, h, k1)
+    k2 = field(x + alpha * h * k1, t + alpha * h)
+    x = x + h * ((1.0 - second_weight) * k1 + second_weight * k2)
+  return x, field.nfe
+
+
 def midpoint(velocity, x, *, steps, t0=0.0, t1=1.0, on_step=None):
-  """Explicit midpoint rule (2nd order, 2 NFE per step). Returns (x(t1), nfe)."""
-  _check_steps(steps)
-  field = CountedField(velocity)
-  h = (t1 - t0) / steps
-  for i in range(steps):
-    t = t0 + i * h
-    d0 = field(x, t)
-    if on_step is not None:
-      on_step(t, h, d0)
-    x_mid = x + 0.5 * h * d0
-    x = x + h * field(x_mid, t + 0.5 * h)
-  return x, field.nfe
+  """The explicit midpoint rule. Returns (x(t1), nfe)."""
+  return second_order(velocity, x, steps=steps, t0=t0, t1=t1, alpha=0.5, on_step=on_step)
 
 
-@torch.no_grad()
 def heun(velocity, x, *, steps, t0=0.0, t1=1.0, on_step=None):
-  """Heun's method (explicit trapezoid, 2nd order, 2 NFE per step). Returns (x(t1), nfe)."""
-  _check_steps(steps)
-  field = CountedField(velocity)
-  h = (t1 - t0) / steps
-  for i in range(steps):
-    t = t0 + i * h
-    d0 = field(x, t)
-    if on_step is not None:
-      on_step(t, h, d0)
-    d1 = field(x + h * d0, t + h)
-    x = x + 0.5 * h * (d0 + d1)
-  return x, field.nfe
+  """Heun's method (explicit trapezoid). Returns (x(t1), nfe)."""
+  return second_order(velocity, x, steps=steps, t0=t0, t1=t1, alpha=1.0, on_step=on_step)
 
 
 # Dormand-Prince 5(4) tableau (Dormand & Prince 1980), as used by scipy.integrate.RK45.

@@ -26,7 +26,8 @@ import run_lib  # noqa: E402
 from configs.rectified_flow.celeba_hq_pytorch_rf_gaussian import get_config as ncsnpp256_config  # noqa: E402
 from configs.rectified_flow.cifar10_rf_gaussian_ddpmpp import get_config as ddpmpp_config  # noqa: E402
 
-MODELS = {'ddpmpp': ('CIFAR-10 DDPM++ 32x32', ddpmpp_config), 'ncsnpp256': ('CelebA-HQ NCSN++ 256x256', ncsnpp256_config)}
+MODELS = {'ddpmpp': ('CIFAR-10 DDPM++ 32x32', ddpmpp_config),
+          'ncsnpp256': ('CelebA-HQ NCSN++ 256x256', ncsnpp256_config)}
 
 
 def synchronize(device):

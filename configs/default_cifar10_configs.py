@@ -45,7 +45,7 @@ def get_default_configs():
   evaluate.kid_subset_size = 1000  # Samples per KID subset.
 
   config.reflow = reflow = ml_collections.ConfigDict()
-  reflow.reflow_type = 'generate_data_from_z0'  # --mode reflow: generate_data_from_z0, train_reflow, train_online_reflow.
+  reflow.reflow_type = 'generate_data_from_z0'  # generate_data_from_z0, train_reflow or train_online_reflow.
   reflow.reflow_t_schedule = 'uniform'  # 'uniform' (k-RF), 't0' (1-step distillation), 't1' (inversion), or k.
   reflow.reflow_loss = 'l2'  # 'l2', 'lpips' or 'lpips+l2' (LPIPS with 't0').
   reflow.last_flow_ckpt = ''  # Checkpoint of the teacher flow (pairs come from its EMA weights).

@@ -23,7 +23,8 @@ def model_kwargs_from_config(config):
 
 def model_config_summary(config):
   """One line naming the architecture a config builds, for error messages about mismatched checkpoints."""
-  return f'model.name={config.model.name}, ' + ', '.join(f'{k}={v}' for k, v in model_kwargs_from_config(config).items())
+  settings = ', '.join(f'{k}={v}' for k, v in model_kwargs_from_config(config).items())
+  return f'model.name={config.model.name}, {settings}'
 
 
 def create_model(config):

@@ -12,6 +12,7 @@ from tqdm import tqdm
 import checkpoints
 import datasets
 import evaluation
+import evaluation_tf
 from datasets import reflow_pairs
 import losses
 import sampling
@@ -361,10 +362,18 @@ def evaluate(config, workdir, eval_folder):
   eval_dir = os.path.join(workdir, eval_folder)
   os.makedirs(eval_dir, exist_ok=True)
   write_resolved_config(config, eval_dir)
-  reference, inception = None, None
+  if e.metrics_backend not in ('torch', 'tfgan'):
+    raise ValueError(f"Unknown eval.metrics_backend {e.metrics_backend!r}; valid: 'torch', 'tfgan'")
+  reference, inception, inception_name = None, None, None
   if e.enable_sampling and not e.enable_figures_only:  # Fail before any sampling, not after hours of it.
     reference = evaluation.load_reference_statistics(e.stats_path)
-    inception = evaluation.InceptionFeatures(evaluation.resolve_inception_weights(e.inception_weights_path), device)
+    if e.metrics_backend == 'tfgan':
+      evaluation_tf.require_tfgan()
+      inception = evaluation_tf.tfhub_inception_or_none()
+      inception_name = evaluation_tf.TFHUB_INCEPTION if inception is not None else None
+    if inception is None:
+      inception = evaluation.InceptionFeatures(evaluation.resolve_inception_weights(e.inception_weights_path), device)
+      inception_name = evaluation.INCEPTION_WEIGHTS_FILE
   state = build_training_state(config, device)
   flow = losses.build_rectified_flow(config, state['model'])
   params = [p for p in state['model'].parameters() if p.requires_grad]
@@ -392,7 +401,7 @@ def evaluate(config, workdir, eval_folder):
         manifest = {'checkpoint_sha256': report['checkpoint_sha256'], 'seed': config.seed,
                     'round_size': e.batch_size, 'image_shape': [config.data.num_channels, config.data.image_size,
                                                                 config.data.image_size],
-                    'inception': None if inception is None else evaluation.INCEPTION_WEIGHTS_FILE,
+                    'inception': inception_name,
                     **sampling.sampler_settings(config)}
         rounds = evaluation.SampleRounds(os.path.join(eval_dir, f'ckpt_{ckpt}'), manifest)
         if e.enable_figures_only:
@@ -405,7 +414,11 @@ def evaluate(config, workdir, eval_folder):
         sampling.save_sample_grid(grid, os.path.join(rounds.folder, 'sample_grid.png'))
         report.update(num_samples=int(len(results['images'])), sampler=config.sampling.use_ode_sampler,
                       nfe_mean=float(results['nfe'].mean()), straightness=float(results['straightness'].mean()))
-        if inception is not None:
+        if inception is not None and e.metrics_backend == 'tfgan':
+          report.update(evaluation_tf.tfgan_metrics(results['logits'], results['pool_3'], reference['pool_3'],
+                                                    (reference['mu'], reference['sigma'])))
+          report['metrics_backend'] = 'tfgan'
+        elif inception is not None:
           mu, sigma = evaluation.gaussian_statistics(results['pool_3'])
           report['fid'] = evaluation.frechet_distance(mu, sigma, reference['mu'], reference['sigma'])
           report['inception_score'] = evaluation.inception_score(results['logits'], splits=1)[0]

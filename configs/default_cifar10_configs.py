@@ -40,6 +40,7 @@ def get_default_configs():
   evaluate.stats_path = 'assets/stats/cifar10_stats.npz'  # Reference statistics (pool_3, or mu and sigma).
   evaluate.stats_num_images = 0  # Training images used by --mode stats (0: all).
   evaluate.inception_weights_path = ''  # Local Inception weights file; empty: torch hub cache, downloaded once.
+  evaluate.metrics_backend = 'torch'  # 'torch' (torch-fidelity) or 'tfgan' (TF-GAN's functions, TF-Hub Inception).
   evaluate.inception_score_splits = 10  # Splits of the common IS protocol (the published one-split IS is also given).
   evaluate.kid_subsets = 100  # Random subsets averaged by KID.
   evaluate.kid_subset_size = 1000  # Samples per KID subset.

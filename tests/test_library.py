@@ -300,3 +300,14 @@ def test_one_reflow_straightens_a_2d_flow_and_shrinks_the_one_step_error():
   _, straight2, one_step2, _ = results['2-rectified flow']
   assert straight2 < 0.25 * straight1, (straight1, straight2)
   assert one_step2 < 0.25 * one_step1, (one_step1, one_step2)
+
+
+def test_the_readme_2d_example_writes_its_trajectory_png(tmp_path):
+  from examples import reflow_2d
+
+  results, x0 = reflow_2d.run(train_steps=50, reflow_steps=20, batch_size=128, teacher_steps=5)
+  path = tmp_path / 'trajectories.png'
+  reflow_2d.plot_trajectories(results, x0, str(path), shown=20, ode_steps=10)
+  assert path.stat().st_size > 10_000
+  from PIL import Image
+  assert Image.open(path).size[0] > Image.open(path).size[1]  # Two panels side by side.

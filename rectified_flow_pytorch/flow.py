@@ -52,11 +52,6 @@ def sample_times(batch_size, distribution='uniform', *, eps=1e-3, device=None, d
   return t * (1.0 - eps) + eps
 
 
-def sample_uniform_times(batch_size, *, eps=1e-3, device=None, dtype=torch.float32, generator=None):
-  """t ~ U[eps, 1], (B,); the published models use eps = 1e-3."""
-  return sample_times(batch_size, 'uniform', eps=eps, device=device, dtype=dtype, generator=generator)
-
-
 def indexed_noise(seed, first_index, count, shape, scale=1.0):
   """Gaussian noise of samples first_index .. first_index + count - 1, each drawn from its own seed (seed, index).
 

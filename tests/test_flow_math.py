@@ -45,7 +45,7 @@ def test_interpolation_and_target_match_eq_1():
 
 
 def test_training_times_are_uniform_on_eps_to_one():
-  t = flow.sample_uniform_times(100_000, eps=1e-3, generator=torch.Generator().manual_seed(0))
+  t = flow.sample_times(100_000, 'uniform', eps=1e-3, generator=torch.Generator().manual_seed(0))
   assert t.min() >= 1e-3 and t.max() <= 1.0
   assert abs(t.mean().item() - (1 + 1e-3) / 2) < 5e-3
 

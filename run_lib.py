@@ -1,5 +1,4 @@
 """Training orchestration: one loop shared by every stage (1-RF training now; reflow and distillation reuse it)."""
-import json
 import logging
 import os
 import random

@@ -1,7 +1,6 @@
 """Config -> library adapters for the samplers, and sample grids."""
 import os
 
-import torch
 from torchvision.utils import save_image
 
 from rectified_flow_pytorch import solvers

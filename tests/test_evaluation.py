@@ -217,3 +217,13 @@ def test_eval_sweep_writes_reports_and_resumes_without_mixing(trained_workdir, c
     run_lib.evaluate(missing, str(workdir), 'eval_missing')
   assert 'checkpoint_2.pth does not exist after waiting 0.2s' in caplog.text
   assert not (workdir / 'eval_missing' / 'report_2.json').exists()
+
+
+def test_eval_sweep_reports_bits_per_dim(trained_workdir):
+  workdir, stats, weights = trained_workdir
+  config = eval_config(stats, weights, enable_sampling=False, enable_loss=False, enable_bpd=True, bpd_num_images=4)
+  run_lib.evaluate(config, str(workdir), 'eval_bpd')
+  report = json.loads((workdir / 'eval_bpd' / 'report_1.json').read_text())
+  # An untrained-ish flow on dequantised 8-bit digits: a finite, positive number of bits per pixel.
+  assert math.isfinite(report['bpd']) and report['bpd'] > 0
+  assert report['bpd_nfe_mean'] >= 8

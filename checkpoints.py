@@ -10,6 +10,8 @@ import random
 import numpy as np
 import torch
 
+import atomic_files
+
 MODULE_PREFIX = 'module.'
 
 
@@ -78,31 +80,17 @@ def restore_rng_state(state, data_generator=None):
     data_generator.set_state(state['data'])
 
 
-def atomic_torch_save(obj, path):
-  """torch.save to a temporary file in the same folder, flushed to disk, then renamed over ``path``."""
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  try:
-    with open(tmp, 'wb') as handle:
-      torch.save(obj, handle)
-      handle.flush()
-      os.fsync(handle.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def save_checkpoint(path, state, config=None, data_generator=None):
   """Writes ``state = {'model', 'ema', 'optimizer', 'step'}`` in the published format, plus RNG and config."""
-  atomic_torch_save({
-      'optimizer': state['optimizer'].state_dict(),
-      'model': to_published_state_dict(state['model']),
-      'ema': state['ema'].state_dict(),
-      'step': state['step'],
-      'rng': capture_rng_state(data_generator),
-      'config': config.to_json() if config is not None else None,
-  }, path)
+  with atomic_files.atomic_open(path) as handle:
+    torch.save({
+        'optimizer': state['optimizer'].state_dict(),
+        'model': to_published_state_dict(state['model']),
+        'ema': state['ema'].state_dict(),
+        'step': state['step'],
+        'rng': capture_rng_state(data_generator),
+        'config': config.to_json() if config is not None else None,
+    }, handle)
 
 
 class CheckpointReadError(ValueError):

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+import atomic_files
 import pretrained_weights
 from rectified_flow_pytorch import solvers
 
@@ -134,11 +135,8 @@ def load_reference_statistics(path):
 def save_reference_statistics(path, pool_3):
   """Writes raw pool_3 activations (the published form) and their mu/sigma, atomically."""
   mu, sigma = gaussian_statistics(pool_3)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}.npz'
-  with open(tmp, 'wb') as handle:
+  with atomic_files.atomic_open(path) as handle:
     np.savez(handle, pool_3=np.asarray(pool_3, dtype=np.float32), mu=mu, sigma=sigma)
-  os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,7 +174,7 @@ class SampleRounds:
         raise ValueError(f'{folder} holds samples made with other settings ({details}). Use another '
                          f'--eval_folder, or delete {folder} to start over.')
     else:
-      write_json_atomic(path, manifest)
+      atomic_files.write_json(path, manifest)
 
   def path(self, index):
     return os.path.join(self.folder, f'round_{index:05d}.npz')
@@ -193,20 +191,8 @@ class SampleRounds:
       return None
 
   def write(self, index, **arrays):
-    path = self.path(index)
-    tmp = f'{path}.tmp-{os.getpid()}.npz'
-    with open(tmp, 'wb') as handle:
+    with atomic_files.atomic_open(self.path(index)) as handle:
       np.savez(handle, **arrays)
-      handle.flush()
-      os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path, obj):
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as handle:
-    json.dump(obj, handle, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def file_sha256(path, chunk=1 << 22):
@@ -239,12 +225,10 @@ def write_sweep_table(eval_dir):
   columns = ['checkpoint', 'step', 'num_samples', 'fid', 'inception_score', 'inception_score_split_mean',
              'inception_score_split_std', 'kid', 'kid_std', 'nfe_mean', 'straightness', 'eval_loss', 'bpd',
              'sampler', 'seconds']
-  tmp = os.path.join(eval_dir, 'report.csv.tmp')
-  with open(tmp, 'w', newline='', encoding='utf-8') as handle:
+  with atomic_files.atomic_open(os.path.join(eval_dir, 'report.csv'), 'w') as handle:
     writer = csv.DictWriter(handle, fieldnames=columns, extrasaction='ignore')
     writer.writeheader()
     writer.writerows(reports)
-  os.replace(tmp, os.path.join(eval_dir, 'report.csv'))
   points = [(r['checkpoint'], r['fid']) for r in reports if r.get('fid') is not None]
   if points:
     import matplotlib

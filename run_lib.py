@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import atomic_files
 import checkpoints
 import datasets
 import evaluation
@@ -33,11 +34,8 @@ def seed_everything(seed):
 
 def write_resolved_config(config, workdir):
   """Writes the fully resolved config (defaults plus overrides) to ``workdir/config.json``."""
-  path = os.path.join(workdir, 'config.json')
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as handle:
+  with atomic_files.atomic_open(os.path.join(workdir, 'config.json'), 'w') as handle:
     handle.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, path)
 
 
 def sample_dir(workdir, step):
@@ -430,7 +428,7 @@ def evaluate(config, workdir, eval_folder):
           else:
             report['kid'] = None  # The stats file has mu/sigma only, not the raw features KID needs.
     report['seconds'] = time.time() - started
-    evaluation.write_json_atomic(os.path.join(eval_dir, f'report_{ckpt}.json'), report)
+    atomic_files.write_json(os.path.join(eval_dir, f'report_{ckpt}.json'), report)
     logging.info('checkpoint %d: %s', ckpt, {k: v for k, v in report.items() if k != 'checkpoint_sha256'})
   return evaluation.write_sweep_table(eval_dir)
 

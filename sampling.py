@@ -1,7 +1,8 @@
 """Config -> library adapters for the samplers, and sample grids."""
-import os
 
 from torchvision.utils import save_image
+
+import atomic_files
 
 from rectified_flow_pytorch import solvers
 
@@ -44,8 +45,6 @@ def get_sampling_fn(config, shape):
 def save_sample_grid(images, path, nrow=None):
   """Writes (B, C, H, W) images in [0, 1] as one PNG grid, atomically (temporary file, then rename)."""
   nrow = nrow or max(1, int(images.shape[0] ** 0.5))
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  tmp = path + '.tmp.png'
-  save_image(images.clamp(0.0, 1.0).float().cpu(), tmp, nrow=nrow, padding=2)
-  os.replace(tmp, path)
+  with atomic_files.atomic_open(path) as handle:
+    save_image(images.clamp(0.0, 1.0).float().cpu(), handle, format='png', nrow=nrow, padding=2)
   return path

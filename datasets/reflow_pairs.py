@@ -15,6 +15,7 @@ import shutil
 import numpy as np
 import torch
 
+import atomic_files
 from rectified_flow_pytorch import flow
 
 PAIR_FORMATS = ('float32', 'compact')
@@ -23,13 +24,6 @@ PAIR_FORMATS = ('float32', 'compact')
 def bytes_per_pair(pair_format, shape):
   elements = int(np.prod(shape))
   return elements * (2 * 4 if pair_format == 'float32' else 2)
-
-
-def _write_json(path, obj):
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as handle:
-    json.dump(obj, handle, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 class PairShardWriter:
@@ -58,7 +52,7 @@ class PairShardWriter:
     else:
       self.manifest = {**self.settings, 'shards': {}}
     self.manifest['total_number_of_samples'] = total_pairs
-    _write_json(self.manifest_path, self.manifest)
+    atomic_files.write_json(self.manifest_path, self.manifest)
 
   @property
   def num_shards(self):
@@ -94,20 +88,15 @@ class PairShardWriter:
       array = np.stack([z0.float().cpu().numpy(), z1.float().cpu().numpy()])
     else:
       array = z1.cpu().numpy().astype(np.float16)
-    path = self.shard_path(index)
-    tmp = f'{path}.tmp-{os.getpid()}.npy'
-    with open(tmp, 'wb') as handle:
+    with atomic_files.atomic_open(self.shard_path(index)) as handle:
       np.save(handle, array)
-      handle.flush()
-      os.fsync(handle.fileno())
-    os.replace(tmp, path)
     first, count = self.shard_range(index)
     self.manifest['shards'][str(index)] = {'first_pair': first, 'count': count, 'nfe': nfe}
     nfes = [s['nfe'] for s in self.manifest['shards'].values()]
     self.manifest['count'] = sum(s['count'] for s in self.manifest['shards'].values())
     self.manifest['nfe'] = {'mean': float(np.mean(nfes)), 'min': int(min(nfes)), 'max': int(max(nfes))}
     self.manifest['bytes_per_pair'] = bytes_per_pair(self.settings['pair_format'], self.settings['image_shape'])
-    _write_json(self.manifest_path, self.manifest)
+    atomic_files.write_json(self.manifest_path, self.manifest)
 
 
 class PairShards(torch.utils.data.Dataset):

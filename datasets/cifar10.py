@@ -1,21 +1,40 @@
 """CIFAR-10 through torchvision, downloaded only on request (``data.download=True``)."""
 import os
 
+import torch
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
 from datasets.registry import register_dataset
 
 
-@register_dataset('CIFAR10')
-def build_cifar10(config, train=True):
-  data = config.data
+class ImagesOnly(torch.utils.data.Dataset):
+  """The images of a labelled dataset (torchvision's yields (image, label); the registry promises images)."""
+
+  def __init__(self, labelled):
+    self.labelled = labelled
+
+  def __len__(self):
+    return len(self.labelled)
+
+  def __getitem__(self, index):
+    return self.labelled[index][0]
+
+
+def check_cifar10_shape(data):
   if data.num_channels != 3 or data.image_size != 32:
     raise ValueError(f'CIFAR10 images are 3x32x32, but data.num_channels={data.num_channels} and '
                      f'data.image_size={data.image_size}')
+
+
+@register_dataset('CIFAR10')
+def build_cifar10(config, train=True):
+  data = config.data
+  check_cifar10_shape(data)
   root = os.path.expanduser(data.root)
   try:
-    return tv_datasets.CIFAR10(root=root, train=train, download=data.download, transform=transforms.ToTensor())
+    return ImagesOnly(tv_datasets.CIFAR10(root=root, train=train, download=data.download,
+                                          transform=transforms.ToTensor()))
   except RuntimeError as error:  # torchvision: "Dataset not found or corrupted."
     raise FileNotFoundError(
         f'CIFAR-10 was not found under {os.path.abspath(root)!r} ({error}). Either pass '

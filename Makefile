@@ -18,3 +18,4 @@ test: install-dev
 
 benchmark: install
 	$(PYTHON) benchmarks/train_step.py
+	$(PYTHON) benchmarks/sampling.py --quick

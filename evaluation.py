@@ -223,7 +223,7 @@ def write_sweep_table(eval_dir):
         reports.append(json.load(handle))
   reports.sort(key=lambda r: r['checkpoint'])
   columns = ['checkpoint', 'step', 'num_samples', 'fid', 'inception_score', 'inception_score_split_mean',
-             'inception_score_split_std', 'kid', 'kid_std', 'nfe_mean', 'straightness', 'eval_loss', 'bpd',
+             'inception_score_split_std', 'kid', 'kid_std', 'nfe_mean', 'network_calls_mean', 'straightness', 'eval_loss', 'bpd',
              'sampler', 'seconds']
   with atomic_files.atomic_open(os.path.join(eval_dir, 'report.csv'), 'w') as handle:
     writer = csv.DictWriter(handle, fieldnames=columns, extrasaction='ignore')

@@ -191,6 +191,7 @@ def test_eval_sweep_writes_reports_and_resumes_without_mixing(trained_workdir, c
               'eval_loss', 'seconds'):
     assert report[key] is not None and math.isfinite(report[key]), key
   assert report['num_samples'] == 10 and report['nfe_mean'] == 3 and report['sampler'] == 'euler'
+  assert report['network_calls_mean'] == 3
   assert (eval_dir / 'report.csv').read_text().splitlines()[1].startswith('1,2,10,')
   assert (eval_dir / 'fid.png').is_file() and (eval_dir / 'ckpt_1' / 'sample_grid.png').is_file()
   rounds = sorted(p.name for p in (eval_dir / 'ckpt_1').glob('round_*.npz'))

@@ -110,6 +110,43 @@ def test_reverse_integration_runs_the_flow_backwards(solver):
   torch.testing.assert_close(x0, x1 / math.e, rtol=tolerance, atol=0)
 
 
+@pytest.mark.parametrize('t0,t1', [(1e-3, 1.0), (1.0, 0.0)])
+def test_rk45_masks_the_attempts_after_the_end_so_sync_every_changes_only_the_call_count(t0, t1):
+  x = torch.randn(4, 3, dtype=torch.float64)
+  runs = {}
+  for sync_every in (1, 2, 4):
+    meter = solvers.StraightnessMeter(x)
+    solution = solvers.rk45(velocity_3t2x, x, t0=t0, t1=t1, rtol=1e-6, atol=1e-6, sync_every=sync_every,
+                            on_step=meter.on_step)
+    runs[sync_every] = solution, meter.value(solution.x)
+  reference, reference_straightness = runs[1]
+  torch.testing.assert_close(reference.x, x * math.exp(t1 ** 3 - t0 ** 3), rtol=1e-5, atol=0)
+  assert reference.nfe == reference.contributing_nfe == 2 + 6 * (reference.accepted_steps + reference.rejected_steps)
+  for sync_every, (solution, straightness) in runs.items():
+    assert torch.equal(solution.x, reference.x) and torch.equal(straightness, reference_straightness)
+    assert solution.contributing_nfe == reference.nfe
+    assert (solution.accepted_steps, solution.rejected_steps) == (reference.accepted_steps, reference.rejected_steps)
+    assert reference.nfe <= solution.nfe <= reference.nfe + 6 * (sync_every - 1)
+    assert (solution.nfe - 2) // 6 % sync_every == 0  # The loop stops only at a host read.
+
+
+def test_rk45_raises_at_the_next_host_read_where_the_step_size_collapses():
+  def singular_at_half(x, times):  # x(t) = x0 / (1 - 2t): the step size shrinks to 10 ulp(t) as t -> 0.5.
+    return x / (0.5 - flow.append_dims(times, x.dim()))
+
+  def not_finite_after_half(x, times):
+    return torch.where(flow.append_dims(times, x.dim()) < 0.5, x, math.nan)
+
+  x = torch.full((2, 3), 2.0, dtype=torch.float64)
+  for sync_every in (1, 4):
+    with pytest.raises(RuntimeError, match=r'fell below .* at t=0\.4999'):
+      solvers.rk45(singular_at_half, x, t0=0.0, t1=1.0, sync_every=sync_every)
+    with pytest.raises(RuntimeError, match=r'non-finite after t=0\.[0-4]'):
+      solvers.rk45(not_finite_after_half, x, t0=0.0, t1=1.0, sync_every=sync_every)
+  with pytest.raises(RuntimeError, match='did not reach t=1.0 within 3 attempted steps'):
+    solvers.rk45(velocity_3t2x, x, t0=0.0, t1=1.0, rtol=1e-9, atol=1e-9, max_steps=3)
+
+
 def test_encode_decode_round_trip():
   class Swirl(nn.Module):
     def forward(self, x, times):  # A smooth, non-linear, time-dependent field.

@@ -1,10 +1,12 @@
 """The samplers reproduce the published sampler outputs on the tiny DDPM++ fixture (EMA weights)."""
+import math
+
 import pytest
 import torch
 
 import checkpoints
 import models
-from rectified_flow_pytorch import solvers
+from rectified_flow_pytorch import flow, solvers
 from tests.reference_data import reference_path
 from tests.test_models import fixture_config
 
@@ -40,3 +42,40 @@ def test_rk45_matches_scipy_solve_ivp(ema_velocity, state_dtype):
   assert abs(nfe - io['rk45_nfe']) <= 0.1 * io['rk45_nfe']
   if state_dtype == torch.float64:
     assert nfe == io['rk45_nfe']
+
+
+def test_rk45_sync_every_keeps_the_published_solution_and_counts_the_extra_calls(ema_velocity):
+  velocity, io = ema_velocity
+  kwargs = dict(t0=io['rk45_eps'], t1=1.0, rtol=io['rk45_tol'], atol=io['rk45_tol'], state_dtype=torch.float64)
+  every_step = solvers.rk45(velocity, io['sampler_z'], **kwargs)
+  every_fourth = solvers.rk45(velocity, io['sampler_z'], sync_every=4, **kwargs)
+  assert torch.equal(every_fourth.x, every_step.x)
+  assert every_fourth.contributing_nfe == every_step.contributing_nfe == every_step.nfe == io['rk45_nfe']
+  assert every_step.nfe <= every_fourth.nfe <= every_step.nfe + 6 * 3
+
+
+@pytest.mark.parametrize('sync_every', [1, 3, 8])
+def test_rk45_reads_the_host_once_per_sync_every_attempts_and_nowhere_else(monkeypatch, sync_every):
+  original_tolist = torch.Tensor.tolist
+  reads = []
+
+  def counted_read(tensor):
+    reads.append(tensor.numel())
+    return original_tolist(tensor)
+
+  def forbidden(*args, **kwargs):
+    raise AssertionError('a device value was read on the host outside solvers._read_host')
+
+  x = torch.randn(4, 3, 8, 8)
+  meter = solvers.StraightnessMeter(x)
+  with monkeypatch.context() as patch:
+    patch.setattr(solvers, '_read_host', counted_read)
+    for name in ('__bool__', '__float__', '__int__', '__index__', 'item', 'tolist', 'numpy', 'cpu'):
+      patch.setattr(torch.Tensor, name, forbidden)
+    solution = solvers.rk45(lambda x, t: torch.sin(3 * x) * flow.append_dims(t, x.dim()), x, t0=1e-3, t1=1.0,
+                            rtol=1e-9, atol=1e-9, sync_every=sync_every, on_step=meter.on_step)
+  attempts = (solution.nfe - 2) // 6
+  assert attempts >= 16
+  assert len(reads) == solution.host_reads == math.ceil(attempts / sync_every) + 1
+  assert reads[:-1] == [1] * (len(reads) - 1)  # The running flag; the last read brings the counts.
+  assert meter.value(solution.x).shape == (4,)

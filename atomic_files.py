@@ -17,9 +17,24 @@ def atomic_open(path, mode='wb'):
       handle.flush()
       os.fsync(handle.fileno())
     os.replace(tmp, path)
+    sync_folder(os.path.dirname(os.path.abspath(path)))
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def sync_folder(folder):
+  """Flushes a folder's entries (the rename) to disk, where the platform allows opening folders."""
+  try:
+    descriptor = os.open(folder, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(descriptor)
+  except OSError:
+    pass
+  finally:
+    os.close(descriptor)
 
 
 def write_json(path, obj):

@@ -2,10 +2,13 @@
 
 A file holds ``{'optimizer', 'model', 'ema', 'step'}`` as the released checkpoints do (``model`` keys carry the
 DataParallel ``module.`` prefix, ``ema`` holds ``decay``, ``num_updates`` and ``shadow_params``) and, when written
-by this framework, ``rng`` and ``config`` as well.
+by this framework, ``rng``, ``config`` and ``nonfinite_steps`` (updates skipped for a non-finite loss) as well.
+Preemption checkpoints rotate: ``checkpoints-meta/checkpoint_{step}.pth``, the newest K kept.
 """
+import logging
 import os
 import random
+import re
 
 import numpy as np
 import torch
@@ -19,8 +22,64 @@ def checkpoint_dir(workdir):
   return os.path.join(workdir, 'checkpoints')
 
 
-def preemption_checkpoint_path(workdir):
-  return os.path.join(workdir, 'checkpoints-meta', 'checkpoint.pth')
+def preemption_dir(workdir):
+  return os.path.join(workdir, 'checkpoints-meta')
+
+
+def preemption_checkpoint_path(workdir, step=None):
+  """``checkpoints-meta/checkpoint_{step}.pth``; without a step, the published single file ``checkpoint.pth``."""
+  name = 'checkpoint.pth' if step is None else f'checkpoint_{step}.pth'
+  return os.path.join(preemption_dir(workdir), name)
+
+
+def preemption_checkpoints(workdir):
+  """The preemption checkpoints of ``workdir``, newest first: ``checkpoint_{step}.pth`` by decreasing step, then the
+  published layout's ``checkpoint.pth`` (a released checkpoint placed there to resume from)."""
+  folder = preemption_dir(workdir)
+  if not os.path.isdir(folder):
+    return []
+  numbered = []
+  for name in os.listdir(folder):
+    match = re.fullmatch(r'checkpoint_(\d+)\.pth', name)
+    if match:
+      numbered.append((int(match.group(1)), os.path.join(folder, name)))
+  paths = [path for _, path in sorted(numbered, reverse=True)]
+  legacy = preemption_checkpoint_path(workdir)
+  return paths + ([legacy] if os.path.isfile(legacy) else [])
+
+
+def save_preemption_checkpoint(workdir, state, config, data_generator=None, keep=3):
+  """Writes ``checkpoint_{step}.pth`` atomically, then deletes all but the newest ``keep`` numbered ones."""
+  if keep < 1:
+    raise ValueError(f'training.keep_preemption_checkpoints={keep}: keep at least one preemption checkpoint')
+  path = preemption_checkpoint_path(workdir, state['step'])
+  save_checkpoint(path, state, config, data_generator)
+  for old in [p for p in preemption_checkpoints(workdir) if p != preemption_checkpoint_path(workdir)][keep:]:
+    os.remove(old)
+  return path
+
+
+def resume_from_preemption_checkpoint(workdir, state, device='cpu', architecture=''):
+  """Restores ``state`` from the newest readable preemption checkpoint; returns (raw dict, path) or (None, None).
+
+  A truncated or corrupt file is reported, renamed to ``*.corrupt`` (kept for inspection, never read again) and the
+  previous one is used. When files exist but none can be read, this is an error, never a silent fresh start.
+  """
+  candidates = preemption_checkpoints(workdir)
+  failures = []
+  for path in candidates:
+    try:
+      return load_checkpoint(path, state, device=device, architecture=architecture), path
+    except CheckpointReadError as error:
+      corrupt = f'{path}.corrupt'
+      os.replace(path, corrupt)
+      failures.append(f'{path} ({error.__cause__})')
+      logging.warning('%s; renamed it to %s and trying the previous preemption checkpoint', error, corrupt)
+  if failures:
+    raise CheckpointReadError(f'Every preemption checkpoint under {preemption_dir(workdir)!r} is unreadable: '
+                              f'{"; ".join(failures)}. Refusing to start from scratch over them: restore a checkpoint '
+                              f'there, or use a new --workdir to start a fresh run.')
+  return None, None
 
 
 def snapshot_checkpoint_path(workdir, index):
@@ -88,6 +147,7 @@ def save_checkpoint(path, state, config=None, data_generator=None):
         'model': to_published_state_dict(state['model']),
         'ema': state['ema'].state_dict(),
         'step': state['step'],
+        'nonfinite_steps': state.get('nonfinite_steps', 0),
         'rng': capture_rng_state(data_generator),
         'config': config.to_json() if config is not None else None,
     }, handle)
@@ -122,4 +182,5 @@ def load_checkpoint(path, state, device='cpu', load_optimizer=True, architecture
   if load_optimizer:
     state['optimizer'].load_state_dict(checkpoint['optimizer'])
   state['step'] = int(checkpoint['step'])
+  state['nonfinite_steps'] = int(checkpoint.get('nonfinite_steps', 0))
   return checkpoint

@@ -115,7 +115,8 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train):
   """One update (``train=True``) or one held-out loss on the EMA weights (``train=False``).
 
   The returned ``step_fn(state, x0, x1)`` takes ``state = {'model', 'ema', 'optimizer', 'step'}`` and a batch in
-  model space (x0 None unless training on pairs), and returns the scalar loss (a detached tensor).
+  model space (x0 None unless training on pairs), and returns the scalar loss (a detached tensor). A training
+  step whose loss or gradient norm is not finite changes no weight: it is counted in ``state['nonfinite_steps']``.
   """
   params = [p for p in params if p.requires_grad]
 
@@ -126,10 +127,15 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train):
     loss.backward()
     for group in optimizer.param_groups:
       group['lr'] = learning_rate(config, state['step'])
+    finite = torch.isfinite(loss)
     if config.optim.grad_clip >= 0:
-      torch.nn.utils.clip_grad_norm_(params, max_norm=config.optim.grad_clip)
+      finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_norm=config.optim.grad_clip))
+    state['step'] += 1  # A skipped update still consumes its batch, so the data order stays that of the step.
+    if not finite:  # One host read per update; the weights, EMA and Adam moments stay those of the last good one.
+      state['nonfinite_steps'] = state.get('nonfinite_steps', 0) + 1
+      optimizer.zero_grad(set_to_none=True)
+      return loss.detach()
     optimizer.step()
-    state['step'] += 1
     ema.update(params)
     return loss.detach()
 

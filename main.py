@@ -7,6 +7,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+import interruption
 import run_lib
 
 FLAGS = flags.FLAGS
@@ -15,6 +16,7 @@ flags.DEFINE_string('workdir', None, 'Work directory: checkpoints, samples, logs
 flags.DEFINE_enum('mode', None, ['train', 'eval', 'reflow', 'stats'],
                   'Running mode: train, eval, reflow, or stats (reference statistics for FID).')
 flags.DEFINE_string('eval_folder', 'eval', 'Folder under the workdir for evaluation results.')
+flags.DEFINE_bool('traceback', False, 'Show the full traceback of configuration and input errors.')
 flags.mark_flags_as_required(['config', 'workdir', 'mode'])
 
 
@@ -37,6 +39,24 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.INFO)
   os.makedirs(workdir, exist_ok=True)
   log_to_file(os.path.join(workdir, 'stdout.txt'))
+  try:
+    run(config, workdir)
+  except interruption.TrainingInterrupted as stopped:
+    logging.warning('%s', stopped)
+    sys.exit(stopped.exit_code)
+  except USER_ERRORS as error:  # Bad paths, configs or files: the message says what to fix.
+    if FLAGS.traceback:
+      raise
+    logging.error('%s: %s', type(error).__name__, error)
+    sys.exit(f'error: {error}\n(run with --traceback for the stack trace)')
+
+
+# Errors caused by the command line, the config or the input files; their messages name the fix.
+# OSError covers missing files and folders, offline downloads and too little disk; CheckpointReadError is a ValueError.
+USER_ERRORS = (OSError, ValueError, run_lib.NonFiniteLossError)
+
+
+def run(config, workdir):
   if FLAGS.mode == 'train':
     run_lib.train(config, workdir)
   elif FLAGS.mode == 'eval':

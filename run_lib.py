@@ -13,6 +13,7 @@ import checkpoints
 import datasets
 import evaluation
 import evaluation_tf
+import interruption
 from datasets import reflow_pairs
 import losses
 import sampling
@@ -74,6 +75,23 @@ def train(config, workdir):
       eval_batches=lambda start, device: data_batches(config, False, start, device))
 
 
+class NonFiniteLossError(RuntimeError):
+  """Too many updates had a non-finite loss or gradient; the checkpoints on disk hold only finite weights."""
+
+
+def check_nonfinite(state, limit, loss, last_good_checkpoint):
+  """Logs a skipped update and raises ``NonFiniteLossError`` once ``limit`` updates of the run were skipped."""
+  count, step = state['nonfinite_steps'], state['step']
+  logging.warning('step: %d, non-finite loss or gradient (loss %s): update skipped (%d of at most %d in this run)',
+                  step, loss.item(), count, limit)
+  if count >= limit:
+    raise NonFiniteLossError(
+        f'{count} updates had a non-finite loss or gradient (the last at step {step}), reaching '
+        f'training.max_nonfinite_steps={limit}; stopped. The last good checkpoint is '
+        f'{last_good_checkpoint or "none (no checkpoint was written yet)"}; its weights are finite. Lower optim.lr, '
+        f'set optim.grad_clip, or check the data (NaN or Inf pixels, pairs), then resume from it.')
+
+
 def run_training(config, workdir, train_batches, eval_batches, initialize=None, lpips_model=None, reflow=False):
   """The one training loop of every stage; stages differ only in these arguments.
 
@@ -91,11 +109,10 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
                f'{sum(p.numel() for p in net.parameters()):,}', device)
   data_generator = torch.Generator().manual_seed(config.seed)  # Augmentations; saved with the RNG state.
 
-  meta_path = checkpoints.preemption_checkpoint_path(workdir)
-  resumed = None
-  if os.path.exists(meta_path):
-    resumed = checkpoints.load_checkpoint(meta_path, state, device=device, architecture=model_config_summary(config))
-    logging.info('Resumed from %s at step %d', meta_path, state['step'])
+  resumed, resumed_path = checkpoints.resume_from_preemption_checkpoint(
+      workdir, state, device=device, architecture=model_config_summary(config))
+  if resumed is not None:
+    logging.info('Resumed from %s at step %d', resumed_path, state['step'])
   elif initialize is not None:
     initialize(state)
 
@@ -122,45 +139,62 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
   progress = tqdm(total=training.n_iters, initial=state['step'], desc='train', dynamic_ncols=True,
                   mininterval=1.0)
   last_log_time, last_log_step = time.time(), state['step']
-  while state['step'] < training.n_iters:
-    x0, x1 = next(batches)
-    loss = train_step(state, x0, x1)
-    step = state['step']
-    progress.update(1)
+  last_good_checkpoint = resumed_path
 
-    if step % training.log_freq == 0:
-      now = time.time()
-      images_per_second = (step - last_log_step) * training.batch_size / max(now - last_log_time, 1e-9)
-      last_log_time, last_log_step = now, step
-      loss_value = loss.item()
-      lr = state['optimizer'].param_groups[0]['lr']
-      metrics.log(step, training_loss=loss_value, learning_rate=lr, images_per_second=images_per_second)
-      progress.set_postfix(loss=f'{loss_value:.4f}', img_s=f'{images_per_second:.1f}')
-      logging.info('step: %d, training_loss: %.5e, images/s: %.1f', step, loss_value, images_per_second)
+  def save_preemption():
+    return checkpoints.save_preemption_checkpoint(workdir, state, config, data_generator,
+                                                  keep=training.keep_preemption_checkpoints)
 
-    if step % training.eval_freq == 0:
-      eval_loss = eval_step(state, *next(held_out)).item()
-      metrics.log(step, eval_loss=eval_loss)
-      logging.info('step: %d, eval_loss: %.5e', step, eval_loss)
+  with interruption.StopRequests() as stop:
+    try:
+      while state['step'] < training.n_iters:
+        x0, x1 = next(batches)
+        nonfinite_before = state.get('nonfinite_steps', 0)
+        loss = train_step(state, x0, x1)
+        step = state['step']
+        progress.update(1)
+        if state.get('nonfinite_steps', 0) > nonfinite_before:
+          check_nonfinite(state, training.max_nonfinite_steps, loss, last_good_checkpoint)
+          metrics.log(step, nonfinite_steps=state['nonfinite_steps'])
 
-    is_snapshot = step % training.snapshot_freq == 0 or step == training.n_iters
-    if is_snapshot and training.snapshot_sampling:
-      net.eval()
-      with state['ema'].average_parameters(params):
-        samples, nfe = sample_fn(flow, noise=snapshot_noise)
-      images = inverse_scaler(samples).clamp(0.0, 1.0)
-      grid_path = sampling.save_sample_grid(images, os.path.join(sample_dir(workdir, step), 'sample.png'))
-      metrics.log(step, sample_nfe=nfe)
-      logging.info('step: %d, wrote %s (EMA weights, %s sampler, NFE %d)', step, grid_path,
-                   config.sampling.use_ode_sampler, nfe)
-    if is_snapshot:
-      path = checkpoints.snapshot_checkpoint_path(workdir, step // training.snapshot_freq)
-      checkpoints.save_checkpoint(path, state, config, data_generator)
-      logging.info('step: %d, saved %s', step, path)
-    if step % training.snapshot_freq_for_preemption == 0 or step == training.n_iters:
-      checkpoints.save_checkpoint(meta_path, state, config, data_generator)
-  progress.close()
-  metrics.close()
+        if step % training.log_freq == 0:
+          now = time.time()
+          images_per_second = (step - last_log_step) * training.batch_size / max(now - last_log_time, 1e-9)
+          last_log_time, last_log_step = now, step
+          loss_value = loss.item()
+          lr = state['optimizer'].param_groups[0]['lr']
+          metrics.log(step, training_loss=loss_value, learning_rate=lr, images_per_second=images_per_second)
+          progress.set_postfix(loss=f'{loss_value:.4f}', img_s=f'{images_per_second:.1f}')
+          logging.info('step: %d, training_loss: %.5e, images/s: %.1f', step, loss_value, images_per_second)
+
+        if stop.signum is not None:
+          path = save_preemption()
+          raise interruption.TrainingInterrupted(stop.signum, step, path)
+
+        if step % training.eval_freq == 0:
+          eval_loss = eval_step(state, *next(held_out)).item()
+          metrics.log(step, eval_loss=eval_loss)
+          logging.info('step: %d, eval_loss: %.5e', step, eval_loss)
+
+        is_snapshot = step % training.snapshot_freq == 0 or step == training.n_iters
+        if is_snapshot and training.snapshot_sampling:
+          net.eval()
+          with state['ema'].average_parameters(params):
+            samples, nfe = sample_fn(flow, noise=snapshot_noise)
+          images = inverse_scaler(samples).clamp(0.0, 1.0)
+          grid_path = sampling.save_sample_grid(images, os.path.join(sample_dir(workdir, step), 'sample.png'))
+          metrics.log(step, sample_nfe=nfe)
+          logging.info('step: %d, wrote %s (EMA weights, %s sampler, NFE %d)', step, grid_path,
+                       config.sampling.use_ode_sampler, nfe)
+        if is_snapshot:
+          path = checkpoints.snapshot_checkpoint_path(workdir, step // training.snapshot_freq)
+          checkpoints.save_checkpoint(path, state, config, data_generator)
+          logging.info('step: %d, saved %s', step, path)
+        if step % training.snapshot_freq_for_preemption == 0 or step == training.n_iters:
+          last_good_checkpoint = save_preemption()
+    finally:
+      progress.close()
+      metrics.close()
   return state
 
 
@@ -261,7 +295,7 @@ def reflow(config, workdir):
     raise ValueError(f"Unknown reflow.reflow_type {r.reflow_type!r}; valid: 'generate_data_from_z0', "
                      f"'train_reflow', 'train_online_reflow'")
   device = select_device()
-  resuming = os.path.exists(checkpoints.preemption_checkpoint_path(workdir))
+  resuming = bool(checkpoints.preemption_checkpoints(workdir))
   teacher_net = None
   if not resuming or r.reflow_type == 'train_online_reflow':
     teacher_net, _ = load_teacher(config, device)  # Also fails early, clearly, when the teacher is missing.
@@ -342,11 +376,13 @@ def sample_checkpoint(config, flow, rounds, inception, device):
       noise = flow_math.indexed_noise(config.seed, first, count, shape, flow.noise_std).to(device)
       meter = solvers.StraightnessMeter(noise)
       generator = torch.Generator().manual_seed(config.seed * 2**32 + first)
-      samples, nfe = sample_fn(flow, noise=noise, on_step=meter.on_step, generator=generator)
+      solution = sample_fn(flow, noise=noise, on_step=meter.on_step, generator=generator)
+      samples = solution.x
       images = evaluation.InceptionFeatures.to_uint8(inverse_scaler(samples).clamp(0.0, 1.0)).cpu()
       pool_3, logits = inception(images) if inception is not None else (np.zeros((count, 0)), np.zeros((count, 0)))
       part = {'images': images.numpy(), 'pool_3': np.asarray(pool_3), 'logits': np.asarray(logits),
-              'nfe': np.full(count, nfe), 'straightness': meter.value(samples).cpu().numpy()}
+              'nfe': np.full(count, solution.contributing_nfe), 'network_calls': np.full(count, solution.nfe),
+              'straightness': meter.value(samples).cpu().numpy()}
       rounds.write(index, **part)
     parts.append(part)
   return {key: np.concatenate([p[key] for p in parts])[:e.num_samples] for key in parts[0]}
@@ -410,7 +446,8 @@ def evaluate(config, workdir, eval_folder):
         grid = torch.from_numpy(results['images'][:64]).float() / 255.0
         sampling.save_sample_grid(grid, os.path.join(rounds.folder, 'sample_grid.png'))
         report.update(num_samples=int(len(results['images'])), sampler=config.sampling.use_ode_sampler,
-                      nfe_mean=float(results['nfe'].mean()), straightness=float(results['straightness'].mean()))
+                      nfe_mean=float(results['nfe'].mean()), network_calls_mean=float(results['network_calls'].mean()),
+                      straightness=float(results['straightness'].mean()))
         if inception is not None and e.metrics_backend == 'tfgan':
           report.update(evaluation_tf.tfgan_metrics(results['logits'], results['pool_3'], reference['pool_3'],
                                                     (reference['mu'], reference['sigma'])))

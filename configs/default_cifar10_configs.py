@@ -9,7 +9,9 @@ def get_default_configs():
   training.batch_size = 128  # Global batch of images per optimiser update.
   training.n_iters = 1300000  # Number of optimiser updates in the run.
   training.snapshot_freq = 100000  # Every this many updates write checkpoints/checkpoint_{step // snapshot_freq}.pth.
-  training.snapshot_freq_for_preemption = 10000  # Every this many updates refresh checkpoints-meta/checkpoint.pth.
+  training.snapshot_freq_for_preemption = 10000  # Every this many updates write checkpoints-meta/checkpoint_{step}.pth.
+  training.keep_preemption_checkpoints = 3  # Newest preemption checkpoints kept (an unreadable one falls back).
+  training.max_nonfinite_steps = 20  # Updates skipped for a non-finite loss/gradient before the run stops.
   training.snapshot_sampling = True  # Write an EMA sample grid with each snapshot checkpoint.
   training.log_freq = 50  # Every this many updates log the training loss (TensorBoard, metrics.jsonl).
   training.eval_freq = 100  # Every this many updates log the loss on a held-out batch.
@@ -20,6 +22,7 @@ def get_default_configs():
   sampling.init_noise_scale = 1.0  # Std of the Gaussian source X0 in training and sampling.
   sampling.use_ode_sampler = 'rk45'  # 'rk45' (adaptive Dormand-Prince) or 'euler'.
   sampling.ode_tol = 1e-5  # rtol = atol of the RK45 sampler.
+  sampling.rk45_sync_every = 0  # RK45 steps per host read of its done flag; 0: 4 on CUDA (no per-step sync), 1 on CPU.
   sampling.sample_N = 1000  # Number of steps of the Euler sampler.
   sampling.sigma_variance = 0.0  # > 0: the published stochastic Euler sampler, noise (1 - t) * sigma_variance.
   sampling.snapshot_batch_size = 64  # Images in each snapshot sample grid.
@@ -61,6 +64,7 @@ def get_default_configs():
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'CIFAR10'  # Registered dataset name (datasets.registered_datasets()).
   data.root = 'data'  # Folder holding (or receiving) the dataset files.
+  data.backend = 'torchvision'  # Reader: 'torchvision', or 'tfds' (CIFAR10, image folders; requirements-tf.txt).
   data.category = ''  # LSUN category (e.g. 'bedroom', 'church_outdoor'): data.root/{category}_train_lmdb.
   data.download = False  # Download the dataset into data.root if it is missing.
   data.image_size = 32  # Height = width of the images fed to the model.

@@ -1,6 +1,16 @@
 """An endless, reshuffled, multi-worker stream of batches that can restart at any batch index."""
+import signal
+
 import torch
 from torch.utils.data import DataLoader, Sampler
+
+
+def ignore_stop_signals(worker_id):
+  """Data-loader workers leave SIGTERM / SIGINT to the main process, which saves a checkpoint before it stops them
+  (a worker killed by the signal would make the loader raise in the middle of that checkpoint)."""
+  del worker_id
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def epoch_permutation(num_items, seed, epoch):
@@ -36,7 +46,7 @@ def endless_batches(dataset, batch_size, *, seed, start_batch=0, num_workers=0, 
   sampler = EndlessShuffledSampler(len(dataset), seed, start=start_batch * batch_size)
   loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
-                      prefetch_factor=4 if num_workers > 0 else None,
+                      prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals,
                       # Its own generator, so creating the loader never draws from the global RNG.
                       generator=torch.Generator().manual_seed(seed))
   return iter(loader)

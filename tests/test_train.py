@@ -45,8 +45,9 @@ def test_main_trains_three_steps_and_writes_both_checkpoint_kinds(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
 
   snapshot = workdir / 'checkpoints' / 'checkpoint_1.pth'
-  meta = workdir / 'checkpoints-meta' / 'checkpoint.pth'
+  meta = workdir / 'checkpoints-meta' / 'checkpoint_3.pth'
   assert snapshot.is_file() and meta.is_file()
+  assert sorted(os.listdir(workdir / 'checkpoints-meta')) == ['checkpoint_2.pth', 'checkpoint_3.pth']
   checkpoint = torch.load(snapshot, map_location='cpu', weights_only=False)
   assert {'optimizer', 'model', 'ema', 'step', 'rng', 'config'} <= set(checkpoint)
   assert checkpoint['step'] == 3
@@ -79,7 +80,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
                                 str(tmp_path / 'a'))
   run_lib.train(tiny_digits_config(n_iters=2, snapshot_freq=100, snapshot_freq_for_preemption=2),
                 str(tmp_path / 'b'))
-  first_half = torch.load(tmp_path / 'b' / 'checkpoints-meta' / 'checkpoint.pth', weights_only=False)
+  first_half = torch.load(tmp_path / 'b' / 'checkpoints-meta' / 'checkpoint_2.pth', weights_only=False)
   assert first_half['step'] == 2
   resumed = run_lib.train(tiny_digits_config(n_iters=4, snapshot_freq=100, snapshot_freq_for_preemption=2),
                           str(tmp_path / 'b'))
@@ -97,7 +98,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
 def test_resume_starts_from_the_saved_weights(tmp_path):
   workdir = str(tmp_path / 'c')
   run_lib.train(tiny_digits_config(n_iters=2, snapshot_freq=100, snapshot_freq_for_preemption=2), workdir)
-  saved = torch.load(os.path.join(workdir, 'checkpoints-meta', 'checkpoint.pth'), weights_only=False)
+  saved = torch.load(os.path.join(workdir, 'checkpoints-meta', 'checkpoint_2.pth'), weights_only=False)
   # Same n_iters: the restarted run resumes at step 2, trains nothing and keeps the saved weights.
   state = run_lib.train(tiny_digits_config(n_iters=2, snapshot_freq=100, snapshot_freq_for_preemption=2), workdir)
   assert state['step'] == 2

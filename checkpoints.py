@@ -48,12 +48,12 @@ def preemption_checkpoints(workdir):
   return paths + ([legacy] if os.path.isfile(legacy) else [])
 
 
-def save_preemption_checkpoint(workdir, state, config, data_generator=None, keep=3):
+def save_preemption_checkpoint(workdir, state, config, data_generator=None, path_generator=None, keep=3):
   """Writes ``checkpoint_{step}.pth`` atomically, then deletes all but the newest ``keep`` numbered ones."""
   if keep < 1:
     raise ValueError(f'training.keep_preemption_checkpoints={keep}: keep at least one preemption checkpoint')
   path = preemption_checkpoint_path(workdir, state['step'])
-  save_checkpoint(path, state, config, data_generator)
+  save_checkpoint(path, state, config, data_generator, path_generator)
   for old in [p for p in preemption_checkpoints(workdir) if p != preemption_checkpoint_path(workdir)][keep:]:
     os.remove(old)
   return path
@@ -120,16 +120,19 @@ def load_network_weights(net, state_dict, source='checkpoint', architecture=''):
   net.load_state_dict(state_dict, strict=True)
 
 
-def capture_rng_state(data_generator=None):
+def capture_rng_state(data_generator=None, path_generator=None):
   state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
   if torch.cuda.is_available():
     state['cuda'] = torch.cuda.get_rng_state_all()
   if data_generator is not None:
     state['data'] = data_generator.get_state()
+  if path_generator is not None:
+    state['path'] = path_generator.get_state()
+    state['path_device'] = str(path_generator.device)
   return state
 
 
-def restore_rng_state(state, data_generator=None):
+def restore_rng_state(state, data_generator=None, path_generator=None):
   torch.set_rng_state(state['torch'])
   np.random.set_state(state['numpy'])
   random.setstate(state['python'])
@@ -137,18 +140,28 @@ def restore_rng_state(state, data_generator=None):
     torch.cuda.set_rng_state_all(state['cuda'])
   if data_generator is not None and 'data' in state:
     data_generator.set_state(state['data'])
+  if path_generator is not None and 'path' in state:
+    if state.get('path_device') == str(path_generator.device):
+      path_generator.set_state(state['path'])
+    else:
+      logging.warning('The checkpoint drew training noise on %s, this run on %s: its noise stream cannot be continued '
+                      'exactly, so it restarts from the seed', state.get('path_device'), path_generator.device)
 
 
-def save_checkpoint(path, state, config=None, data_generator=None):
-  """Writes ``state = {'model', 'ema', 'optimizer', 'step'}`` in the published format, plus RNG and config."""
+def save_checkpoint(path, state, config=None, data_generator=None, path_generator=None):
+  """Writes ``state = {'model', 'ema', 'optimizer', 'step'}`` in the published format, plus RNG and config (and
+  the fp16 grad scaler's state where one is in use)."""
+  scaler = state.get('grad_scaler')
+  extra = {'grad_scaler': scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
   with atomic_files.atomic_open(path) as handle:
     torch.save({
+        **extra,
         'optimizer': state['optimizer'].state_dict(),
         'model': to_published_state_dict(state['model']),
         'ema': state['ema'].state_dict(),
         'step': state['step'],
         'nonfinite_steps': state.get('nonfinite_steps', 0),
-        'rng': capture_rng_state(data_generator),
+        'rng': capture_rng_state(data_generator, path_generator),
         'config': config.to_json() if config is not None else None,
     }, handle)
 
@@ -183,4 +196,6 @@ def load_checkpoint(path, state, device='cpu', load_optimizer=True, architecture
     state['optimizer'].load_state_dict(checkpoint['optimizer'])
   state['step'] = int(checkpoint['step'])
   state['nonfinite_steps'] = int(checkpoint.get('nonfinite_steps', 0))
+  if 'grad_scaler' in checkpoint and state.get('grad_scaler') is not None and state['grad_scaler'].is_enabled():
+    state['grad_scaler'].load_state_dict(checkpoint['grad_scaler'])
   return checkpoint

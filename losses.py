@@ -1,5 +1,7 @@
 """Config -> library adapters: the rectified flow, reflow time schedules and losses, the optimiser, and the one
 step function shared by 1-rectified-flow training, reflow and distillation."""
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -12,20 +14,34 @@ REFLOW_LOSSES = ('l2', 'lpips', 'lpips+l2')
 VGG16_WEIGHTS_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
 
 
+PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
 def build_rectified_flow(config, net):
   """The library's ``RectifiedFlow`` around ``net``; the time scaling to t*999 lives in ``VelocityField``."""
-  return RectifiedFlow(VelocityField(net), time_cond_kwarg='times', noise_std=config.sampling.init_noise_scale,
+  return RectifiedFlow(VelocityField(net, channels_last=config.training.channels_last), time_cond_kwarg='times', noise_std=config.sampling.init_noise_scale,
                        time_eps=config.training.time_eps,
                        loss_reduction='mean' if config.training.reduce_mean else 'sum')
 
 
-def get_optimizer(config, params):
-  """Adam with the configured lr, (beta1, 0.999), eps and weight decay."""
+def get_optimizer(config, params, device=torch.device('cpu')):
+  """Adam with the configured lr, (beta1, 0.999), eps and weight decay; the fused kernel on CUDA (``optim.fused``)."""
   optim = config.optim
   if optim.optimizer != 'Adam':
     raise ValueError(f"Unknown optim.optimizer {optim.optimizer!r}; valid optimisers: ['Adam']")
+  fused = {'fused': True} if optim.fused and device.type == 'cuda' else {}
   return torch.optim.Adam(params, lr=optim.lr, betas=(optim.beta1, 0.999), eps=optim.eps,
-                          weight_decay=optim.weight_decay)
+                          weight_decay=optim.weight_decay, **fused)
+
+
+def autocast(config, device):
+  """The ``training.precision`` autocast context: fp32 (off), bf16 or fp16 (weights and optimiser stay fp32)."""
+  precision = config.training.precision
+  if precision not in PRECISIONS:
+    raise ValueError(f'Unknown training.precision {precision!r}; valid: {list(PRECISIONS)}')
+  if PRECISIONS[precision] is None:
+    return contextlib.nullcontext()
+  return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
 def learning_rate(config, step):
@@ -44,12 +60,13 @@ def reflow_time_schedule(schedule, eps):
   if schedule == 'uniform':
     return None
   if schedule == 't0':
-    return lambda batch_size, device: torch.full((batch_size,), eps, device=device)
+    return lambda batch_size, device, generator=None: torch.full((batch_size,), eps, device=device)
   if schedule == 't1':
-    return lambda batch_size, device: torch.ones(batch_size, device=device)
+    return lambda batch_size, device, generator=None: torch.ones(batch_size, device=device)
   if schedule.isdigit() and int(schedule) >= 1:
     k = int(schedule)
-    return lambda batch_size, device: (torch.randint(0, k, (batch_size,), device=device) * (1.0 - eps) / k + eps)
+    return lambda batch_size, device, generator=None: (
+        torch.randint(0, k, (batch_size,), device=device, generator=generator) * (1.0 - eps) / k + eps)
   raise ValueError(f"Unknown reflow.reflow_t_schedule {schedule!r}; valid: 'uniform', 't0', 't1', or an integer k >= 1")
 
 
@@ -81,14 +98,33 @@ def lpips_distance(lpips_model, x, y):
   return lpips_model(x, y).reshape(-1)
 
 
-def get_loss_fn(config, flow, reflow=False, lpips_model=None):
-  """``loss_fn(x0, x1) -> scalar``: x0 is None for 1-RF training (the flow draws the noise), a pair otherwise.
+def draw_noise_and_times(flow, x1, generator=None, global_batch=None, rows=slice(None), times_fn=None):
+  """(X0, t) for ``rows`` of a global batch whose rows ``x1`` are: drawn for all ``global_batch`` rows and sliced, so
+  that a sample gets the same noise and time whatever the number of processes and micro-batches."""
+  size = global_batch or x1.shape[0]
+  noise = flow.sample_noise((size, *x1.shape[1:]), device=x1.device, dtype=x1.dtype, generator=generator)[rows]
+  if times_fn is None:
+    times = flow.sample_times(size, device=x1.device, dtype=x1.dtype, generator=generator)
+  else:
+    times = times_fn(size, x1.device, generator)
+  return noise, times[rows]
 
-  Reflow stages take their time schedule and loss from ``config.reflow``: 'l2' is the flow's own loss on the
-  pairs, 'lpips' the LPIPS between the one-step estimate X1_hat = X_t + (1 - t) v and X1, 'lpips+l2' their sum.
+
+def get_loss_fn(config, flow, reflow=False, lpips_model=None):
+  """``loss_fn(x0, x1, generator=None, global_batch=None, rows=slice(None)) -> scalar``.
+
+  x0 is None for 1-RF training (noise is drawn), a pair otherwise. The noise and times are drawn from ``generator``
+  for a global batch of ``global_batch`` of which ``x1`` holds ``rows`` (``draw_noise_and_times``). Reflow stages
+  take their time schedule and loss from ``config.reflow``: 'l2' is the flow's own loss on the pairs, 'lpips' the
+  LPIPS between the one-step estimate X1_hat = X_t + (1 - t) v and X1, 'lpips+l2' their sum.
   """
   if not reflow:
-    return lambda x0, x1: flow(x1, noise=x0)
+
+    def flow_loss(x0, x1, generator=None, global_batch=None, rows=slice(None)):
+      noise, times = draw_noise_and_times(flow, x1, generator, global_batch, rows)
+      return flow(x1, noise=noise if x0 is None else x0, times=times)
+
+    return flow_loss
   times_fn = reflow_time_schedule(config.reflow.reflow_t_schedule, config.training.time_eps)
   loss_name = config.reflow.reflow_loss
   if loss_name not in REFLOW_LOSSES:
@@ -96,11 +132,12 @@ def get_loss_fn(config, flow, reflow=False, lpips_model=None):
   if loss_name != 'l2' and lpips_model is None:
     raise ValueError(f"reflow.reflow_loss={loss_name!r} needs an LPIPS model")
 
-  def loss_fn(x0, x1):
-    times = times_fn(x1.shape[0], x1.device) if times_fn is not None else None
+  def loss_fn(x0, x1, generator=None, global_batch=None, rows=slice(None)):
+    noise, times = draw_noise_and_times(flow, x1, generator, global_batch, rows, times_fn)
+    noise = noise if x0 is None else x0
     if loss_name == 'l2':
-      return flow(x1, noise=x0, times=times)
-    noise, times, x_t, prediction = flow.predict_on_path(x1, noise=x0, times=times)
+      return flow(x1, noise=noise, times=times)
+    noise, times, x_t, prediction = flow.predict_on_path(x1, noise=noise, times=times)
     clean = flow_math.to_clean(flow.predict, prediction, x_t, times)
     loss = lpips_distance(lpips_model, clean, x1)
     if loss_name == 'lpips+l2':
@@ -111,39 +148,67 @@ def get_loss_fn(config, flow, reflow=False, lpips_model=None):
   return loss_fn
 
 
-def get_step_fn(config, loss_fn, params, optimizer, ema, train):
+def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.device('cpu'), generator=None,
+                ddp_module=None, grad_scaler=None):
   """One update (``train=True``) or one held-out loss on the EMA weights (``train=False``).
 
-  The returned ``step_fn(state, x0, x1)`` takes ``state = {'model', 'ema', 'optimizer', 'step'}`` and a batch in
-  model space (x0 None unless training on pairs), and returns the scalar loss (a detached tensor). A training
-  step whose loss or gradient norm is not finite changes no weight: it is counted in ``state['nonfinite_steps']``.
+  ``train_step(state, micro_batches)`` takes ``state = {'model', 'ema', 'optimizer', 'step'}`` and this process's
+  micro-batches of one global batch, a list of (x0 or None, x1, rows) in model space (``rows``: their slice of the
+  global batch of ``training.batch_size``). Gradients are accumulated over the micro-batches (``ddp_module``
+  all-reduces them once, at the last) and averaged, so the update is that of the whole global batch. Noise and
+  times come from ``generator``. Returns this process's mean loss (a detached tensor). An update whose loss or
+  gradient norm is not finite changes no weight: it is counted in ``state['nonfinite_steps']`` (with fp16, an
+  overflow of the scaled gradients is instead the ``grad_scaler``'s to handle: it skips the update and lowers
+  its scale). ``eval_step(state, x0, x1)`` returns the loss of a batch on the EMA weights.
   """
   params = [p for p in params if p.requires_grad]
+  global_batch = config.training.batch_size
+  max_norm = config.optim.grad_clip if config.optim.grad_clip >= 0 else float('inf')
+  scaler = grad_scaler if grad_scaler is not None else torch.amp.GradScaler(device.type, enabled=False)
 
-  def train_step(state, x0, x1):
+  def train_step(state, micro_batches):
     state['model'].train()
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(x0, x1)
-    loss.backward()
+    total = 0.0
+    # Every micro-batch draws (and slices) the global batch's noise and times: the same draws, from the same state.
+    replay = generator.get_state() if generator is not None and len(micro_batches) > 1 else None
+    for index, (x0, x1, rows) in enumerate(micro_batches):
+      last = index == len(micro_batches) - 1
+      if replay is not None and index > 0:
+        generator.set_state(replay)
+      with contextlib.nullcontext() if ddp_module is None or last else ddp_module.no_sync():
+        with autocast(config, device):
+          loss = loss_fn(x0, x1, generator=generator, global_batch=global_batch, rows=rows)
+        scaler.scale(loss / len(micro_batches)).backward()
+      total = total + loss.detach().float()
+    loss = total / len(micro_batches)
     for group in optimizer.param_groups:
       group['lr'] = learning_rate(config, state['step'])
-    finite = torch.isfinite(loss)
-    if config.optim.grad_clip >= 0:
-      finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_norm=config.optim.grad_clip))
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm)
     state['step'] += 1  # A skipped update still consumes its batch, so the data order stays that of the step.
+    finite = torch.isfinite(loss) if scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(grad_norm)
     if not finite:  # One host read per update; the weights, EMA and Adam moments stay those of the last good one.
       state['nonfinite_steps'] = state.get('nonfinite_steps', 0) + 1
       optimizer.zero_grad(set_to_none=True)
-      return loss.detach()
-    optimizer.step()
+      scaler.update()
+      return loss
+    if scaler.is_enabled():
+      scale = scaler.get_scale()
+      scaler.step(optimizer)
+      scaler.update()
+      if scaler.get_scale() < scale:  # Overflow: the scaler skipped this update.
+        return loss
+    else:
+      optimizer.step()
     ema.update(params)
-    return loss.detach()
+    return loss
 
   @torch.no_grad()
   def eval_step(state, x0, x1):
     state['model'].eval()
-    with ema.average_parameters(params):
+    with ema.average_parameters(params), autocast(config, device):
       loss = loss_fn(x0, x1)
-    return loss.detach()
+    return loss.detach().float()
 
   return train_step if train else eval_step

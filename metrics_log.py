@@ -7,7 +7,10 @@ import time
 class MetricsLog:
   """``log(step, **scalars)`` appends one JSON line to ``workdir/metrics.jsonl`` and writes TensorBoard scalars."""
 
-  def __init__(self, workdir, tensorboard=True):
+  def __init__(self, workdir, tensorboard=True, enabled=True):
+    self.enabled = enabled
+    if not enabled:  # Processes other than rank 0 under torchrun.
+      return
     os.makedirs(workdir, exist_ok=True)
     self.jsonl_path = os.path.join(workdir, 'metrics.jsonl')
     self._jsonl = open(self.jsonl_path, 'a', encoding='utf-8')
@@ -17,6 +20,8 @@ class MetricsLog:
       self._writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def log(self, step, **scalars):
+    if not self.enabled:
+      return
     scalars = {key: float(value) for key, value in scalars.items()}
     self._jsonl.write(json.dumps({'step': int(step), 'time': time.time(), **scalars}) + '\n')
     self._jsonl.flush()
@@ -25,6 +30,8 @@ class MetricsLog:
         self._writer.add_scalar(key, value, step)
 
   def close(self):
+    if not self.enabled:
+      return
     self._jsonl.close()
     if self._writer is not None:
       self._writer.close()

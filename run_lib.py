@@ -11,6 +11,7 @@ from tqdm import tqdm
 import atomic_files
 import checkpoints
 import datasets
+import distributed
 import evaluation
 import evaluation_tf
 import interruption
@@ -24,13 +25,24 @@ from rectified_flow_pytorch import likelihood, solvers
 
 
 def select_device():
-  return torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
+  """This process's device (its LOCAL_RANK's GPU under torchrun), after joining torchrun's process group."""
+  return distributed.initialize()
 
 
 def seed_everything(seed):
+  """Seeds Python, NumPy and torch; each torchrun process gets its own stream (dropout differs across ranks)."""
+  seed = seed + distributed.rank()
   random.seed(seed)
   np.random.seed(seed % 2**32)
   torch.manual_seed(seed)
+
+
+def configure_backends(config, device):
+  """TF32 matmuls and convolutions on CUDA (``training.allow_tf32``); cuDNN autotuning for fixed shapes."""
+  if device.type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = config.training.allow_tf32
+    torch.backends.cudnn.allow_tf32 = config.training.allow_tf32
+    torch.backends.cudnn.benchmark = True
 
 
 def write_resolved_config(config, workdir):
@@ -46,24 +58,60 @@ def sample_dir(workdir, step):
 def build_training_state(config, device):
   """Network, EMA, optimiser and step, as one dict (the unit that checkpoints save and restore)."""
   net = create_model(config).to(device)
+  if config.training.channels_last:
+    net = net.to(memory_format=torch.channels_last)
   ema = ExponentialMovingAverage(net.parameters(), decay=config.model.ema_rate)
-  optimizer = losses.get_optimizer(config, net.parameters())
+  optimizer = losses.get_optimizer(config, net.parameters(), device)
   return {'model': net, 'ema': ema, 'optimizer': optimizer, 'step': 0}
 
 
-def data_batches(config, train, start_batch, device, generator=None):
-  """(None, x1) batches of the configured dataset in model space: augmented for training, plain for held-out."""
+def micro_batches_of(config):
+  """(rows per micro-batch, micro-batches per update) of this process (``distributed.batch_split``)."""
+  micro_batch = distributed.batch_split(config.training.batch_size, config.training.grad_accum_steps)
+  return micro_batch, config.training.grad_accum_steps
+
+
+def rows_of(micro_step, micro_batch):
+  first = distributed.chunk_offset(micro_step, micro_batch)
+  return slice(first, first + micro_batch)
+
+
+def training_stream(config, dataset, start_batch, device, seed):
+  """This process's micro-batches of every global batch from ``start_batch`` on, with their rows: (batch, rows)."""
+  micro_batch, micro_steps = micro_batches_of(config)
+  batches = datasets.endless_batches(dataset, config.training.batch_size, seed=seed, start_batch=start_batch,
+                                     num_workers=config.data.num_workers, pin_memory=device.type == 'cuda',
+                                     micro_batch=micro_batch, rank=distributed.rank(),
+                                     world=distributed.world_size())
+  for index, batch in enumerate(batches):
+    yield batch, rows_of(index % micro_steps, micro_batch)
+
+
+def data_batches(config, start_batch, device, generator=None):
+  """Training micro-batches (None, x1, rows) of the configured dataset, augmented, in model space."""
   data = config.data
-  dataset = datasets.get_dataset(config, train=train)
-  batch_size = config.training.batch_size if train else min(config.training.batch_size, len(dataset))
-  batches = datasets.endless_batches(dataset, batch_size, seed=config.seed + (0 if train else 1),
-                                     start_batch=start_batch, num_workers=data.num_workers if train else 0,
-                                     pin_memory=device.type == 'cuda')
+  dataset = datasets.get_dataset(config, train=True)
+  scaler = datasets.get_data_scaler(config)
+  micro_steps = config.training.grad_accum_steps
+  replay = None
+  for index, (batch, rows) in enumerate(training_stream(config, dataset, start_batch, device, config.seed)):
+    if generator is not None and micro_steps > 1:  # Each micro-batch slices the same global-batch draws.
+      if index % micro_steps == 0:
+        replay = generator.get_state()
+      else:
+        generator.set_state(replay)
+    batch = datasets.augment(batch, random_flip=data.random_flip, uniform_dequantization=data.uniform_dequantization,
+                             generator=generator, global_batch=config.training.batch_size, rows=rows)
+    yield None, scaler(batch.to(device, non_blocking=True)), rows
+
+
+def held_out_data_batches(config, start_batch, device):
+  """(None, x1) batches of the held-out split in model space, not augmented (for the evaluation loss)."""
+  dataset = datasets.get_dataset(config, train=False)
+  batches = datasets.endless_batches(dataset, min(config.training.batch_size, len(dataset)), seed=config.seed + 1,
+                                     start_batch=start_batch)
   scaler = datasets.get_data_scaler(config)
   for batch in batches:
-    if train:
-      batch = datasets.augment(batch, random_flip=data.random_flip,
-                               uniform_dequantization=data.uniform_dequantization, generator=generator)
     yield None, scaler(batch.to(device, non_blocking=True))
 
 
@@ -71,8 +119,8 @@ def train(config, workdir):
   """Trains a 1-rectified flow from scratch (resuming from ``workdir/checkpoints-meta`` when interrupted)."""
   return run_training(
       config, workdir,
-      train_batches=lambda start, device, generator: data_batches(config, True, start, device, generator),
-      eval_batches=lambda start, device: data_batches(config, False, start, device))
+      train_batches=lambda start, device, generator: data_batches(config, start, device, generator),
+      eval_batches=lambda start, device: held_out_data_batches(config, start, device))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -95,37 +143,61 @@ def check_nonfinite(state, limit, loss, last_good_checkpoint):
 def run_training(config, workdir, train_batches, eval_batches, initialize=None, lpips_model=None, reflow=False):
   """The one training loop of every stage; stages differ only in these arguments.
 
-  ``train_batches(start_batch, device, generator)`` and ``eval_batches(start_batch, device)`` yield (x0 or None,
-  x1) in model space, resuming at a batch index; ``initialize(state)`` sets the initial weights of a fresh run
-  (e.g. the teacher's); ``reflow`` selects the reflow time schedule and loss of ``config.reflow``.
+  ``train_batches(start_batch, device, generator)`` yields this process's micro-batches (x0 or None, x1, rows) of
+  every global batch from ``start_batch`` on (``rows``: their slice of the global batch), and
+  ``eval_batches(start_batch, device)`` held-out (x0 or None, x1) batches, all in model space; ``initialize(state)``
+  sets the initial weights of a fresh run (e.g. the teacher's); ``reflow`` selects the reflow time schedule and
+  loss of ``config.reflow``. Under torchrun every process trains its rows (DDP); only rank 0 writes files.
   """
   device = select_device()
-  os.makedirs(workdir, exist_ok=True)
-  write_resolved_config(config, workdir)
+  configure_backends(config, device)
+  main_process = distributed.is_main_process()
+  if main_process:
+    os.makedirs(workdir, exist_ok=True)
+    write_resolved_config(config, workdir)
   seed_everything(config.seed)
   state = build_training_state(config, device)
   net = state['model']
-  logging.info('Model %s: %s parameters on %s', config.model.name,
-               f'{sum(p.numel() for p in net.parameters()):,}', device)
+  training, data = config.training, config.data
+  micro_batch, micro_steps = micro_batches_of(config)
+  logging.info('Model %s: %s parameters on %s; global batch %d = %d processes x %d micro-batches x %d, %s',
+               config.model.name, f'{sum(p.numel() for p in net.parameters()):,}', device, training.batch_size,
+               distributed.world_size(), micro_steps, micro_batch, training.precision)
   data_generator = torch.Generator().manual_seed(config.seed)  # Augmentations; saved with the RNG state.
+  path_generator = torch.Generator(device).manual_seed(config.seed + 2)  # Training noise and times; likewise.
+  state['grad_scaler'] = torch.amp.GradScaler(device.type, enabled=training.precision == 'fp16')
 
+  if not main_process:
+    distributed.barrier()  # Rank 0 first: it sets corrupt files aside, the others then read what it read.
   resumed, resumed_path = checkpoints.resume_from_preemption_checkpoint(
       workdir, state, device=device, architecture=model_config_summary(config))
+  if main_process:
+    distributed.barrier()
   if resumed is not None:
     logging.info('Resumed from %s at step %d', resumed_path, state['step'])
   elif initialize is not None:
     initialize(state)
 
-  flow = losses.build_rectified_flow(config, net)
   params = [p for p in net.parameters() if p.requires_grad]
-  loss_fn = losses.get_loss_fn(config, flow, reflow=reflow, lpips_model=lpips_model)
-  train_step = losses.get_step_fn(config, loss_fn, params, state['optimizer'], state['ema'], train=True)
-  eval_step = losses.get_step_fn(config, loss_fn, params, state['optimizer'], state['ema'], train=False)
+  train_module = net
+  if distributed.is_distributed():
+    train_module = torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
+  if training.compile:
+    train_module = torch.compile(train_module)
+  flow = losses.build_rectified_flow(config, net)  # Sampling and held-out losses: the plain network.
+  train_flow = losses.build_rectified_flow(config, train_module)
+  train_step = losses.get_step_fn(
+      config, losses.get_loss_fn(config, train_flow, reflow=reflow, lpips_model=lpips_model), params,
+      state['optimizer'], state['ema'], train=True, device=device, generator=path_generator,
+      ddp_module=train_module if distributed.is_distributed() and not training.compile else None,
+      grad_scaler=state['grad_scaler'])
+  eval_step = losses.get_step_fn(config, losses.get_loss_fn(config, flow, reflow=reflow, lpips_model=lpips_model),
+                                 params, state['optimizer'], state['ema'], train=False, device=device)
   inverse_scaler = datasets.get_data_inverse_scaler(config)
 
-  training, data = config.training, config.data
   batches = train_batches(state['step'], device, data_generator)
-  held_out = eval_batches(state['step'] // training.eval_freq, device)
+  held_out = eval_batches(state['step'] // training.eval_freq, device) if main_process else None
 
   shape = (config.sampling.snapshot_batch_size, data.num_channels, data.image_size, data.image_size)
   sample_fn = sampling.get_sampling_fn(config, shape)
@@ -133,51 +205,57 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
   snapshot_noise = (torch.randn(shape, generator=torch.Generator().manual_seed(config.seed))
                     * config.sampling.init_noise_scale).to(device)
 
-  metrics = MetricsLog(workdir)
-  if resumed is not None and 'rng' in resumed:
-    checkpoints.restore_rng_state(resumed['rng'], data_generator)  # Last, so nothing above draws from it.
+  metrics = MetricsLog(workdir, enabled=main_process)
+  if resumed is not None and 'rng' in resumed:  # Last, so nothing above draws from them.
+    checkpoints.restore_rng_state(resumed['rng'], data_generator, path_generator)
   progress = tqdm(total=training.n_iters, initial=state['step'], desc='train', dynamic_ncols=True,
-                  mininterval=1.0)
+                  mininterval=1.0, disable=not main_process)
   last_log_time, last_log_step = time.time(), state['step']
   last_good_checkpoint = resumed_path
 
   def save_preemption():
-    return checkpoints.save_preemption_checkpoint(workdir, state, config, data_generator,
+    if not main_process:
+      return checkpoints.preemption_checkpoint_path(workdir, state['step'])
+    return checkpoints.save_preemption_checkpoint(workdir, state, config, data_generator, path_generator,
                                                   keep=training.keep_preemption_checkpoints)
 
   with interruption.StopRequests() as stop:
     try:
       while state['step'] < training.n_iters:
-        x0, x1 = next(batches)
+        micro = [next(batches) for _ in range(micro_steps)]
         nonfinite_before = state.get('nonfinite_steps', 0)
-        loss = train_step(state, x0, x1)
+        loss = train_step(state, micro)
         step = state['step']
         progress.update(1)
-        if state.get('nonfinite_steps', 0) > nonfinite_before:
-          check_nonfinite(state, training.max_nonfinite_steps, loss, last_good_checkpoint)
+        if state.get('nonfinite_steps', 0) > nonfinite_before:  # The same decision on every process.
           metrics.log(step, nonfinite_steps=state['nonfinite_steps'])
+          check_nonfinite(state, training.max_nonfinite_steps, loss, last_good_checkpoint)
 
         if step % training.log_freq == 0:
+          loss_value = distributed.all_reduce_mean(loss).item()  # The global batch's loss.
           now = time.time()
           images_per_second = (step - last_log_step) * training.batch_size / max(now - last_log_time, 1e-9)
           last_log_time, last_log_step = now, step
-          loss_value = loss.item()
           lr = state['optimizer'].param_groups[0]['lr']
           metrics.log(step, training_loss=loss_value, learning_rate=lr, images_per_second=images_per_second)
           progress.set_postfix(loss=f'{loss_value:.4f}', img_s=f'{images_per_second:.1f}')
-          logging.info('step: %d, training_loss: %.5e, images/s: %.1f', step, loss_value, images_per_second)
+          if main_process:
+            logging.info('step: %d, training_loss: %.5e, images/s: %.1f', step, loss_value, images_per_second)
 
-        if stop.signum is not None:
+        # torchrun signals every process; they agree on the update to stop after.
+        signum = distributed.all_reduce_max(stop.signum or 0)
+        if signum:
           path = save_preemption()
-          raise interruption.TrainingInterrupted(stop.signum, step, path)
+          distributed.barrier()
+          raise interruption.TrainingInterrupted(signum, step, path)
 
-        if step % training.eval_freq == 0:
+        if main_process and step % training.eval_freq == 0:
           eval_loss = eval_step(state, *next(held_out)).item()
           metrics.log(step, eval_loss=eval_loss)
           logging.info('step: %d, eval_loss: %.5e', step, eval_loss)
 
         is_snapshot = step % training.snapshot_freq == 0 or step == training.n_iters
-        if is_snapshot and training.snapshot_sampling:
+        if main_process and is_snapshot and training.snapshot_sampling:
           net.eval()
           with state['ema'].average_parameters(params):
             samples, nfe = sample_fn(flow, noise=snapshot_noise)
@@ -186,12 +264,13 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
           metrics.log(step, sample_nfe=nfe)
           logging.info('step: %d, wrote %s (EMA weights, %s sampler, NFE %d)', step, grid_path,
                        config.sampling.use_ode_sampler, nfe)
-        if is_snapshot:
+        if main_process and is_snapshot:
           path = checkpoints.snapshot_checkpoint_path(workdir, step // training.snapshot_freq)
-          checkpoints.save_checkpoint(path, state, config, data_generator)
+          checkpoints.save_checkpoint(path, state, config, data_generator, path_generator)
           logging.info('step: %d, saved %s', step, path)
         if step % training.snapshot_freq_for_preemption == 0 or step == training.n_iters:
           last_good_checkpoint = save_preemption()
+      distributed.barrier()  # Every process leaves once the last checkpoint is on disk.
     finally:
       progress.close()
       metrics.close()
@@ -233,30 +312,49 @@ def initialize_student_from_teacher(config, device):
   return initialize
 
 
-def pair_batches(config, start_batch, device, seed_offset=0):
-  """(z0, z1) batches read lazily from the pair shards under ``reflow.data_root``."""
+def pair_batches(config, start_batch, device, generator=None):
+  """Training micro-batches (z0, z1, rows) read lazily from the pair shards under ``reflow.data_root``."""
+  del generator  # Pairs are not augmented.
   shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
   pairs = reflow_pairs.PairShards(config.reflow.data_root, shape)
-  batches = datasets.endless_batches(pairs, config.training.batch_size, seed=config.seed + seed_offset,
-                                     start_batch=start_batch, num_workers=config.data.num_workers,
-                                     pin_memory=device.type == 'cuda')
-  for z0, z1 in batches:
+  for (z0, z1), rows in training_stream(config, pairs, start_batch, device, config.seed):
+    yield z0.to(device, non_blocking=True), z1.to(device, non_blocking=True), rows
+
+
+def held_out_pair_batches(config, start_batch, device):
+  """(z0, z1) batches of the pairs in another order, for the evaluation loss."""
+  shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
+  pairs = reflow_pairs.PairShards(config.reflow.data_root, shape)
+  for z0, z1 in datasets.endless_batches(pairs, config.training.batch_size, seed=config.seed + 1,
+                                         start_batch=start_batch):
     yield z0.to(device, non_blocking=True), z1.to(device, non_blocking=True)
 
 
-def online_pair_batches(config, teacher_velocity, device, generator=None):
-  """(z0, z1) with z1 from the teacher's N-step Euler solve of fresh noise (published online reflow: N = 20)."""
-  shape = (config.training.batch_size, config.data.num_channels, config.data.image_size, config.data.image_size)
+def online_pair_batches(config, teacher_velocity, device, generator, training=True):
+  """(z0, z1[, rows]) with z1 from the teacher's N-step Euler solve of fresh noise (published online reflow: N = 20).
+
+  For training, the noise of each global batch is drawn whole from ``generator`` (saved with checkpoints) and each
+  process solves its micro-batches' rows; held-out batches (``training=False``) are whole batches.
+  """
+  size = config.training.batch_size
+  shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
   steps, eps = config.reflow.online_teacher_steps, config.training.time_eps
+  micro_batch, micro_steps = micro_batches_of(config) if training else (size, 1)
   while True:
-    z0 = torch.randn(shape, generator=generator) * config.sampling.init_noise_scale
-    z0 = z0.to(device)
-    z1, _ = solvers.euler(teacher_velocity, z0, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps)
-    yield z0, z1
+    z0_global = torch.randn((size, *shape), generator=generator) * config.sampling.init_noise_scale
+    for micro_step in range(micro_steps):
+      rows = rows_of(micro_step, micro_batch) if training else slice(None)
+      z0 = z0_global[rows].to(device)
+      z1, _ = solvers.euler(teacher_velocity, z0, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps)
+      yield (z0, z1, rows) if training else (z0, z1)
 
 
 def generate_reflow_pairs(config, workdir):
-  """Pairs (z0, z1 = ODE(z0)) from the teacher's EMA weights, in atomic shards under reflow.data_root/seed_{seed}."""
+  """Pairs (z0, z1 = ODE(z0)) from the teacher's EMA weights, in atomic shards under reflow.data_root/seed_{seed}.
+
+  Under torchrun each process makes the shards i = rank, rank + world, ... of those missing; a pair's noise comes
+  from its own seed, so the pairs do not depend on the number of processes.
+  """
   device = select_device()
   r = config.reflow
   if not r.data_root:
@@ -268,20 +366,29 @@ def generate_reflow_pairs(config, workdir):
   settings = {'teacher': os.path.abspath(r.last_flow_ckpt), 'teacher_sha256': teacher_sha256,
               'weights': 'ema', 'pair_format': r.pair_format, 'image_shape': list(shape),
               **sampling.sampler_settings(config)}
+  main_process = distributed.is_main_process()
+  if not main_process:
+    distributed.barrier()  # Rank 0 first: it removes the half-written files of a killed run.
   writer = reflow_pairs.PairShardWriter(r.data_root, config.seed, settings, r.total_number_of_samples,
-                                        r.pairs_per_shard)
+                                        r.pairs_per_shard, clean_temporary=main_process)
   needed = writer.check_free_disk()
   missing = writer.missing_shards()
-  logging.info('Generating %d of %d shards (%.2f GB, %d bytes per pair, format %s) into %s', len(missing),
-               writer.num_shards, needed / 1e9, reflow_pairs.bytes_per_pair(r.pair_format, shape), r.pair_format,
-               writer.folder)
+  if main_process:
+    distributed.barrier()
+  mine = [missing[i] for i in distributed.shard_indices(len(missing))]
+  logging.info('Generating %d of %d shards (%d by this process; %.2f GB, %d bytes per pair, format %s) into %s',
+               len(missing), writer.num_shards, len(mine), needed / 1e9,
+               reflow_pairs.bytes_per_pair(r.pair_format, shape), r.pair_format, writer.folder)
   sample_fn = sampling.get_sampling_fn(config, (r.pairs_per_shard, *shape))
-  for index in tqdm(missing, desc='pair shards', dynamic_ncols=True):
+  for index in tqdm(mine, desc='pair shards', dynamic_ncols=True, disable=not main_process):
     first, count = writer.shard_range(index)
     z0 = flow_math.indexed_noise(config.seed, first, count, shape, flow.noise_std).to(device)
     generator = torch.Generator().manual_seed(config.seed * 2**32 + first)
-    z1, nfe = sample_fn(flow, noise=z0, generator=generator)
-    writer.write_shard(index, z0, z1, nfe)
+    solution = sample_fn(flow, noise=z0, generator=generator)
+    writer.write_shard(index, z0, solution.x, solution.contributing_nfe)
+  distributed.barrier()
+  if main_process:
+    writer.refresh_manifest()
   logging.info('%s: %d pairs, NFE %s', writer.folder, writer.manifest.get('count', 0), writer.manifest.get('nfe'))
   return writer.manifest
 
@@ -306,15 +413,15 @@ def reflow(config, workdir):
   if r.reflow_type == 'train_reflow':
     return run_training(config, workdir,
                         train_batches=lambda start, device, generator: pair_batches(config, start, device),
-                        eval_batches=lambda start, device: pair_batches(config, start, device, seed_offset=1),
+                        eval_batches=lambda start, device: held_out_pair_batches(config, start, device),
                         initialize=initialize, lpips_model=lpips_model, reflow=True)
   teacher_velocity = losses.build_rectified_flow(config, teacher_net).velocity
   held_out_generator = torch.Generator().manual_seed(config.seed + 1)
   return run_training(config, workdir,
-                      train_batches=lambda start, device, generator: online_pair_batches(config, teacher_velocity,
-                                                                                         device),
-                      eval_batches=lambda start, device: online_pair_batches(config, teacher_velocity, device,
-                                                                             held_out_generator),
+                      train_batches=lambda start, device, generator: online_pair_batches(
+                          config, teacher_velocity, device, generator),
+                      eval_batches=lambda start, device: online_pair_batches(
+                          config, teacher_velocity, device, held_out_generator, training=False),
                       initialize=initialize, lpips_model=lpips_model, reflow=True)
 
 
@@ -361,14 +468,19 @@ def bits_per_dim(config, flow, device):
 
 
 def sample_checkpoint(config, flow, rounds, inception, device):
-  """Makes (or reuses) every round of eval.num_samples samples; returns their arrays concatenated."""
+  """Makes (or reuses) every round of eval.num_samples samples; returns their arrays concatenated.
+
+  Under torchrun each process makes the rounds r = rank, rank + world, ...; a sample's noise comes from its own
+  seed, so the samples do not depend on the number of processes. Rank 0 returns the arrays, the others None.
+  """
   data, e = config.data, config.eval
   shape = (data.num_channels, data.image_size, data.image_size)
   sample_fn = sampling.get_sampling_fn(config, (e.batch_size, *shape))
   inverse_scaler = datasets.get_data_inverse_scaler(config)
   num_rounds = -(-e.num_samples // e.batch_size)
-  parts = []
-  for index in tqdm(range(num_rounds), desc='sampling rounds', dynamic_ncols=True):
+  parts = {}
+  for index in tqdm(distributed.shard_indices(num_rounds), desc='sampling rounds', dynamic_ncols=True,
+                    disable=not distributed.is_main_process()):
     part = rounds.read(index)
     if part is None:
       first = index * e.batch_size
@@ -384,17 +496,27 @@ def sample_checkpoint(config, flow, rounds, inception, device):
               'nfe': np.full(count, solution.contributing_nfe), 'network_calls': np.full(count, solution.nfe),
               'straightness': meter.value(samples).cpu().numpy()}
       rounds.write(index, **part)
-    parts.append(part)
-  return {key: np.concatenate([p[key] for p in parts])[:e.num_samples] for key in parts[0]}
+    parts[index] = part
+  distributed.barrier()
+  if not distributed.is_main_process():
+    return None
+  for index in range(num_rounds):
+    if index not in parts:
+      parts[index] = rounds.read(index)
+      if parts[index] is None:
+        raise RuntimeError(f'Sampling round {rounds.path(index)} of another process is missing or unreadable')
+  return {key: np.concatenate([parts[i][key] for i in range(num_rounds)])[:e.num_samples] for key in parts[0]}
 
 
 def evaluate(config, workdir, eval_folder):
   """Sweeps checkpoints eval.begin_ckpt..eval.end_ckpt: loss, bpd, samples, FID / IS / KID, straightness, NFE."""
   device = select_device()
+  main_process = distributed.is_main_process()
   e = config.eval
   eval_dir = os.path.join(workdir, eval_folder)
-  os.makedirs(eval_dir, exist_ok=True)
-  write_resolved_config(config, eval_dir)
+  if main_process:
+    os.makedirs(eval_dir, exist_ok=True)
+    write_resolved_config(config, eval_dir)
   if e.metrics_backend not in ('torch', 'tfgan'):
     raise ValueError(f"Unknown eval.metrics_backend {e.metrics_backend!r}; valid: 'torch', 'tfgan'")
   reference, inception, inception_name = None, None, None
@@ -413,7 +535,8 @@ def evaluate(config, workdir, eval_folder):
 
   for ckpt in range(e.begin_ckpt, e.end_ckpt + 1):
     path = checkpoints.snapshot_checkpoint_path(workdir, ckpt)
-    if not evaluation.wait_for_file(path, e.checkpoint_wait_seconds):
+    # Rank 0 decides, so that every process evaluates the same checkpoints.
+    if not distributed.broadcast_object(main_process and evaluation.wait_for_file(path, e.checkpoint_wait_seconds)):
       logging.warning('Checkpoint %s does not exist after waiting %gs: skipped', path, e.checkpoint_wait_seconds)
       continue
     try:
@@ -426,9 +549,9 @@ def evaluate(config, workdir, eval_folder):
     report = {'checkpoint': ckpt, 'step': state['step'], 'checkpoint_sha256': evaluation.file_sha256(path)}
     flow.eval()
     with state['ema'].average_parameters(params):
-      if e.enable_loss:
+      if e.enable_loss and main_process:
         report['eval_loss'] = held_out_loss(config, flow, device)
-      if e.enable_bpd:
+      if e.enable_bpd and main_process:
         report['bpd'], report['bpd_nfe_mean'] = bits_per_dim(config, flow, device)
       if e.enable_sampling or e.enable_figures_only:
         manifest = {'checkpoint_sha256': report['checkpoint_sha256'], 'seed': config.seed,
@@ -436,13 +559,19 @@ def evaluate(config, workdir, eval_folder):
                                                                 config.data.image_size],
                     'inception': inception_name,
                     **sampling.sampler_settings(config)}
+        if not main_process:
+          distributed.barrier()  # Rank 0 writes (or checks) the manifest first.
         rounds = evaluation.SampleRounds(os.path.join(eval_dir, f'ckpt_{ckpt}'), manifest)
+        if main_process:
+          distributed.barrier()
         if e.enable_figures_only:
           config_one_round = config.copy_and_resolve_references()
           config_one_round.eval.num_samples = min(e.batch_size, 64)
           results = sample_checkpoint(config_one_round, flow, rounds, None, device)
         else:
           results = sample_checkpoint(config, flow, rounds, inception, device)
+        if not main_process:
+          continue
         grid = torch.from_numpy(results['images'][:64]).float() / 255.0
         sampling.save_sample_grid(grid, os.path.join(rounds.folder, 'sample_grid.png'))
         report.update(num_samples=int(len(results['images'])), sampler=config.sampling.use_ode_sampler,
@@ -464,10 +593,12 @@ def evaluate(config, workdir, eval_folder):
                 seed=config.seed)
           else:
             report['kid'] = None  # The stats file has mu/sigma only, not the raw features KID needs.
+    if not main_process:
+      continue
     report['seconds'] = time.time() - started
     atomic_files.write_json(os.path.join(eval_dir, f'report_{ckpt}.json'), report)
     logging.info('checkpoint %d: %s', ckpt, {k: v for k, v in report.items() if k != 'checkpoint_sha256'})
-  return evaluation.write_sweep_table(eval_dir)
+  return evaluation.write_sweep_table(eval_dir) if main_process else None
 
 
 def compute_reference_stats(config, workdir):

@@ -16,6 +16,11 @@ def get_default_configs():
   training.log_freq = 50  # Every this many updates log the training loss (TensorBoard, metrics.jsonl).
   training.eval_freq = 100  # Every this many updates log the loss on a held-out batch.
   training.reduce_mean = True  # Per-sample loss: mean (True) or sum (False) of squared errors over pixels.
+  training.grad_accum_steps = 1  # Micro-batches per update on each process (global batch = batch_size either way).
+  training.precision = 'fp32'  # Autocast: 'fp32' (published), 'bf16' or 'fp16' (with a grad scaler).
+  training.channels_last = False  # NHWC memory format for the network and its inputs (faster with bf16/fp16).
+  training.compile = False  # torch.compile the training forward/backward.
+  training.allow_tf32 = True  # TF32 matmuls and convolutions on CUDA (no effect on the CPU).
   training.time_eps = 1e-3  # Training times t ~ U[time_eps, 1]; samplers integrate from time_eps to 1.
 
   config.sampling = sampling = ml_collections.ConfigDict()
@@ -104,6 +109,7 @@ def get_default_configs():
   model.conv_size = 3  # Convolution kernel size.
 
   config.optim = optim = ml_collections.ConfigDict()
+  optim.fused = True  # Fused Adam kernel on CUDA (the CPU uses the default implementation).
   optim.optimizer = 'Adam'  # Optimiser name.
   optim.lr = 2e-4  # Peak learning rate.
   optim.beta1 = 0.9  # Adam beta1 (beta2 is 0.999).

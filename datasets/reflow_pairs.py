@@ -5,7 +5,9 @@ with different seeds can generate in parallel). Pair j of a seed has the noise z
 pair is reproducible. Two storage formats:
   - 'float32': the published layout, z0 and z1 in float32, shard array (2, N, C, H, W);
   - 'compact': z1 in float16, shard array (N, C, H, W); z0 is regenerated from its seed when read.
-Shards are memory-mapped when read, so training never loads all pairs into memory.
+Shards are memory-mapped when read, so training never loads all pairs into memory. Each finished shard has a record
+``shard_{i:06d}.json`` (its pairs and NFE) written after it; the manifest collects them, so processes of a torchrun
+job can write disjoint shards of one folder.
 """
 import bisect
 import json
@@ -29,12 +31,12 @@ def bytes_per_pair(pair_format, shape):
 class PairShardWriter:
   """Writes the shards of one seed folder; ``missing_shards()`` tells a resumed run what is left to make."""
 
-  def __init__(self, data_root, seed, settings, total_pairs, pairs_per_shard):
+  def __init__(self, data_root, seed, settings, total_pairs, pairs_per_shard, clean_temporary=True):
     if settings['pair_format'] not in PAIR_FORMATS:
       raise ValueError(f"Unknown reflow.pair_format {settings['pair_format']!r}; valid: {list(PAIR_FORMATS)}")
     self.folder = os.path.join(data_root, f'seed_{seed}')
     os.makedirs(self.folder, exist_ok=True)
-    for name in os.listdir(self.folder):  # Half-written files of a killed run: never renamed, never counted.
+    for name in os.listdir(self.folder) if clean_temporary else ():  # Half-written files of a killed run.
       if '.tmp-' in name:
         os.remove(os.path.join(self.folder, name))
     self.seed, self.total_pairs, self.pairs_per_shard = seed, total_pairs, pairs_per_shard
@@ -52,7 +54,7 @@ class PairShardWriter:
     else:
       self.manifest = {**self.settings, 'shards': {}}
     self.manifest['total_number_of_samples'] = total_pairs
-    atomic_files.write_json(self.manifest_path, self.manifest)
+    self.refresh_manifest()
 
   @property
   def num_shards(self):
@@ -65,9 +67,25 @@ class PairShardWriter:
     first = index * self.pairs_per_shard
     return first, min(self.pairs_per_shard, self.total_pairs - first)
 
+  def record_path(self, index):
+    return os.path.join(self.folder, f'shard_{index:06d}.json')
+
   def missing_shards(self):
-    return [i for i in range(self.num_shards)
-            if not (str(i) in self.manifest['shards'] and os.path.exists(self.shard_path(i)))]
+    return [i for i in range(self.num_shards) if not (os.path.exists(self.shard_path(i)) and (
+        os.path.exists(self.record_path(i)) or str(i) in self.manifest['shards']))]
+
+  def refresh_manifest(self):
+    """Collects the records of the finished shards (from every process) into the manifest, atomically."""
+    for index in range(self.num_shards):
+      if os.path.exists(self.shard_path(index)) and os.path.exists(self.record_path(index)):
+        with open(self.record_path(index), encoding='utf-8') as handle:
+          self.manifest['shards'][str(index)] = json.load(handle)
+    if self.manifest['shards']:
+      nfes = [s['nfe'] for s in self.manifest['shards'].values()]
+      self.manifest['count'] = sum(s['count'] for s in self.manifest['shards'].values())
+      self.manifest['nfe'] = {'mean': float(np.mean(nfes)), 'min': int(min(nfes)), 'max': int(max(nfes))}
+      self.manifest['bytes_per_pair'] = bytes_per_pair(self.settings['pair_format'], self.settings['image_shape'])
+    atomic_files.write_json(self.manifest_path, self.manifest)
 
   def check_free_disk(self):
     """Refuses to start when the remaining shards would not fit on the disk."""
@@ -83,7 +101,7 @@ class PairShardWriter:
     return needed
 
   def write_shard(self, index, z0, z1, nfe):
-    """Writes shard ``index`` (temporary file, fsync, rename), then records it in the manifest."""
+    """Writes shard ``index`` (temporary file, fsync, rename), then its record, then the manifest."""
     if self.settings['pair_format'] == 'float32':
       array = np.stack([z0.float().cpu().numpy(), z1.float().cpu().numpy()])
     else:
@@ -91,12 +109,8 @@ class PairShardWriter:
     with atomic_files.atomic_open(self.shard_path(index)) as handle:
       np.save(handle, array)
     first, count = self.shard_range(index)
-    self.manifest['shards'][str(index)] = {'first_pair': first, 'count': count, 'nfe': nfe}
-    nfes = [s['nfe'] for s in self.manifest['shards'].values()]
-    self.manifest['count'] = sum(s['count'] for s in self.manifest['shards'].values())
-    self.manifest['nfe'] = {'mean': float(np.mean(nfes)), 'min': int(min(nfes)), 'max': int(max(nfes))}
-    self.manifest['bytes_per_pair'] = bytes_per_pair(self.settings['pair_format'], self.settings['image_shape'])
-    atomic_files.write_json(self.manifest_path, self.manifest)
+    atomic_files.write_json(self.record_path(index), {'first_pair': first, 'count': count, 'nfe': int(nfe)})
+    self.refresh_manifest()
 
 
 class PairShards(torch.utils.data.Dataset):

@@ -65,12 +65,12 @@ class RectifiedFlow(nn.Module):
     """v(x, t), converted from the model's prediction where it predicts noise or data."""
     return flow.to_velocity(self.predict, self.predict_raw(x, times, **model_kwargs), x, times)
 
-  def sample_noise(self, shape, device=None, dtype=torch.float32):
-    return torch.randn(shape, device=device, dtype=dtype) * self.noise_std
+  def sample_noise(self, shape, device=None, dtype=torch.float32, generator=None):
+    return torch.randn(shape, device=device, dtype=dtype, generator=generator) * self.noise_std
 
-  def sample_times(self, batch_size, device=None, dtype=torch.float32):
+  def sample_times(self, batch_size, device=None, dtype=torch.float32, generator=None):
     return flow.sample_times(batch_size, self.time_distribution, eps=self.time_eps, device=device, dtype=dtype,
-                             **self.time_distribution_kwargs)
+                             generator=generator, **self.time_distribution_kwargs)
 
   def predict_on_path(self, data, noise=None, times=None, **model_kwargs):
     """Draws (X0, t) where not given and returns (noise, times, X_t, the model's prediction at (X_t, t))."""

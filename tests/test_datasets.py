@@ -65,12 +65,29 @@ def test_uniform_dequantization_stays_inside_each_8bit_bin():
 
 
 def test_endless_sampler_reshuffles_each_epoch_and_resumes_anywhere():
-  stream = list(itertools.islice(iter(EndlessShuffledSampler(10, seed=3)), 30))
+  stream = list(itertools.islice(iter(EndlessShuffledSampler(10, seed=3, global_batch=1)), 30))
   for epoch in range(3):
     assert sorted(stream[10 * epoch:10 * epoch + 10]) == list(range(10))
   assert stream[:10] != stream[10:20]
-  resumed = list(itertools.islice(iter(EndlessShuffledSampler(10, seed=3, start=13)), 17))
+  resumed = list(itertools.islice(iter(EndlessShuffledSampler(10, seed=3, global_batch=1, start_batch=13)), 17))
   assert resumed == stream[13:]
+
+
+@pytest.mark.parametrize('world, micro_batch', [(2, 4), (2, 2), (4, 2), (1, 2)])
+def test_processes_and_micro_batches_split_each_global_batch_without_changing_it(world, micro_batch):
+  """Rows [(j world + r) m, ...) of every global batch of 8 go to micro-batch j of rank r, whatever world and m."""
+  single = list(itertools.islice(iter(EndlessShuffledSampler(10, seed=3, global_batch=8)), 8 * 5))
+  per_rank = [list(itertools.islice(iter(EndlessShuffledSampler(10, seed=3, global_batch=8, micro_batch=micro_batch,
+                                                                 rank=r, world=world, start_batch=1)), 8 // world * 4))
+              for r in range(world)]
+  micro_steps = 8 // (world * micro_batch)
+  for batch in range(4):
+    rebuilt = []
+    for j in range(micro_steps):
+      for r in range(world):
+        first = (batch * micro_steps + j) * micro_batch
+        rebuilt += per_rank[r][first:first + micro_batch]
+    assert rebuilt == single[8 * (batch + 1):8 * (batch + 2)]
 
 
 def test_batches_resume_and_are_the_same_with_worker_processes():

@@ -138,18 +138,18 @@ def batches_with_nan_at(config, nan_steps):
   """Training batches of the config where the batches of the given (1-based) updates hold a NaN pixel."""
 
   def train_batches(start, device, generator):
-    for step, (x0, x1) in enumerate(run_lib.data_batches(config, True, start, device, generator), start=start + 1):
+    for step, (x0, x1, rows) in enumerate(run_lib.data_batches(config, start, device, generator), start=start + 1):
       if step in nan_steps:
         x1 = x1.clone()
         x1[0, 0, 0, 0] = float('nan')
-      yield x0, x1
+      yield x0, x1, rows
 
   return train_batches
 
 
 def run_with_nans(config, workdir, nan_steps):
   return run_lib.run_training(config, str(workdir), train_batches=batches_with_nan_at(config, nan_steps),
-                              eval_batches=lambda start, device: run_lib.data_batches(config, False, start, device))
+                              eval_batches=lambda start, device: run_lib.held_out_data_batches(config, start, device))
 
 
 def test_a_non_finite_loss_skips_the_update_and_is_counted(tmp_path):

@@ -1,0 +1,114 @@
+"""torch.distributed for torchrun: process group set-up, rank queries, and the split of a global batch.
+
+``torchrun --nproc_per_node=N main.py ...`` (plus ``--nnodes``/``--node_rank``/``--rdzv_endpoint`` across nodes)
+sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything here is the single process (rank 0 of 1). NCCL is
+used on CUDA, gloo on the CPU.
+"""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed():
+  return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+  return dist.get_rank() if is_distributed() else 0
+
+
+def world_size():
+  return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process():
+  """Rank 0: the only process that logs metrics and writes checkpoints."""
+  return rank() == 0
+
+
+def launched_by_torchrun():
+  return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+
+
+def initialize(timeout_minutes=30):
+  """Joins the process group torchrun describes (once) and returns this process's device."""
+  if launched_by_torchrun() and not is_distributed():
+    if torch.cuda.is_available():
+      torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo',
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
+  return device()
+
+
+def device():
+  if torch.cuda.is_available():
+    return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)) if launched_by_torchrun() else 0)
+  return torch.device('cpu')
+
+
+def shutdown():
+  if is_distributed():
+    dist.destroy_process_group()
+
+
+def barrier():
+  if is_distributed():
+    dist.barrier()
+
+
+def broadcast_object(value):
+  """Rank 0's ``value`` on every rank (so that all ranks take the same decision)."""
+  if not is_distributed():
+    return value
+  box = [value]
+  dist.broadcast_object_list(box, src=0)
+  return box[0]
+
+
+def all_reduce_max(flag):
+  """The maximum over ranks of a small int (e.g. "a stop signal arrived here")."""
+  if not is_distributed():
+    return flag
+  tensor = torch.tensor([flag], dtype=torch.int64, device=device())
+  dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+  return int(tensor.item())
+
+
+def all_reduce_mean(tensor):
+  """The mean over ranks of a tensor (a copy; the input is left alone)."""
+  if not is_distributed():
+    return tensor
+  tensor = tensor.detach().clone()
+  dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+  return tensor / world_size()
+
+
+def batch_split(global_batch, grad_accum_steps=1, world=None):
+  """Rows per micro-batch when a global batch is split over ranks and accumulation steps; an uneven split is an error.
+
+  Micro-batch j of rank r holds rows [(j * world + r) m, (j * world + r + 1) m) of the global batch (m the
+  returned size), so every row is used once, whatever the number of processes.
+  """
+  world = world_size() if world is None else world
+  parts = world * grad_accum_steps
+  if grad_accum_steps < 1 or global_batch % parts:
+    raise ValueError(f'training.batch_size={global_batch} must split evenly over {world} processes x '
+                     f'training.grad_accum_steps={grad_accum_steps} micro-batches; choose a batch size divisible by '
+                     f'{parts}, or change the number of processes or accumulation steps')
+  return global_batch // parts
+
+
+def chunk_offset(micro_step, micro_batch, rank_=None, world=None):
+  """First row, in the global batch, of this rank's ``micro_step``-th micro-batch."""
+  rank_ = rank() if rank_ is None else rank_
+  world = world_size() if world is None else world
+  return (micro_step * world + rank_) * micro_batch
+
+
+def shard_indices(count, rank_=None, world=None):
+  """The work items (shards, rounds) of this rank: i = rank, rank + world, ... below ``count``."""
+  rank_ = rank() if rank_ is None else rank_
+  world = world_size() if world is None else world
+  return list(range(rank_, count, world))

@@ -1,0 +1,115 @@
+"""torchrun with 2 CPU processes (gloo) gives what 1 process gives: the same training, pairs and eval samples."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests import fault_injection
+
+REPO_ROOT = fault_injection.REPO_ROOT
+STEPS = 3
+
+
+def launch(workdir, mode, overrides, processes):
+  """main.py under torchrun (``processes`` >= 1) on the CPU, one thread per process."""
+  command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={processes}',
+             os.path.join(REPO_ROOT, 'main.py'), f'--config={fault_injection.DIGITS_CONFIG}', f'--workdir={workdir}',
+             f'--mode={mode}', *overrides]
+  environment = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
+  result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=environment)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result
+
+
+def train_overrides(**extra):
+  overrides = {**{key: value for key, value in (o[len('--config.'):].split('=', 1)
+                                                 for o in fault_injection.tiny_overrides(STEPS))},
+               'model.dropout': '0.0', 'training.snapshot_freq_for_preemption': str(STEPS),
+               'sampling.snapshot_batch_size': '2', **extra}
+  return [f'--config.{key}={value}' for key, value in overrides.items()]
+
+
+def final_state(workdir):
+  return fault_injection.training_state(os.path.join(workdir, 'checkpoints-meta', f'checkpoint_{STEPS}.pth'))
+
+
+@pytest.fixture(scope='module')
+def single_process_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('one_process')
+  launch(workdir, 'train', train_overrides(), processes=1)
+  return workdir
+
+
+def assert_close_states(workdir, reference):
+  step, tensors = final_state(workdir)
+  reference_step, expected = final_state(reference)
+  assert step == reference_step == STEPS
+  assert tensors.keys() == expected.keys()
+  for key in tensors:
+    torch.testing.assert_close(tensors[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+  moved = [key for key in tensors if key.startswith('model.') and not torch.equal(tensors[key], expected[key])]
+  return moved
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(single_process_run, tmp_path):
+  launch(tmp_path, 'train', train_overrides(), processes=2)
+  assert_close_states(tmp_path, single_process_run)
+  # Only rank 0 wrote files: one log, one metrics stream.
+  steps = [step for step in fault_injection.logged_losses(tmp_path)]
+  assert steps == list(range(1, STEPS + 1))
+  assert len(fault_injection.logged_losses(tmp_path)[1]) == 1
+
+
+def test_gradient_accumulation_trains_like_one_large_batch(single_process_run, tmp_path):
+  launch(tmp_path, 'train', train_overrides(**{'training.grad_accum_steps': '2'}), processes=2)
+  assert_close_states(tmp_path, single_process_run)
+
+
+def test_an_uneven_split_is_a_clear_error(tmp_path):
+  command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+             os.path.join(REPO_ROOT, 'main.py'), f'--config={fault_injection.DIGITS_CONFIG}', f'--workdir={tmp_path}',
+             '--mode=train', *train_overrides(**{'training.batch_size': '6', 'training.grad_accum_steps': '2'})]
+  result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+  assert result.returncode != 0
+  assert 'training.batch_size=6 must split evenly over 2 processes x training.grad_accum_steps=2' in result.stderr
+
+
+def pair_and_eval_overrides(teacher, data_root):
+  return [*train_overrides(), '--config.reflow.reflow_type=generate_data_from_z0',
+          f'--config.reflow.last_flow_ckpt={teacher}', f'--config.reflow.data_root={data_root}',
+          '--config.reflow.total_number_of_samples=22', '--config.reflow.pairs_per_shard=4',
+          '--config.sampling.sample_N=4']
+
+
+def test_pairs_and_eval_samples_do_not_depend_on_the_number_of_processes(single_process_run, tmp_path,
+                                                                        random_inception_weights):
+  teacher = single_process_run / 'checkpoints' / 'checkpoint_1.pth'
+  for processes in (1, 2):
+    launch(tmp_path / f'run_{processes}', 'reflow',
+           pair_and_eval_overrides(teacher, tmp_path / f'pairs_{processes}'), processes)
+  z0, z1 = fault_injection.read_pairs(str(tmp_path / 'pairs_1'))
+  z0_two, z1_two = fault_injection.read_pairs(str(tmp_path / 'pairs_2'))
+  assert len(z0) == 22 and torch.equal(z0, z0_two) and torch.equal(z1, z1_two)
+
+  stats = tmp_path / 'stats.npz'
+  np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))
+  eval_overrides = [*train_overrides(), '--config.eval.begin_ckpt=1', '--config.eval.end_ckpt=1',
+                    '--config.eval.enable_sampling=True', '--config.eval.num_samples=12', '--config.eval.batch_size=4',
+                    f'--config.eval.stats_path={stats}', f'--config.eval.inception_weights_path={random_inception_weights}',
+                    '--config.eval.kid_subset_size=4', '--config.sampling.sample_N=4']
+  rounds, reports = {}, {}
+  for processes in (1, 2):
+    launch(single_process_run, 'eval', [*eval_overrides, f'--eval_folder=eval_{processes}'], processes)
+    folder = single_process_run / f'eval_{processes}' / 'ckpt_1'
+    rounds[processes] = [dict(np.load(folder / f'round_{i:05d}.npz')) for i in range(3)]
+    reports[processes] = json.loads((single_process_run / f'eval_{processes}' / 'report_1.json').read_text())
+  for one, two in zip(rounds[1], rounds[2]):  # Round 1 was made by the second process.
+    assert np.array_equal(one['images'], two['images'])
+    np.testing.assert_allclose(one['pool_3'], two['pool_3'], rtol=1e-5, atol=1e-6)
+  assert reports[1]['num_samples'] == reports[2]['num_samples'] == 12
+  assert reports[1]['fid'] == pytest.approx(reports[2]['fid'], rel=1e-6)

@@ -7,6 +7,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+import distributed
 import interruption
 import run_lib
 
@@ -26,7 +27,6 @@ def log_to_file(path):
   handler.setFormatter(logging.Formatter('%(levelname)s %(asctime)s %(filename)s:%(lineno)d] %(message)s'))
   absl_logger = absl_logging.get_absl_logger()
   absl_logger.addHandler(handler)
-  absl_logger.setLevel(logging.INFO)
 
 
 def main(argv):
@@ -36,11 +36,13 @@ def main(argv):
   if FLAGS.mode == 'eval' and not os.path.isdir(workdir):
     sys.exit(f'error: --workdir {workdir!r} does not exist; --mode eval reads the checkpoints of an existing work '
              f'directory')
-  absl_logging.set_verbosity(absl_logging.INFO)
+  rank = int(os.environ.get('RANK', 0))  # torchrun: rank 0 logs; the others report warnings, in their own file.
+  absl_logging.set_verbosity(absl_logging.INFO if rank == 0 else absl_logging.WARNING)
   os.makedirs(workdir, exist_ok=True)
-  log_to_file(os.path.join(workdir, 'stdout.txt'))
+  log_to_file(os.path.join(workdir, 'stdout.txt' if rank == 0 else f'stdout_rank{rank}.txt'))
   try:
     run(config, workdir)
+    distributed.shutdown()
   except interruption.TrainingInterrupted as stopped:
     logging.warning('%s', stopped)
     sys.exit(stopped.exit_code)

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from ml_collections import config_dict
 
@@ -104,3 +105,34 @@ def test_resume_starts_from_the_saved_weights(tmp_path):
   assert state['step'] == 2
   for key, value in state['model'].state_dict().items():
     assert torch.equal(value, saved['model']['module.' + key]), key
+
+
+@pytest.mark.parametrize('precision, channels_last', [('bf16', True), ('fp16', False)])
+def test_mixed_precision_trains_with_fp32_state_and_resumes_exactly(tmp_path, precision, channels_last):
+  def config(n_iters):
+    c = tiny_digits_config(n_iters=n_iters, snapshot_freq=100, snapshot_freq_for_preemption=2)
+    c.training.precision, c.training.channels_last = precision, channels_last
+    c.optim.warmup = 0
+    return c
+
+  uninterrupted = run_lib.train(config(4), str(tmp_path / 'a'))
+  assert all(p.dtype == torch.float32 for p in uninterrupted['model'].parameters())
+  assert all(s.dtype == torch.float32 for s in uninterrupted['ema'].shadow_params)
+  records = [json.loads(line) for line in (tmp_path / 'a' / 'metrics.jsonl').read_text().splitlines()]
+  assert all(torch.isfinite(torch.tensor(r['training_loss'])) for r in records if 'training_loss' in r)
+  saved = torch.load(tmp_path / 'a' / 'checkpoints-meta' / 'checkpoint_4.pth', weights_only=False)
+  assert ('grad_scaler' in saved) == (precision == 'fp16')
+  run_lib.train(config(2), str(tmp_path / 'b'))
+  resumed = run_lib.train(config(4), str(tmp_path / 'b'))
+  expected, actual = flat_state(uninterrupted), flat_state(resumed)
+  assert all(torch.equal(expected[key], actual[key]) for key in expected)
+  run_lib.seed_everything(config(4).seed)
+  fresh = flat_state(run_lib.build_training_state(config(4), torch.device('cpu')))
+  assert not torch.equal(fresh['param.0'], actual['param.0'])  # It trained.
+
+
+def test_unknown_precision_is_a_clear_error(tmp_path):
+  config = tiny_digits_config(n_iters=1, snapshot_freq=100, snapshot_freq_for_preemption=1)
+  config.training.precision = 'fp8'
+  with pytest.raises(ValueError, match=r"Unknown training.precision 'fp8'; valid: \['fp32', 'bf16', 'fp16'\]"):
+    run_lib.train(config, str(tmp_path))

@@ -56,7 +56,7 @@ def run_with_kills(command, kills, rng, log_path, progress, on_kill=None):
 
   A quarter of the kills land at a random moment of start-up; the rest wait until ``progress()`` (a marker of the
   files the work writes) has changed since the launch, so that this process is working, then a random 0-1.5 s. Returns the number of kills delivered (a run that finished before its kill
-  ends the experiment early).
+  ends the experiment early: give it enough updates or pairs for the kills asked for).
   """
   delivered = 0
   with open(log_path, 'a', encoding='utf-8') as log:
@@ -215,8 +215,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--kills', type=int, default=50, help='SIGKILLs for each of training and pair generation')
   parser.add_argument('--seed', type=int, default=0, help='seed of the kill moments')
-  parser.add_argument('--updates', type=int, default=400, help='training updates of the killed run')
-  parser.add_argument('--pairs', type=int, default=800, help='pairs of the killed generation (4 per shard)')
+  parser.add_argument('--updates', type=int, default=2000, help='training updates of the killed run')
+  parser.add_argument('--pairs', type=int, default=3200, help='pairs of the killed generation (4 per shard)')
   parser.add_argument('--workdir', default='', help='keep the runs here (default: a temporary folder, removed)')
   args = parser.parse_args()
   root = args.workdir or tempfile.mkdtemp(prefix='fault_injection_')

@@ -51,16 +51,14 @@ def assert_close_states(workdir, reference):
   assert tensors.keys() == expected.keys()
   for key in tensors:
     torch.testing.assert_close(tensors[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
-  moved = [key for key in tensors if key.startswith('model.') and not torch.equal(tensors[key], expected[key])]
-  return moved
+  assert any(key.startswith('adam.') for key in tensors)  # Updates were made (Adam has state).
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(single_process_run, tmp_path):
   launch(tmp_path, 'train', train_overrides(), processes=2)
   assert_close_states(tmp_path, single_process_run)
   # Only rank 0 wrote files: one log, one metrics stream.
-  steps = [step for step in fault_injection.logged_losses(tmp_path)]
-  assert steps == list(range(1, STEPS + 1))
+  assert sorted(fault_injection.logged_losses(tmp_path)) == list(range(1, STEPS + 1))
   assert len(fault_injection.logged_losses(tmp_path)[1]) == 1
 
 

@@ -4,6 +4,7 @@
 sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything here is the single process (rank 0 of 1). NCCL is
 used on CUDA, gloo on the CPU.
 """
+import contextlib
 import datetime
 import os
 
@@ -56,6 +57,16 @@ def shutdown():
 def barrier():
   if is_distributed():
     dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first():
+  """Rank 0 runs the block first (e.g. to set files aside or write a manifest), then the other ranks run it."""
+  if not is_main_process():
+    barrier()
+  yield
+  if is_main_process():
+    barrier()
 
 
 def broadcast_object(value):

@@ -167,12 +167,9 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
   path_generator = torch.Generator(device).manual_seed(config.seed + 2)  # Training noise and times; likewise.
   state['grad_scaler'] = torch.amp.GradScaler(device.type, enabled=training.precision == 'fp16')
 
-  if not main_process:
-    distributed.barrier()  # Rank 0 first: it sets corrupt files aside, the others then read what it read.
-  resumed, resumed_path = checkpoints.resume_from_preemption_checkpoint(
-      workdir, state, device=device, architecture=model_config_summary(config))
-  if main_process:
-    distributed.barrier()
+  with distributed.main_process_first():  # Rank 0 sets corrupt files aside; the others then read what it read.
+    resumed, resumed_path = checkpoints.resume_from_preemption_checkpoint(
+        workdir, state, device=device, architecture=model_config_summary(config))
   if resumed is not None:
     logging.info('Resumed from %s at step %d', resumed_path, state['step'])
   elif initialize is not None:
@@ -367,14 +364,11 @@ def generate_reflow_pairs(config, workdir):
               'weights': 'ema', 'pair_format': r.pair_format, 'image_shape': list(shape),
               **sampling.sampler_settings(config)}
   main_process = distributed.is_main_process()
-  if not main_process:
-    distributed.barrier()  # Rank 0 first: it removes the half-written files of a killed run.
-  writer = reflow_pairs.PairShardWriter(r.data_root, config.seed, settings, r.total_number_of_samples,
-                                        r.pairs_per_shard, clean_temporary=main_process)
-  needed = writer.check_free_disk()
-  missing = writer.missing_shards()
-  if main_process:
-    distributed.barrier()
+  with distributed.main_process_first():  # Rank 0 removes the half-written files of a killed run first.
+    writer = reflow_pairs.PairShardWriter(r.data_root, config.seed, settings, r.total_number_of_samples,
+                                          r.pairs_per_shard, clean_temporary=main_process)
+    needed = writer.check_free_disk()
+    missing = writer.missing_shards()
   mine = [missing[i] for i in distributed.shard_indices(len(missing))]
   logging.info('Generating %d of %d shards (%d by this process; %.2f GB, %d bytes per pair, format %s) into %s',
                len(missing), writer.num_shards, len(mine), needed / 1e9,
@@ -559,11 +553,8 @@ def evaluate(config, workdir, eval_folder):
                                                                 config.data.image_size],
                     'inception': inception_name,
                     **sampling.sampler_settings(config)}
-        if not main_process:
-          distributed.barrier()  # Rank 0 writes (or checks) the manifest first.
-        rounds = evaluation.SampleRounds(os.path.join(eval_dir, f'ckpt_{ckpt}'), manifest)
-        if main_process:
-          distributed.barrier()
+        with distributed.main_process_first():  # Rank 0 writes (or checks) the manifest first.
+          rounds = evaluation.SampleRounds(os.path.join(eval_dir, f'ckpt_{ckpt}'), manifest)
         if e.enable_figures_only:
           config_one_round = config.copy_and_resolve_references()
           config_one_round.eval.num_samples = min(e.batch_size, 64)

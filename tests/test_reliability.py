@@ -122,13 +122,17 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(reference_run, tm
 
 
 def test_fault_injection_loses_nothing(tmp_path):
-  """A small run of tests/fault_injection.py (the full one is `python -m tests.fault_injection --kills 50`)."""
+  """A small run of tests/fault_injection.py (the full one is `python -m tests.fault_injection --kills 50`).
+
+  A run that finishes before a kill lands ends its experiment early, so the counts are at least 1, not exactly 2;
+  everything else (nothing lost, identical final state and pairs) is asserted inside the injection functions.
+  """
   rng = random.Random(0)
-  training = fault_injection.inject_training_faults(str(tmp_path), kills=2, rng=rng, n_iters=40)
-  assert training['training_kills'] == 2
+  training = fault_injection.inject_training_faults(str(tmp_path), kills=2, rng=rng, n_iters=150)
+  assert 1 <= training['training_kills'] <= 2
   assert training['max_updates_lost_at_a_kill'] <= fault_injection.PREEMPTION_INTERVAL
-  pairs = fault_injection.inject_pair_faults(str(tmp_path), kills=2, rng=rng, teacher=training['teacher'], total=24)
-  assert pairs['pair_kills'] == 2
+  pairs = fault_injection.inject_pair_faults(str(tmp_path), kills=2, rng=rng, teacher=training['teacher'], total=200)
+  assert 1 <= pairs['pair_kills'] <= 2
 
 
 # ---------------------------------------------------------------------------------------------------------------

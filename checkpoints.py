@@ -122,10 +122,11 @@ def load_network_weights(net, state_dict, source='checkpoint', architecture=''):
 
 def capture_rng_state(data_generator=None, path_generator=None):
   state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
-  if torch.cuda.is_available():
+  if torch.cuda.is_initialized():  # Only where this process used CUDA (a CPU run on a GPU machine does not).
     state['cuda'] = torch.cuda.get_rng_state_all()
   if data_generator is not None:
     state['data'] = data_generator.get_state()
+    state['data_device'] = str(data_generator.device)
   if path_generator is not None:
     state['path'] = path_generator.get_state()
     state['path_device'] = str(path_generator.device)
@@ -136,10 +137,14 @@ def restore_rng_state(state, data_generator=None, path_generator=None):
   torch.set_rng_state(state['torch'])
   np.random.set_state(state['numpy'])
   random.setstate(state['python'])
-  if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+  if 'cuda' in state and torch.cuda.is_initialized() and len(state['cuda']) == torch.cuda.device_count():
     torch.cuda.set_rng_state_all(state['cuda'])
   if data_generator is not None and 'data' in state:
-    data_generator.set_state(state['data'])
+    if state.get('data_device', 'cpu') == str(data_generator.device):
+      data_generator.set_state(state['data'])
+    else:
+      logging.warning('The checkpoint drew augmentations on %s, this run on %s: their stream restarts from the seed',
+                      state.get('data_device', 'cpu'), data_generator.device)
   if path_generator is not None and 'path' in state:
     if state.get('path_device') == str(path_generator.device):
       path_generator.set_state(state['path'])

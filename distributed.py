@@ -33,20 +33,63 @@ def launched_by_torchrun():
   return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
 
 
-def initialize(timeout_minutes=30):
-  """Joins the process group torchrun describes (once) and returns this process's device."""
-  if launched_by_torchrun() and not is_distributed():
-    if torch.cuda.is_available():
-      torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo',
+_device = None  # This process's device, chosen by ``initialize``.
+
+
+def resolve_device(setting='auto'):
+  """The torch device that a ``device`` setting names for this process.
+
+  'auto': the LOCAL_RANK GPU under torchrun (GPU 0 otherwise) when CUDA is present, else the CPU; 'cpu'; 'cuda'
+  (the LOCAL_RANK GPU, which CUDA must provide); 'cuda:N' (a single process only: torchrun assigns GPUs by rank).
+  """
+  setting = str(setting).strip().lower()
+  local_rank = int(os.environ.get('LOCAL_RANK', 0)) if launched_by_torchrun() else 0
+  if setting == 'auto':
+    return torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
+  if setting == 'cpu':
+    return torch.device('cpu')
+  if setting == 'cuda' or setting.startswith('cuda:'):
+    if not torch.cuda.is_available():
+      raise ValueError(f'device={setting!r} asks for a GPU, but CUDA is not available to this PyTorch '
+                       f'({torch.__version__}); use --device=cpu or --device=auto')
+    if setting == 'cuda':
+      index = local_rank
+    else:
+      index = setting[len('cuda:'):]
+      if not index.isdigit():
+        raise ValueError(f"device={setting!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+      index = int(index)
+      if launched_by_torchrun() and int(os.environ['WORLD_SIZE']) > 1:
+        raise ValueError(f"device={setting!r} names one GPU, but torchrun started {os.environ['WORLD_SIZE']} "
+                         f"processes: use --device=cuda (each process takes its LOCAL_RANK's GPU) or auto")
+    if index >= torch.cuda.device_count():
+      raise ValueError(f'device={setting!r}: this machine has {torch.cuda.device_count()} visible GPU(s) '
+                       f'(CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES", "unset")})')
+    return torch.device('cuda', index)
+  raise ValueError(f"device={setting!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def initialize(device_setting='auto', timeout_minutes=30):
+  """Chooses this process's device (``resolve_device``), joins the process group torchrun describes (once: NCCL
+  on CUDA, gloo on the CPU) and returns the device."""
+  global _device
+  chosen = resolve_device(device_setting)
+  if is_distributed():
+    if chosen != _device:
+      raise ValueError(f'This process already runs on {_device}; it cannot switch to {chosen}')
+    return _device
+  _device = chosen
+  if chosen.type == 'cuda':
+    torch.cuda.set_device(chosen)
+  if launched_by_torchrun():
+    dist.init_process_group('nccl' if chosen.type == 'cuda' else 'gloo',
                             timeout=datetime.timedelta(minutes=timeout_minutes))
-  return device()
+  return chosen
 
 
 def device():
-  if torch.cuda.is_available():
-    return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)) if launched_by_torchrun() else 0)
-  return torch.device('cpu')
+  """The device chosen by ``initialize`` (before it: what 'auto' would choose)."""
+  return _device if _device is not None else resolve_device('auto')
 
 
 def shutdown():

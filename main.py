@@ -17,6 +17,8 @@ flags.DEFINE_string('workdir', None, 'Work directory: checkpoints, samples, logs
 flags.DEFINE_enum('mode', None, ['train', 'eval', 'reflow', 'stats'],
                   'Running mode: train, eval, reflow, or stats (reference statistics for FID).')
 flags.DEFINE_string('eval_folder', 'eval', 'Folder under the workdir for evaluation results.')
+flags.DEFINE_string('device', None, "Device: 'auto' (the LOCAL_RANK GPU when CUDA is present, else the CPU), 'cpu', "
+                    "'cuda' or 'cuda:N'; overrides --config.device.")
 flags.DEFINE_bool('traceback', False, 'Show the full traceback of configuration and input errors.')
 flags.mark_flags_as_required(['config', 'workdir', 'mode'])
 
@@ -33,6 +35,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config, workdir = FLAGS.config, FLAGS.workdir
+  if FLAGS.device is not None:
+    config.device = FLAGS.device
   if FLAGS.mode == 'eval' and not os.path.isdir(workdir):
     sys.exit(f'error: --workdir {workdir!r} does not exist; --mode eval reads the checkpoints of an existing work '
              f'directory')

@@ -24,9 +24,10 @@ from rectified_flow_pytorch import flow as flow_math
 from rectified_flow_pytorch import likelihood, solvers
 
 
-def select_device():
-  """This process's device (its LOCAL_RANK's GPU under torchrun), after joining torchrun's process group."""
-  return distributed.initialize()
+def select_device(config):
+  """This process's device from the ``device`` setting (``distributed.resolve_device``: 'auto' takes the LOCAL_RANK's
+  GPU when CUDA is present, else the CPU), after joining torchrun's process group."""
+  return distributed.initialize(config.device)
 
 
 def seed_everything(seed):
@@ -76,15 +77,50 @@ def rows_of(micro_step, micro_batch):
   return slice(first, first + micro_batch)
 
 
-def training_stream(config, dataset, start_batch, device, seed):
-  """This process's micro-batches of every global batch from ``start_batch`` on, with their rows: (batch, rows)."""
+def resident_training_images(config, dataset, device):
+  """The training images on ``device`` when ``data.device_resident`` and they fit in ``data.device_resident_max_gb``
+  (as uint8 for 8-bit images: CIFAR-10 takes 150 MB), else None (the loader path)."""
+  data = config.data
+  if not data.device_resident:
+    return None
+  nbytes = len(dataset) * dataset[0].numel()  # At one byte per value; float images take 4.
+  if nbytes > data.device_resident_max_gb * 1e9:
+    logging.info('Training images (%.1f GB as uint8) exceed data.device_resident_max_gb=%g: using the data loader',
+                 nbytes / 1e9, data.device_resident_max_gb)
+    return None
+  started = time.time()
+  images = datasets.dataset_tensor(dataset, num_workers=data.num_workers).to(device)
+  if images.element_size() * images.numel() > data.device_resident_max_gb * 1e9:
+    logging.info('Training images (%.1f GB as %s) exceed data.device_resident_max_gb=%g: using the data loader',
+                 images.element_size() * images.numel() / 1e9, images.dtype, data.device_resident_max_gb)
+    return None
+  logging.info('Training images on %s: %s %s, %.2f GB, loaded in %.1fs', device, tuple(images.shape), images.dtype,
+               images.element_size() * images.numel() / 1e9, time.time() - started)
+  return images
+
+
+def training_stream(config, dataset, start_batch, device, seed, resident=False):
+  """This process's micro-batches of every global batch from ``start_batch`` on, with their rows: (batch, rows).
+
+  With ``resident`` (an image dataset) the images may be held on the device (``data.device_resident``); the
+  batches are the same images in the same order either way.
+  """
   micro_batch, micro_steps = micro_batches_of(config)
-  batches = datasets.endless_batches(dataset, config.training.batch_size, seed=seed, start_batch=start_batch,
-                                     num_workers=config.data.num_workers, pin_memory=device.type == 'cuda',
-                                     micro_batch=micro_batch, rank=distributed.rank(),
-                                     world=distributed.world_size())
+  images = resident_training_images(config, dataset, device) if resident else None
+  order = dict(batch_size=config.training.batch_size, seed=seed, start_batch=start_batch, micro_batch=micro_batch,
+               rank=distributed.rank(), world=distributed.world_size())
+  if images is not None:
+    batches = iter(datasets.ResidentBatches(images, **order))
+  else:
+    batches = datasets.endless_batches(dataset, num_workers=config.data.num_workers,
+                                       pin_memory=device.type == 'cuda', **order)
   for index, batch in enumerate(batches):
     yield batch, rows_of(index % micro_steps, micro_batch)
+
+
+def data_generator_for(config, device):
+  """The generator of the training augmentations: on the device with device-resident data (no host draws)."""
+  return torch.Generator(device if config.data.device_resident else 'cpu').manual_seed(config.seed)
 
 
 def data_batches(config, start_batch, device, generator=None):
@@ -94,15 +130,17 @@ def data_batches(config, start_batch, device, generator=None):
   scaler = datasets.get_data_scaler(config)
   micro_steps = config.training.grad_accum_steps
   replay = None
-  for index, (batch, rows) in enumerate(training_stream(config, dataset, start_batch, device, config.seed)):
+  stream = training_stream(config, dataset, start_batch, device, config.seed, resident=True)
+  for index, (batch, rows) in enumerate(stream):
     if generator is not None and micro_steps > 1:  # Each micro-batch slices the same global-batch draws.
       if index % micro_steps == 0:
         replay = generator.get_state()
       else:
         generator.set_state(replay)
+    batch = batch.to(device, non_blocking=True)
     batch = datasets.augment(batch, random_flip=data.random_flip, uniform_dequantization=data.uniform_dequantization,
                              generator=generator, global_batch=config.training.batch_size, rows=rows)
-    yield None, scaler(batch.to(device, non_blocking=True)), rows
+    yield None, scaler(batch), rows
 
 
 def held_out_data_batches(config, start_batch, device):
@@ -127,17 +165,28 @@ class NonFiniteLossError(RuntimeError):
   """Too many updates had a non-finite loss or gradient; the checkpoints on disk hold only finite weights."""
 
 
-def check_nonfinite(state, limit, loss, last_good_checkpoint):
-  """Logs a skipped update and raises ``NonFiniteLossError`` once ``limit`` updates of the run were skipped."""
+def count_skipped_updates(state, limit, last_good_checkpoint, since_step):
+  """Reads the device counter of skipped updates (one host read) into ``state['nonfinite_steps']``; logs them and
+  raises ``NonFiniteLossError`` once ``limit`` updates of the run were skipped. Returns the number just read.
+
+  The loop reads it every ``training.log_freq`` updates and before every checkpoint, so a skipped update makes
+  no host read of its own; skipped updates change no weights, so the checkpoints in between stay good.
+  """
+  pending = state.pop('nonfinite_pending', None)
+  skipped = 0 if pending is None else int(pending)
+  if not skipped:
+    return 0
+  state['nonfinite_steps'] = state.get('nonfinite_steps', 0) + skipped
   count, step = state['nonfinite_steps'], state['step']
-  logging.warning('step: %d, non-finite loss or gradient (loss %s): update skipped (%d of at most %d in this run)',
-                  step, loss.item(), count, limit)
+  logging.warning('steps %d-%d: %d update(s) with a non-finite loss or gradient skipped (%d of at most %d in this '
+                  'run)', since_step + 1, step, skipped, count, limit)
   if count >= limit:
     raise NonFiniteLossError(
-        f'{count} updates had a non-finite loss or gradient (the last at step {step}), reaching '
+        f'{count} updates had a non-finite loss or gradient (the last at or before step {step}), reaching '
         f'training.max_nonfinite_steps={limit}; stopped. The last good checkpoint is '
         f'{last_good_checkpoint or "none (no checkpoint was written yet)"}; its weights are finite. Lower optim.lr, '
         f'set optim.grad_clip, or check the data (NaN or Inf pixels, pairs), then resume from it.')
+  return skipped
 
 
 def run_training(config, workdir, train_batches, eval_batches, initialize=None, lpips_model=None, reflow=False):
@@ -149,7 +198,7 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
   sets the initial weights of a fresh run (e.g. the teacher's); ``reflow`` selects the reflow time schedule and
   loss of ``config.reflow``. Under torchrun every process trains its rows (DDP); only rank 0 writes files.
   """
-  device = select_device()
+  device = select_device(config)
   configure_backends(config, device)
   main_process = distributed.is_main_process()
   if main_process:
@@ -162,10 +211,11 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
   micro_batch, micro_steps = micro_batches_of(config)
   logging.info('Model %s: %s parameters on %s; global batch %d = %d processes x %d micro-batches x %d, %s',
                config.model.name, f'{sum(p.numel() for p in net.parameters()):,}', device, training.batch_size,
-               distributed.world_size(), micro_steps, micro_batch, training.precision)
-  data_generator = torch.Generator().manual_seed(config.seed)  # Augmentations; saved with the RNG state.
+               distributed.world_size(), micro_steps, micro_batch, losses.resolve_precision(config, device))
+  data_generator = data_generator_for(config, device)  # Augmentations; saved with the RNG state.
   path_generator = torch.Generator(device).manual_seed(config.seed + 2)  # Training noise and times; likewise.
-  state['grad_scaler'] = torch.amp.GradScaler(device.type, enabled=training.precision == 'fp16')
+  state['grad_scaler'] = torch.amp.GradScaler(device.type,
+                                              enabled=losses.resolve_precision(config, device) == 'fp16')
 
   with distributed.main_process_first():  # Rank 0 sets corrupt files aside; the others then read what it read.
     resumed, resumed_path = checkpoints.resume_from_preemption_checkpoint(
@@ -208,6 +258,7 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
   progress = tqdm(total=training.n_iters, initial=state['step'], desc='train', dynamic_ncols=True,
                   mininterval=1.0, disable=not main_process)
   last_log_time, last_log_step = time.time(), state['step']
+  last_read_step = state['step']
   last_good_checkpoint = resumed_path
 
   def save_preemption():
@@ -220,15 +271,18 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
     try:
       while state['step'] < training.n_iters:
         micro = [next(batches) for _ in range(micro_steps)]
-        nonfinite_before = state.get('nonfinite_steps', 0)
         loss = train_step(state, micro)
         step = state['step']
         progress.update(1)
-        if state.get('nonfinite_steps', 0) > nonfinite_before:  # The same decision on every process.
-          metrics.log(step, nonfinite_steps=state['nonfinite_steps'])
-          check_nonfinite(state, training.max_nonfinite_steps, loss, last_good_checkpoint)
+        is_log = step % training.log_freq == 0
+        is_snapshot = step % training.snapshot_freq == 0 or step == training.n_iters
+        is_preemption = step % training.snapshot_freq_for_preemption == 0 or step == training.n_iters
+        if is_log or is_snapshot or is_preemption:  # The same decision on every process (gradients are shared).
+          if count_skipped_updates(state, training.max_nonfinite_steps, last_good_checkpoint, last_read_step):
+            metrics.log(step, nonfinite_steps=state['nonfinite_steps'])
+          last_read_step = step
 
-        if step % training.log_freq == 0:
+        if is_log:
           loss_value = distributed.all_reduce_mean(loss).item()  # The global batch's loss.
           now = time.time()
           images_per_second = (step - last_log_step) * training.batch_size / max(now - last_log_time, 1e-9)
@@ -239,20 +293,22 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
           if main_process:
             logging.info('step: %d, training_loss: %.5e, images/s: %.1f', step, loss_value, images_per_second)
 
-        # torchrun signals every process; they agree on the update to stop after.
-        signum = distributed.all_reduce_max(stop.signum or 0)
-        if signum:
-          path = save_preemption()
-          distributed.barrier()
-          raise interruption.TrainingInterrupted(signum, step, path)
+        # torchrun signals every process; they agree on the update to stop after (every log_freq updates, since
+        # agreeing is a host read; a single process stops after the current update).
+        if not distributed.is_distributed() or is_log:
+          signum = distributed.all_reduce_max(stop.signum or 0)
+          if signum:
+            count_skipped_updates(state, training.max_nonfinite_steps, last_good_checkpoint, last_read_step)
+            path = save_preemption()
+            distributed.barrier()
+            raise interruption.TrainingInterrupted(signum, step, path)
 
         if main_process and step % training.eval_freq == 0:
           eval_loss = eval_step(state, *next(held_out)).item()
           metrics.log(step, eval_loss=eval_loss)
           logging.info('step: %d, eval_loss: %.5e', step, eval_loss)
 
-        is_snapshot = step % training.snapshot_freq == 0 or step == training.n_iters
-        if main_process and is_snapshot and training.snapshot_sampling:
+        if main_process and training.snapshot_sampling and (is_snapshot or step in training.sample_grid_steps):
           net.eval()
           with state['ema'].average_parameters(params):
             samples, nfe = sample_fn(flow, noise=snapshot_noise)
@@ -265,7 +321,7 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
           path = checkpoints.snapshot_checkpoint_path(workdir, step // training.snapshot_freq)
           checkpoints.save_checkpoint(path, state, config, data_generator, path_generator)
           logging.info('step: %d, saved %s', step, path)
-        if step % training.snapshot_freq_for_preemption == 0 or step == training.n_iters:
+        if is_preemption:
           last_good_checkpoint = save_preemption()
       distributed.barrier()  # Every process leaves once the last checkpoint is on disk.
     finally:
@@ -352,7 +408,7 @@ def generate_reflow_pairs(config, workdir):
   Under torchrun each process makes the shards i = rank, rank + world, ... of those missing; a pair's noise comes
   from its own seed, so the pairs do not depend on the number of processes.
   """
-  device = select_device()
+  device = select_device(config)
   r = config.reflow
   if not r.data_root:
     raise ValueError('reflow.data_root is empty: pass the folder for the pairs, e.g. '
@@ -395,7 +451,7 @@ def reflow(config, workdir):
   if r.reflow_type not in ('train_reflow', 'train_online_reflow'):
     raise ValueError(f"Unknown reflow.reflow_type {r.reflow_type!r}; valid: 'generate_data_from_z0', "
                      f"'train_reflow', 'train_online_reflow'")
-  device = select_device()
+  device = select_device(config)
   resuming = bool(checkpoints.preemption_checkpoints(workdir))
   teacher_net = None
   if not resuming or r.reflow_type == 'train_online_reflow':
@@ -504,7 +560,7 @@ def sample_checkpoint(config, flow, rounds, inception, device):
 
 def evaluate(config, workdir, eval_folder):
   """Sweeps checkpoints eval.begin_ckpt..eval.end_ckpt: loss, bpd, samples, FID / IS / KID, straightness, NFE."""
-  device = select_device()
+  device = select_device(config)
   main_process = distributed.is_main_process()
   e = config.eval
   eval_dir = os.path.join(workdir, eval_folder)
@@ -594,7 +650,7 @@ def evaluate(config, workdir, eval_folder):
 
 def compute_reference_stats(config, workdir):
   """Inception pool_3 activations of the configured dataset's training split, written to eval.stats_path."""
-  device = select_device()
+  device = select_device(config)
   inception = evaluation.InceptionFeatures(
       evaluation.resolve_inception_weights(config.eval.inception_weights_path), device)
   batches = _held_out_batches(config, 'train', config.eval.stats_num_images)

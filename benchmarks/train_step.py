@@ -64,8 +64,8 @@ def matmul_flops_per_second(device, size, repeats, dtype=torch.float32):
 
 def benchmark(model, batch, steps, matmul_size, precision='fp32', channels_last=False, compile_model=False):
   name, get_config = MODELS[model]
-  device = run_lib.select_device()
   config = get_config()
+  device = run_lib.select_device(config)
   config.training.batch_size = batch
   config.training.precision = precision
   config.training.channels_last = channels_last

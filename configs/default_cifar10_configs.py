@@ -13,11 +13,12 @@ def get_default_configs():
   training.keep_preemption_checkpoints = 3  # Newest preemption checkpoints kept (an unreadable one falls back).
   training.max_nonfinite_steps = 20  # Updates skipped for a non-finite loss/gradient before the run stops.
   training.snapshot_sampling = True  # Write an EMA sample grid with each snapshot checkpoint.
+  training.sample_grid_steps = ()  # Further updates with an EMA sample grid (no checkpoint), e.g. an early look.
   training.log_freq = 50  # Every this many updates log the training loss (TensorBoard, metrics.jsonl).
   training.eval_freq = 100  # Every this many updates log the loss on a held-out batch.
   training.reduce_mean = True  # Per-sample loss: mean (True) or sum (False) of squared errors over pixels.
   training.grad_accum_steps = 1  # Micro-batches per update on each process (global batch = batch_size either way).
-  training.precision = 'fp32'  # Autocast: 'fp32' (published), 'bf16' or 'fp16' (with a grad scaler).
+  training.precision = 'auto'  # Autocast: 'fp32' (published), 'bf16', 'fp16' (grad scaler); 'auto': losses.py.
   training.channels_last = False  # NHWC memory format for the network and its inputs (faster with bf16/fp16).
   training.compile = False  # torch.compile the training forward/backward.
   training.allow_tf32 = True  # TF32 matmuls and convolutions on CUDA (no effect on the CPU).
@@ -30,6 +31,9 @@ def get_default_configs():
   sampling.rk45_sync_every = 0  # RK45 steps per host read of its done flag; 0: 4 on CUDA (no per-step sync), 1 on CPU.
   sampling.sample_N = 1000  # Number of steps of the Euler sampler.
   sampling.sigma_variance = 0.0  # > 0: the published stochastic Euler sampler, noise (1 - t) * sigma_variance.
+  sampling.ode_state_dtype = 'float32'  # Solver state and step control: 'float32' or 'float64' (scipy's, published).
+  sampling.precision = 'fp32'  # Network arithmetic when sampling: 'fp32' or 'bf16' (autocast around the network call).
+  sampling.cuda_graph = True  # On CUDA, replay the network call from a CUDA graph captured per batch shape.
   sampling.snapshot_batch_size = 64  # Images in each snapshot sample grid.
 
   config.eval = evaluate = ml_collections.ConfigDict()
@@ -78,6 +82,8 @@ def get_default_configs():
   data.centered = True  # Scale images to [-1, 1] (True) or keep [0, 1] (the model then maps x to 2x - 1).
   data.uniform_dequantization = False  # Add U[0, 1) / 256 noise to the 8-bit pixel values in training.
   data.num_workers = 4  # Data-loader worker processes.
+  data.device_resident = True  # Training images on the training device when they fit (no loader, same order).
+  data.device_resident_max_gb = 4.0  # Largest training set (as uint8 for 8-bit images) kept on the device.
 
   config.model = model = ml_collections.ConfigDict()
   model.name = 'ncsnpp'  # Registered network (models.registered_models()).
@@ -119,4 +125,5 @@ def get_default_configs():
   optim.grad_clip = 1.0  # Gradient-norm clip (a negative value disables clipping).
 
   config.seed = 42  # Seeds parameters, data order, noise and times.
+  config.device = 'auto'  # 'auto' (the LOCAL_RANK GPU when CUDA is present, else the CPU), 'cpu', 'cuda', 'cuda:N'.
   return config

@@ -70,3 +70,60 @@ def endless_batches(dataset, batch_size, *, seed, start_batch=0, num_workers=0, 
                       # Its own generator, so creating the loader never draws from the global RNG.
                       generator=torch.Generator().manual_seed(seed))
   return iter(loader)
+
+
+def dataset_tensor(dataset, num_workers=0, batch_size=500):
+  """Every image of ``dataset`` in one (N, C, H, W) CPU tensor: uint8 when all values are 8-bit levels k / 255 (as
+  ToTensor makes them; 4x smaller, converted back exactly), float32 otherwise (e.g. resized digits)."""
+  parts = []
+  # Its own generator: a loader draws a seed for its workers, which must not come from the global RNG (dropout).
+  for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                          generator=torch.Generator().manual_seed(0)):
+    levels = (batch * 255.0).round()
+    parts.append(levels.to(torch.uint8) if torch.equal(levels / 255.0, batch) else batch.float())
+  if all(part.dtype == torch.uint8 for part in parts):
+    return torch.cat(parts)
+  return torch.cat([part.float() / 255.0 if part.dtype == torch.uint8 else part for part in parts])
+
+
+class ResidentBatches:
+  """The micro-batches of ``endless_batches``, drawn from images held on the training device.
+
+  Same stream (seeded per-epoch permutations cut into global batches, this process's rows of each), so a run
+  resumed at ``start_batch`` and the loader path see the same images in the same order; the gather runs on the
+  device from a permutation kept there, so a batch costs no loader, worker or host-to-device copy.
+  """
+
+  def __init__(self, images, batch_size, *, seed, start_batch=0, micro_batch=None, rank=0, world=1):
+    if images.shape[0] < batch_size:
+      raise ValueError(f'The dataset has {images.shape[0]} images, fewer than one batch of {batch_size}')
+    self.images, self.seed = images, seed
+    self.sampler = EndlessShuffledSampler(images.shape[0], seed, global_batch=batch_size, start_batch=start_batch,
+                                          micro_batch=micro_batch, rank=rank, world=world)
+    self._orders = {}
+
+  def _order(self, epoch):
+    if epoch not in self._orders:
+      self._orders = {e: order for e, order in self._orders.items() if e >= epoch - 1}
+      self._orders[epoch] = epoch_permutation(self.images.shape[0], self.seed, epoch).to(self.images.device)
+    return self._orders[epoch]
+
+  def _indices(self, first, count):
+    """Item indices of stream positions [first, first + count), which span at most two epochs."""
+    n, pieces = self.images.shape[0], []
+    while count:
+      epoch, offset = divmod(first, n)
+      take = min(count, n - offset)
+      pieces.append(self._order(epoch)[offset:offset + take])
+      first, count = first + take, count - take
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+  def __iter__(self):
+    s = self.sampler
+    batch = s.start_batch
+    while True:
+      for micro_step in range(s.micro_steps):
+        first = batch * s.global_batch + (micro_step * s.world + s.rank) * s.micro_batch
+        images = self.images[self._indices(first, s.micro_batch)]
+        yield images.float() / 255.0 if images.dtype == torch.uint8 else images
+      batch += 1

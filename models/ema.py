@@ -16,22 +16,55 @@ class ExponentialMovingAverage:
     if not 0.0 <= decay <= 1.0:
       raise ValueError(f'EMA decay must be in [0, 1], got {decay}')
     self.decay = decay
-    self.num_updates = 0 if use_num_updates else None
     self.shadow_params = [p.detach().clone() for p in parameters if p.requires_grad]
+    # The update count lives on the shadows' device, so that an update can be applied or skipped without a host read.
+    device = self.shadow_params[0].device if self.shadow_params else torch.device('cpu')
+    self._count = torch.zeros((), dtype=torch.int64, device=device) if use_num_updates else None
     self.collected_params = []
+
+  @property
+  def num_updates(self):
+    """Updates applied so far (None when the decay does not ramp up); reading it waits for the device."""
+    return None if self._count is None else int(self._count)
+
+  @num_updates.setter
+  def num_updates(self, value):
+    if value is None:
+      self._count = None
+    else:
+      device = self.shadow_params[0].device if self.shadow_params else torch.device('cpu')
+      self._count = torch.tensor(int(value), dtype=torch.int64, device=device)
 
   @staticmethod
   def _trainable(parameters):
     return [p for p in parameters if p.requires_grad]
 
   @torch.no_grad()
-  def update(self, parameters):
-    decay = self.decay
-    if self.num_updates is not None:
-      self.num_updates += 1
-      decay = min(decay, (1 + self.num_updates) / (10 + self.num_updates))
+  def update(self, parameters, apply=None):
+    """shadow <- shadow + (1 - d) (param - shadow) with d = min(decay, (1 + n) / (10 + n)) after n updates.
+
+    ``apply``: an optional boolean tensor; where it is False the shadows and the count stay exactly as they are.
+    Decay and weight w = 1 - d are computed on the device (float64, then the shadows' dtype): nothing waits for the
+    host.
+    """
     params = self._trainable(parameters)
-    torch._foreach_lerp_(self.shadow_params, [p.detach() for p in params], 1.0 - decay)
+    if not params:
+      return
+    decay = torch.tensor(self.decay, dtype=torch.float64, device=self.shadow_params[0].device)
+    if self._count is not None:
+      if apply is None:
+        self._count += 1
+      else:
+        self._count += apply.to(torch.int64)
+      count = self._count.to(torch.float64)
+      decay = torch.minimum(decay, (1.0 + count) / (10.0 + count))
+    weight = 1.0 - decay
+    if apply is not None:
+      weight = weight * apply.to(torch.float64)
+    # shadow += w (param - shadow) as three foreach operators: _foreach_lerp_ reads a tensor weight on the host.
+    difference = torch._foreach_sub(params, self.shadow_params)
+    torch._foreach_mul_(difference, weight.to(self.shadow_params[0].dtype))
+    torch._foreach_add_(self.shadow_params, difference)
 
   @torch.no_grad()
   def copy_to(self, parameters):
@@ -71,5 +104,5 @@ class ExponentialMovingAverage:
         raise ValueError(f'EMA shadow parameter {i} has shape {tuple(theirs.shape)} in the checkpoint but '
                          f'{tuple(mine.shape)} in the model')
     self.decay = state['decay']
-    self.num_updates = state['num_updates']
     self.shadow_params = [s.detach().clone().to(m.device, m.dtype) for m, s in zip(self.shadow_params, shadows)]
+    self.num_updates = state['num_updates']

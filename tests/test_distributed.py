@@ -15,11 +15,12 @@ STEPS = 3
 
 
 def launch(workdir, mode, overrides, processes, check=True):
-  """main.py under torchrun (``processes`` >= 1) on the CPU, one thread per process."""
+  """main.py under torchrun (``processes`` >= 1) with --device=cpu (gloo), one thread per process, also where GPUs
+  are visible: the comparisons below are of CPU arithmetic."""
   command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={processes}',
              os.path.join(REPO_ROOT, 'main.py'), f'--config={fault_injection.DIGITS_CONFIG}', f'--workdir={workdir}',
-             f'--mode={mode}', *overrides]
-  environment = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
+             f'--mode={mode}', '--device=cpu', *overrides]
+  environment = {**os.environ, 'OMP_NUM_THREADS': '1'}
   result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=environment)
   if check:
     assert result.returncode == 0, result.stderr[-4000:]

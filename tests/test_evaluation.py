@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import urllib.error
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 import evaluation
 import run_lib
 from rectified_flow_pytorch import likelihood
+from tests.conftest import TINY_RUN_UPDATES
 from tests.test_train import tiny_digits_config
 
 
@@ -165,12 +167,13 @@ def eval_config(stats_path, weights, **eval_overrides):
 
 
 @pytest.fixture(scope='module')
-def trained_workdir(tmp_path_factory, random_inception_weights):
+def trained_workdir(tmp_path_factory, tiny_run, random_inception_weights):
+  """A work directory holding the session's tiny run's snapshot as checkpoint 1, and reference statistics."""
   workdir = tmp_path_factory.mktemp('eval_run')
+  (workdir / 'checkpoints').mkdir()
+  shutil.copy(tiny_run / 'checkpoints' / 'checkpoint_1.pth', workdir / 'checkpoints' / 'checkpoint_1.pth')
   stats = workdir / 'digits_stats.npz'
-  config = eval_config(stats, random_inception_weights)
-  run_lib.train(config, str(workdir))
-  run_lib.compute_reference_stats(config, str(workdir))
+  run_lib.compute_reference_stats(eval_config(stats, random_inception_weights), str(workdir))
   return workdir, stats, random_inception_weights
 
 
@@ -192,7 +195,7 @@ def test_eval_sweep_writes_reports_and_resumes_without_mixing(trained_workdir, c
     assert report[key] is not None and math.isfinite(report[key]), key
   assert report['num_samples'] == 10 and report['nfe_mean'] == 3 and report['sampler'] == 'euler'
   assert report['network_calls_mean'] == 3
-  assert (eval_dir / 'report.csv').read_text().splitlines()[1].startswith('1,2,10,')
+  assert (eval_dir / 'report.csv').read_text().splitlines()[1].startswith(f'1,{TINY_RUN_UPDATES},10,')
   assert (eval_dir / 'fid.png').is_file() and (eval_dir / 'ckpt_1' / 'sample_grid.png').is_file()
   rounds = sorted(p.name for p in (eval_dir / 'ckpt_1').glob('round_*.npz'))
   assert rounds == ['round_00000.npz', 'round_00001.npz', 'round_00002.npz']

@@ -26,6 +26,7 @@ def write_images(folder, count, size=(40, 24), formats=('png', 'jpg', 'webp')):
 
 def folder_config(root, image_size=32):
   config = get_default_configs()
+  config.device = 'cpu'  # Parity with the published fixtures is checked on the CPU, on every machine.
   config.data.dataset = 'CelebA-HQ-Pytorch'
   config.data.root = str(root)
   config.data.image_size = image_size

@@ -29,10 +29,9 @@ def reflow_config(teacher, data_root, **reflow):
 
 
 @pytest.fixture(scope='module')
-def teacher(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('teacher')
-  run_lib.train(tiny_digits_config(n_iters=2, snapshot_freq=2, snapshot_freq_for_preemption=2), str(workdir))
-  return workdir / 'checkpoints' / 'checkpoint_1.pth'
+def teacher(tiny_run):
+  """The snapshot of the session's tiny run (the architecture of ``tiny_digits_config``); read, never written."""
+  return tiny_run / 'checkpoints' / 'checkpoint_1.pth'
 
 
 def read_shards(folder):
@@ -150,7 +149,7 @@ def test_student_starts_from_the_teacher_with_fresh_optimiser_and_ema(teacher, t
   config = reflow_config(teacher, tmp_path / 'pairs', reflow_type='train_reflow', init_from_ema=init_from_ema)
   state = run_lib.build_training_state(config, torch.device('cpu'))
   run_lib.initialize_student_from_teacher(config, torch.device('cpu'))(state)
-  saved = torch.load(teacher, weights_only=False)
+  saved = torch.load(teacher, map_location='cpu', weights_only=False)
   params = [p for p in state['model'].parameters() if p.requires_grad]
   if init_from_ema:
     for p, shadow in zip(params, saved['ema']['shadow_params']):

@@ -12,21 +12,21 @@ import checkpoints
 import models
 import run_lib
 from tests import fault_injection
+from tests.conftest import TINY_RUN_UPDATES
 from tests.test_train import flat_state, tiny_digits_config
 
-N_ITERS = 30  # Preemption checkpoints every fault_injection.PREEMPTION_INTERVAL = 10 updates.
+N_ITERS = TINY_RUN_UPDATES  # Preemption checkpoints every fault_injection.PREEMPTION_INTERVAL = 10 updates.
 
 
 def train_command(workdir):
+  """The command of the session's tiny run (``tiny_run``, on the CPU), in ``workdir``."""
   return fault_injection.main_command(workdir, 'train', fault_injection.tiny_overrides(N_ITERS))
 
 
 @pytest.fixture(scope='module')
-def reference_run(tmp_path_factory):
-  """An uninterrupted run of the subprocess tests' config."""
-  workdir = tmp_path_factory.mktemp('reference')
-  fault_injection.run_to_completion(train_command(workdir), str(workdir / 'run.log'))
-  return workdir
+def reference_run(tiny_run):
+  """An uninterrupted run of ``train_command``: the session's tiny run, made by that same command."""
+  return tiny_run
 
 
 def wait_for(condition, process, log_path, timeout=300):
@@ -90,7 +90,8 @@ def test_sigkill_at_half_way_then_restart_equals_an_uninterrupted_run(reference_
   workdir = tmp_path / 'killed'
   half = workdir / 'checkpoints-meta' / f'checkpoint_{N_ITERS // 2 // 10 * 10}.pth'
   with open(tmp_path / 'run.log', 'w') as log:
-    process = subprocess.Popen(train_command(workdir), stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(train_command(workdir), stdout=log, stderr=subprocess.STDOUT,
+                               env=fault_injection.run_environment())
     wait_for(half.exists, process, tmp_path / 'run.log')
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
@@ -105,7 +106,8 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(reference_run, tm
   workdir = tmp_path / 'signalled'
   log_path = tmp_path / 'signalled.log'
   with open(log_path, 'w') as log:
-    process = subprocess.Popen(train_command(workdir), stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(train_command(workdir), stdout=log, stderr=subprocess.STDOUT,
+                               env=fault_injection.run_environment())
     wait_for(lambda: len(fault_injection.logged_losses(workdir)) >= 3, process, log_path)
     process.send_signal(signum)
     process.wait(timeout=300)
@@ -161,7 +163,7 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(tmp_path):
   clean = run_with_nans(config, tmp_path / 'clean', nan_steps=())
   state = run_with_nans(config, tmp_path / 'nan', nan_steps={4})
   assert state['step'] == 4 and state['nonfinite_steps'] == 1
-  saved = torch.load(tmp_path / 'nan' / 'checkpoints-meta' / 'checkpoint_4.pth', weights_only=False)
+  saved = torch.load(tmp_path / 'nan' / 'checkpoints-meta' / 'checkpoint_4.pth', map_location='cpu', weights_only=False)
   assert saved['nonfinite_steps'] == 1
   # Update 4 was skipped: weights, EMA and Adam equal those of a clean run of 3 updates.
   clean3 = run_with_nans(tiny_digits_config(n_iters=3, snapshot_freq=100, snapshot_freq_for_preemption=3),
@@ -177,7 +179,7 @@ def test_too_many_non_finite_losses_stop_the_run_with_its_last_good_checkpoint_i
   with pytest.raises(run_lib.NonFiniteLossError, match=r'2 updates had a non-finite loss.*step 5.*checkpoint_4\.pth'):
     run_with_nans(config, tmp_path, nan_steps={3, 5})
   assert checkpoints.preemption_checkpoints(str(tmp_path))[0].endswith('checkpoint_4.pth')
-  saved = torch.load(tmp_path / 'checkpoints-meta' / 'checkpoint_4.pth', weights_only=False)
+  saved = torch.load(tmp_path / 'checkpoints-meta' / 'checkpoint_4.pth', map_location='cpu', weights_only=False)
   assert saved['step'] == 4 and saved['nonfinite_steps'] == 1
   assert all(torch.isfinite(value).all() for value in saved['model'].values() if value.is_floating_point())
 

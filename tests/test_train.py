@@ -1,8 +1,6 @@
 """--mode train end to end on the digits demo config: files written, published format, exact resume."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,11 +8,16 @@ from ml_collections import config_dict
 
 import run_lib
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_config
-from tests.conftest import REPO_ROOT
+from tests import fault_injection
+from tests.conftest import TINY_RUN_UPDATES
 
 
 def tiny_digits_config(**training):
+  """The digits demo shrunk to a tiny model, on the CPU on every machine: the tests built on it check bit-exact
+  resumes and repeats, a CPU guarantee."""
   config = digits_config()
+  config.device = 'cpu'
+  config.training.precision = 'fp32'  # Not 'auto' (bf16 on some CPUs): the same arithmetic on every machine.
   config.model.nf = 16
   config.model.ch_mult = (1, 2)
   config.model.attn_resolutions = (8,)
@@ -32,37 +35,29 @@ def tiny_digits_config(**training):
   return config
 
 
-def test_main_trains_three_steps_and_writes_both_checkpoint_kinds(tmp_path):
-  workdir = tmp_path / 'rf'
-  overrides = ['--config.training.n_iters=3', '--config.training.snapshot_freq=3',
-               '--config.training.snapshot_freq_for_preemption=2', '--config.model.nf=16',
-               '--config.model.ch_mult=(1,2)', '--config.training.batch_size=8', '--config.training.log_freq=1',
-               '--config.sampling.use_ode_sampler=euler', '--config.sampling.sample_N=2',
-               '--config.sampling.snapshot_batch_size=4']
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO_ROOT, 'main.py'),
-       f'--config={os.path.join(REPO_ROOT, "configs/rectified_flow/digits_rf_gaussian_ddpmpp_demo.py")}',
-       f'--workdir={workdir}', '--mode=train', *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-
+def test_main_trains_and_writes_both_checkpoint_kinds(tiny_run):
+  """``main.py --mode train`` end to end, on the session's tiny run (TINY_RUN_UPDATES updates, a snapshot at the end,
+  a preemption checkpoint every PREEMPTION_INTERVAL updates, the newest 2 kept): published format, samples, the
+  resolved config, metrics and TensorBoard, no temporary file left."""
+  workdir, steps, interval = tiny_run, TINY_RUN_UPDATES, fault_injection.PREEMPTION_INTERVAL
   snapshot = workdir / 'checkpoints' / 'checkpoint_1.pth'
-  meta = workdir / 'checkpoints-meta' / 'checkpoint_3.pth'
-  assert snapshot.is_file() and meta.is_file()
-  assert sorted(os.listdir(workdir / 'checkpoints-meta')) == ['checkpoint_2.pth', 'checkpoint_3.pth']
+  assert snapshot.is_file()
+  assert sorted(os.listdir(workdir / 'checkpoints-meta')) == [f'checkpoint_{steps - interval}.pth',
+                                                              f'checkpoint_{steps}.pth']
   checkpoint = torch.load(snapshot, map_location='cpu', weights_only=False)
   assert {'optimizer', 'model', 'ema', 'step', 'rng', 'config'} <= set(checkpoint)
-  assert checkpoint['step'] == 3
+  assert checkpoint['step'] == steps
   assert all(key.startswith('module.') for key in checkpoint['model'])
   assert set(checkpoint['ema']) == {'decay', 'num_updates', 'shadow_params'}
-  assert checkpoint['ema']['num_updates'] == 3
+  assert checkpoint['ema']['num_updates'] == steps
   assert len(checkpoint['ema']['shadow_params']) == len(checkpoint['optimizer']['state'])
-  assert config_dict.ConfigDict(json.loads(checkpoint['config'])).training.n_iters == 3
+  assert config_dict.ConfigDict(json.loads(checkpoint['config'])).training.n_iters == steps
 
-  assert (workdir / 'samples' / 'iter_3' / 'sample.png').is_file()
+  assert (workdir / 'samples' / f'iter_{steps}' / 'sample.png').is_file()
   resolved = json.loads((workdir / 'config.json').read_text())
-  assert resolved['training']['n_iters'] == 3 and resolved['model']['nf'] == 16
+  assert resolved['training']['n_iters'] == steps and resolved['model']['nf'] == 16
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  assert [r['step'] for r in records if 'training_loss' in r] == [1, 2, 3]
+  assert [r['step'] for r in records if 'training_loss' in r] == list(range(1, steps + 1))
   assert any('sample_nfe' in r for r in records)
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir / 'tensorboard'))
   assert not list(workdir.rglob('*.tmp*'))
@@ -81,7 +76,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
                                 str(tmp_path / 'a'))
   run_lib.train(tiny_digits_config(n_iters=2, snapshot_freq=100, snapshot_freq_for_preemption=2),
                 str(tmp_path / 'b'))
-  first_half = torch.load(tmp_path / 'b' / 'checkpoints-meta' / 'checkpoint_2.pth', weights_only=False)
+  first_half = torch.load(tmp_path / 'b' / 'checkpoints-meta' / 'checkpoint_2.pth', map_location='cpu',
+                          weights_only=False)
   assert first_half['step'] == 2
   resumed = run_lib.train(tiny_digits_config(n_iters=4, snapshot_freq=100, snapshot_freq_for_preemption=2),
                           str(tmp_path / 'b'))
@@ -99,7 +95,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
 def test_resume_starts_from_the_saved_weights(tmp_path):
   workdir = str(tmp_path / 'c')
   run_lib.train(tiny_digits_config(n_iters=2, snapshot_freq=100, snapshot_freq_for_preemption=2), workdir)
-  saved = torch.load(os.path.join(workdir, 'checkpoints-meta', 'checkpoint_2.pth'), weights_only=False)
+  saved = torch.load(os.path.join(workdir, 'checkpoints-meta', 'checkpoint_2.pth'), map_location='cpu',
+                     weights_only=False)
   # Same n_iters: the restarted run resumes at step 2, trains nothing and keeps the saved weights.
   state = run_lib.train(tiny_digits_config(n_iters=2, snapshot_freq=100, snapshot_freq_for_preemption=2), workdir)
   assert state['step'] == 2
@@ -120,7 +117,7 @@ def test_mixed_precision_trains_with_fp32_state_and_resumes_exactly(tmp_path, pr
   assert all(s.dtype == torch.float32 for s in uninterrupted['ema'].shadow_params)
   records = [json.loads(line) for line in (tmp_path / 'a' / 'metrics.jsonl').read_text().splitlines()]
   assert all(torch.isfinite(torch.tensor(r['training_loss'])) for r in records if 'training_loss' in r)
-  saved = torch.load(tmp_path / 'a' / 'checkpoints-meta' / 'checkpoint_4.pth', weights_only=False)
+  saved = torch.load(tmp_path / 'a' / 'checkpoints-meta' / 'checkpoint_4.pth', map_location='cpu', weights_only=False)
   assert ('grad_scaler' in saved) == (precision == 'fp16')
   run_lib.train(config(2), str(tmp_path / 'b'))
   resumed = run_lib.train(config(4), str(tmp_path / 'b'))

@@ -8,6 +8,7 @@ def get_config():
   training.batch_size = 64
   training.n_iters = 3000
   training.snapshot_freq = 1000
+  training.sample_grid_steps = (500,)  # A first look at the samples within minutes.
   training.snapshot_freq_for_preemption = 250
   training.log_freq = 25
   training.eval_freq = 250

@@ -1,0 +1,66 @@
+"""Updates/s of the digits demo's training loop (``make demo``) with today's defaults against the earlier settings.
+
+Each setting trains the demo config (DDPM++ on 16x16 digits, batch 64) for ``--updates`` updates in its own
+process and reads the loop's own images/s from metrics.jsonl (the mean over the logged windows after the first,
+so start-up and the first, slower updates stay out). The baseline is the settings the demo had before the
+GPU-first step: fp32, Adam without the fused kernel, the data loader. Settings run in turn, ``--repeats`` rounds,
+and each keeps its best round, so a slow moment of a shared machine does not decide a ratio.
+
+  python benchmarks/demo_speed.py --updates 300
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO_ROOT, 'configs', 'rectified_flow', 'digits_rf_gaussian_ddpmpp_demo.py')
+BASELINE = ['--config.training.precision=fp32', '--config.optim.fused=False', '--config.data.device_resident=False']
+SETTINGS = (
+    ('before: fp32, Adam, data loader (baseline)', BASELINE),
+    ('fp32, fused Adam, data loader', ['--config.training.precision=fp32', '--config.data.device_resident=False']),
+    ('fp32, fused Adam, resident data', ['--config.training.precision=fp32']),
+    ('default (precision auto, fused Adam, resident data)', []),
+)
+
+
+def loop_updates_per_second(overrides, updates, root, device):
+  workdir = os.path.join(root, str(len(os.listdir(root))))
+  command = [sys.executable, os.path.join(REPO_ROOT, 'main.py'), f'--config={CONFIG}', f'--workdir={workdir}',
+             '--mode=train', f'--device={device}', f'--config.training.n_iters={updates}',
+             '--config.training.snapshot_sampling=False', *overrides]
+  subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO_ROOT)
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as handle:
+    records = [json.loads(line) for line in handle]
+  with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as handle:
+    batch = json.load(handle)['training']['batch_size']
+  rates = [r['images_per_second'] for r in records if 'images_per_second' in r][1:]
+  return float(np.mean(rates)) / batch
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--updates', type=int, default=300, help='updates per setting (logged every 25)')
+  parser.add_argument('--repeats', type=int, default=2, help='rounds over all settings; each keeps its best')
+  parser.add_argument('--device', default='cpu')
+  args = parser.parse_args()
+  best = {label: 0.0 for label, _ in SETTINGS}
+  with tempfile.TemporaryDirectory() as root:
+    for round_index in range(args.repeats):
+      for label, overrides in SETTINGS:
+        rate = loop_updates_per_second(overrides, args.updates, root, args.device)
+        best[label] = max(best[label], rate)
+        print(f'round {round_index + 1}: {label}: {rate:.2f} updates/s', flush=True)
+  baseline = best[SETTINGS[0][0]]
+  print(f'\ndigits demo training loop on {args.device}, {args.updates} updates per run, best of {args.repeats}')
+  print(f'{"setting":<54}{"updates/s":>10}{"x before":>10}{"3,000 updates":>15}')
+  for label, rate in best.items():
+    print(f'{label:<54}{rate:>10.2f}{rate / baseline:>10.2f}{3000 / rate / 60:>12.1f} min')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,327 @@
+"""The device code paths on CUDA: the fast step against the fp32 eager step, no host read inside an update, the
+default step's loss curve, exact resume, RK45 against the CPU, device-resident batches against the loader.
+
+Every comparison moves tensors to the CPU. The module is skipped with a reason where CUDA is absent; on one H100 it
+takes under 3 minutes:
+
+  python -m pytest -q -rs tests/test_cuda.py
+"""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import datasets
+import distributed
+import losses
+import models
+import run_lib
+import sampling
+from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as demo_config
+from datasets import ResidentBatches, dataset_tensor, endless_batches
+from datasets.digits import TensorImages
+from dispatch_census import DispatchCensus
+from tests.test_train import flat_state, tiny_digits_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason='needs CUDA (torch.cuda.is_available() is False): these tests run the training '
+                                       'step, resume, RK45 and device-resident data on a GPU')
+
+DEFAULTS = demo_config()  # Which keys exist: some device options arrive in later changes.
+# What a sampling option that this config does not have yet amounts to: fp32 eager network calls, float32 state.
+SAMPLING_WITHOUT_THE_KEY = {'precision': 'fp32', 'cuda_graph': False, 'ode_state_dtype': 'float32'}
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_settings(monkeypatch):
+  """``run_lib.configure_backends`` sets process-wide TF32 and cuDNN flags and ``select_device`` the process's
+  device: every test here leaves them as it found them."""
+  monkeypatch.setattr(distributed, '_device', None)
+  saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+           torch.backends.cudnn.deterministic)
+  yield
+  (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+   torch.backends.cudnn.deterministic) = saved
+
+
+@pytest.fixture()
+def deterministic_cudnn(monkeypatch):
+  """cuDNN's deterministic algorithms without autotuning, also inside ``run_lib.train`` (whose
+  ``configure_backends`` turns autotuning on): two runs then choose the same convolution algorithms."""
+  configure = run_lib.configure_backends
+
+  def configure_deterministically(config, device):
+    configure(config, device)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+
+  monkeypatch.setattr(run_lib, 'configure_backends', configure_deterministically)
+  torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+
+
+def cuda_config(**training):
+  """The tiny digits model of tests/test_train.py on the GPU, without snapshot sample grids."""
+  config = tiny_digits_config(**training)
+  config.device = 'cuda'
+  config.training.snapshot_sampling = False
+  return config
+
+
+def state_group(key):
+  """'param', 'ema' or 'adam.<moment>' of a ``flat_state`` key."""
+  kind = key.split('.')
+  return f'adam.{kind[2]}' if kind[0] == 'adam' else kind[0]
+
+
+def assert_states_close(expected, actual, rtol):
+  """Parameters, EMA shadows and each Adam state (step, moments) of ``actual`` within ``rtol`` of ``expected``
+  relative to the largest |value| of their group, compared on the CPU.
+
+  Per group, not per entry: Adam divides by sqrt(v), so an entry whose gradient is rounding noise (a bias before a
+  GroupNorm has gradient 0 in exact arithmetic; cancellation leaves ~1e-16) moves by noise of its own size, and two
+  correct updates differ there by 100% of the entry. A wrong update (a skipped step, another bias correction or lr,
+  the EMA applied or not) moves whole tensors by about lr, 1e-3 of the group's scale.
+  """
+  assert expected.keys() == actual.keys()
+  errors, scales = {}, {}
+  for key in expected:
+    want, got = expected[key].cpu().double(), actual[key].cpu().double()
+    group = state_group(key)
+    error = (got - want).abs().max().item()
+    if error >= errors.get(group, (-1.0, ''))[0]:
+      errors[group] = (error, key)
+    scales[group] = max(scales.get(group, 0.0), want.abs().max().item())
+  for group, (error, key) in errors.items():
+    assert error <= rtol * scales[group], (f'{group}: max |difference| {error:.3g} (in {key}) > {rtol:g} x the '
+                                           f'largest |value| {scales[group]:.3g}')
+
+
+def logged_losses(workdir):
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return [(r['step'], r['training_loss']) for r in records if 'training_loss' in r]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fast step against the fp32 eager step.
+
+def train_three_updates(workdir, **settings):
+  """State after 3 updates of the tiny model on CUDA in fp32 with TF32 off; ``settings``: 'section.key': value."""
+  config = cuda_config(n_iters=3, snapshot_freq=100, snapshot_freq_for_preemption=3)
+  config.training.precision, config.training.allow_tf32 = 'fp32', False
+  for name, value in settings.items():
+    section, key = name.split('.')
+    config[section][key] = value
+  return run_lib.train(config, str(workdir))
+
+
+def test_the_fused_step_equals_the_unfused_fp32_step(tmp_path, deterministic_cudnn):
+  """Fused Adam (its found_inf skip, the EMA's apply flag: no host read) against the unfused Adam that reads the
+  host, on the same batches, noise and dropout: weights, EMA and Adam state agree to float rounding."""
+  fused = train_three_updates(tmp_path / 'fused', **{'optim.fused': True})
+  unfused = train_three_updates(tmp_path / 'unfused', **{'optim.fused': False})
+  assert losses.skips_updates_on_device(fused['optimizer'])
+  assert not losses.skips_updates_on_device(unfused['optimizer'])
+  assert fused['step'] == unfused['step'] == 3 and fused['ema'].num_updates == unfused['ema'].num_updates == 3
+  assert_states_close(flat_state(unfused), flat_state(fused), rtol=1e-5)
+  run_lib.seed_everything(cuda_config().seed)
+  initial = flat_state(run_lib.build_training_state(cuda_config(), torch.device('cpu')))
+  assert not torch.equal(initial['param.0'], flat_state(fused)['param.0'].cpu())  # It trained.
+
+
+@pytest.mark.skipif('cuda_graph' not in DEFAULTS.training,
+                    reason='training.cuda_graph does not exist in the config yet: no graph-captured step to compare')
+def test_the_graph_captured_step_equals_the_eager_step(tmp_path, deterministic_cudnn):
+  graphed = train_three_updates(tmp_path / 'graphed', **{'training.cuda_graph': True})
+  eager = train_three_updates(tmp_path / 'eager', **{'training.cuda_graph': False})
+  assert graphed['step'] == eager['step'] == 3
+  assert_states_close(flat_state(eager), flat_state(graphed), rtol=1e-5)
+  assert [step for step, _ in logged_losses(tmp_path / 'graphed')] == [1, 2, 3]
+  np.testing.assert_allclose([loss for _, loss in logged_losses(tmp_path / 'graphed')],
+                             [loss for _, loss in logged_losses(tmp_path / 'eager')], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No host read inside an update.
+
+def cuda_update(config):
+  """``update()``: one update of ``config`` as the training loop makes it on CUDA: the next global batch from the
+  device-resident images (gathered, flipped and scaled on the device), then ``losses.get_step_fn``'s step."""
+  device = run_lib.select_device(config)
+  run_lib.configure_backends(config, device)
+  run_lib.seed_everything(config.seed)
+  state = run_lib.build_training_state(config, device)
+  flow = losses.build_rectified_flow(config, state['model'])
+  step = losses.get_step_fn(config, losses.get_loss_fn(config, flow), list(state['model'].parameters()),
+                            state['optimizer'], state['ema'], train=True, device=device,
+                            generator=torch.Generator(device).manual_seed(config.seed + 2))
+  batches = run_lib.data_batches(config, 0, device, run_lib.data_generator_for(config, device))
+  return lambda: step(state, [next(batches) for _ in range(config.training.grad_accum_steps)])
+
+
+@pytest.mark.parametrize('precision, accumulation', [('fp32', 1), ('bf16', 1), ('fp32', 2)])
+def test_an_update_on_cuda_makes_no_host_read(precision, accumulation):
+  """DispatchCensus counts a copy from the GPU into host memory as a host read, as well as .item() and the
+  operators whose output shape depends on the data."""
+  config = cuda_config()
+  config.training.precision, config.training.grad_accum_steps = precision, accumulation
+  assert config.optim.fused and config.data.device_resident  # The defaults under test.
+  update = cuda_update(config)
+  update()  # Warm-up: Adam's state, the epoch's permutation on the device, cuDNN's choices.
+  with DispatchCensus() as census:
+    update()
+  assert census.total > 100 and census.total_host_reads == 0, dict(census.host_reads)
+
+
+def test_the_training_loop_on_cuda_reads_the_host_only_when_it_logs(tmp_path):
+  """Host reads of a 16-update run minus those of an 8-update run (a log every 8 updates, a checkpoint at the end of
+  each): the 8 extra updates cost one log (the loss and the skipped-update counter), nothing per update."""
+
+  def host_reads(n_iters):
+    config = cuda_config(n_iters=n_iters, log_freq=8, eval_freq=10 ** 6, snapshot_freq=n_iters,
+                         snapshot_freq_for_preemption=n_iters)
+    with DispatchCensus() as census:
+      run_lib.train(config, str(tmp_path / str(n_iters)))
+    return census.total_host_reads
+
+  assert host_reads(16) - host_reads(8) <= 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The default step's loss curve.
+
+def demo_losses(workdir, **training):
+  """Training losses of the first 200 updates of the digits demo on CUDA, one per update."""
+  config = demo_config()
+  config.device = 'cuda'
+  config.training.update(n_iters=200, log_freq=1, eval_freq=10 ** 6, snapshot_freq=200,
+                         snapshot_freq_for_preemption=200, snapshot_sampling=False, **training)
+  run_lib.train(config, str(workdir))
+  steps, values = zip(*logged_losses(workdir))
+  assert list(steps) == list(range(1, 201))
+  return np.array(values)
+
+
+def test_the_default_step_follows_the_fp32_loss_curve(tmp_path):
+  """As benchmarks/precision_curve.py: the same seed, data and noise with the config's defaults on CUDA and with
+  fp32 without TF32; over updates 101-200 the mean losses differ by less than 3 standard errors of the fp32 mean."""
+  default = demo_losses(tmp_path / 'default')
+  fp32 = demo_losses(tmp_path / 'fp32', precision='fp32', allow_tf32=False)
+  window = slice(100, 200)
+  standard_error = fp32[window].std(ddof=1) / np.sqrt(len(fp32[window]))
+  difference = default[window].mean() - fp32[window].mean()
+  assert abs(difference) < 3 * standard_error, (
+      f'mean loss of updates 101-200: defaults {default[window].mean():.5f}, fp32 {fp32[window].mean():.5f} '
+      f'({difference / standard_error:+.1f} standard errors)')
+  assert fp32[window].mean() < 0.5 * fp32[:50].mean() and default[window].mean() < 0.5 * default[:50].mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume.
+
+def test_an_interrupted_and_resumed_run_on_cuda_equals_an_uninterrupted_one(tmp_path, deterministic_cudnn):
+  """As tests/test_train.py on the CPU, with device-resident data: 4 updates against 2, then a restart to 4. Bit for
+  bit where two uninterrupted runs are bit for bit the same on this GPU, else within 1e-6."""
+
+  def config(n_iters):
+    c = cuda_config(n_iters=n_iters, snapshot_freq=100, snapshot_freq_for_preemption=2)
+    c.data.device_resident = True
+    return c
+
+  uninterrupted = flat_state(run_lib.train(config(4), str(tmp_path / 'a')))
+  repeated = flat_state(run_lib.train(config(4), str(tmp_path / 'again')))
+  run_lib.train(config(2), str(tmp_path / 'b'))
+  resumed_state = run_lib.train(config(4), str(tmp_path / 'b'))
+  assert resumed_state['step'] == 4
+  resumed = flat_state(resumed_state)
+  assert uninterrupted.keys() == resumed.keys()
+  assert [step for step, _ in logged_losses(tmp_path / 'b')] == [1, 2, 3, 4]  # Steps 3-4 came from the restart.
+  if all(torch.equal(uninterrupted[key], repeated[key]) for key in uninterrupted):
+    for key in uninterrupted:
+      assert torch.equal(uninterrupted[key].cpu(), resumed[key].cpu()), key
+    assert logged_losses(tmp_path / 'b') == logged_losses(tmp_path / 'a')
+  else:
+    assert_states_close(uninterrupted, resumed, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RK45 on CUDA against the CPU.
+
+def sampling_config(**sampling_options):
+  """The tiny DDPM++ with every block's last layer initialised like the others (model.init_scale 1, as
+  benchmarks/sampling.py --init-scale 1): a field far from constant, which RK45 crosses in hundreds of calls."""
+  config = tiny_digits_config()
+  config.model.init_scale = 1.0
+  config.sampling.use_ode_sampler, config.sampling.ode_tol = 'rk45', 1e-5
+  for key, value in sampling_options.items():
+    if key in config.sampling:
+      config.sampling[key] = value
+    elif value != SAMPLING_WITHOUT_THE_KEY[key]:
+      pytest.skip(f'sampling.{key} does not exist in the config yet')
+  return config
+
+
+@pytest.fixture(scope='module')
+def rk45_on_the_cpu():
+  """(network, noise, RK45 solution on the CPU): the reference of the CUDA solves, made once."""
+  config = sampling_config(precision='fp32', cuda_graph=False)
+  torch.manual_seed(0)
+  net = models.create_model(config).eval()
+  shape = (4, config.data.num_channels, config.data.image_size, config.data.image_size)
+  noise = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * config.sampling.init_noise_scale
+  return net, noise, sampling.get_sampling_fn(config, shape)(losses.build_rectified_flow(config, net), noise=noise)
+
+
+@pytest.mark.parametrize('cuda_graph', [False, True])
+def test_rk45_on_cuda_matches_the_cpu(rk45_on_the_cpu, cuda_graph):
+  """The same network and noise, fp32 network calls with TF32 off: the CUDA solve (eager, or replayed from a CUDA
+  graph) ends within 1e-3 of the CPU solve with an NFE within 10% of it."""
+  net, noise, on_cpu = rk45_on_the_cpu
+  config = sampling_config(precision='fp32', cuda_graph=cuda_graph)
+  torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+  flow = losses.build_rectified_flow(config, copy.deepcopy(net).cuda())
+  on_cuda = sampling.get_sampling_fn(config, noise.shape)(flow, noise=noise.cuda())
+  assert on_cuda.x.device.type == 'cuda'
+  assert on_cpu.contributing_nfe > 50  # Not the near-constant field of an untrained DDPM++ (8 NFE).
+  difference = (on_cuda.x.cpu() - on_cpu.x).abs().max().item()
+  assert difference < 1e-3, f'max |x1 CUDA - x1 CPU| = {difference:.3g}'
+  assert abs(on_cuda.contributing_nfe - on_cpu.contributing_nfe) <= 0.1 * on_cpu.contributing_nfe, (
+      on_cuda.contributing_nfe, on_cpu.contributing_nfe)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device-resident batches against the loader.
+
+@pytest.mark.parametrize('start_batch', [0, 24])
+def test_the_training_stream_on_cuda_yields_the_loaders_batches(start_batch):
+  """run_lib.training_stream with data.device_resident on CUDA against the data loader on the CPU: the digits demo's
+  1,617 training images (float: resized), global batch 64, over an epoch boundary (after 25.3 batches)."""
+  resident_config, loader_config = demo_config(), demo_config()
+  loader_config.data.device_resident = False
+  dataset = datasets.get_dataset(resident_config, train=True)
+  resident = run_lib.training_stream(resident_config, dataset, start_batch, torch.device('cuda'),
+                                     resident_config.seed, resident=True)
+  loader = run_lib.training_stream(loader_config, dataset, start_batch, torch.device('cpu'), loader_config.seed,
+                                   resident=True)
+  for _ in range(30):
+    (on_cuda, cuda_rows), (on_cpu, cpu_rows) = next(resident), next(loader)
+    assert on_cuda.device.type == 'cuda' and on_cpu.device.type == 'cpu'
+    assert cuda_rows == cpu_rows and torch.equal(on_cuda.cpu(), on_cpu)
+
+
+@pytest.mark.parametrize('world, rank, micro_batch, start_batch', [(1, 0, 6, 0), (2, 1, 3, 5)])
+def test_resident_8_bit_batches_on_cuda_are_the_loaders_batches(world, rank, micro_batch, start_batch):
+  """8-bit images (as CIFAR-10's) are held as uint8 on the GPU and turned into floats there: the same values as the
+  loader's float images k / 255, for any rank, micro-batch and resume point, across epochs (37 images, batch 6)."""
+  levels = torch.randint(0, 256, (37, 3, 4, 4), generator=torch.Generator().manual_seed(0))
+  dataset = TensorImages(levels.float() / 255.0)
+  stored = dataset_tensor(dataset)
+  assert stored.dtype == torch.uint8
+  order = dict(seed=3, start_batch=start_batch, micro_batch=micro_batch, rank=rank, world=world)
+  loader = endless_batches(dataset, 6, **order)
+  resident = iter(ResidentBatches(stored.cuda(), 6, **order))
+  for _ in range(40):
+    on_cuda, on_cpu = next(resident), next(loader)
+    assert on_cuda.device.type == 'cuda'
+    difference = (on_cuda.cpu() - on_cpu).abs().max().item()
+    assert torch.equal(on_cuda.cpu(), on_cpu), f'max |difference| {difference:.3g}'

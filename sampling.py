@@ -1,21 +1,79 @@
 """Config -> library adapters for the samplers, and sample grids."""
+import contextlib
 
+import torch
 from torchvision.utils import save_image
 
 import atomic_files
-
+import cuda_graphs
 from rectified_flow_pytorch import solvers
+
+# sampling.ode_state_dtype: the dtype of the solver's state x and of its step control (RK45's error estimate).
+ODE_STATE_DTYPES = {'float32': torch.float32, 'float64': torch.float64}
+# sampling.precision: the autocast dtype around the network call (None: the network's own dtype).
+PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16}
+# Settings that change samples but were added after evaluation folders and pair folders existed: recorded in their
+# manifests only when they differ from these defaults, so folders made with the defaults stay valid.
+SETTINGS_RECORDED_WHEN_NOT_DEFAULT = {'ode_state_dtype': 'float32', 'precision': 'fp32'}
+
+
+def check_sampling_options(config):
+  """Raises a ValueError naming the valid values for an unknown ode_state_dtype or precision."""
+  s = config.sampling
+  if s.ode_state_dtype not in ODE_STATE_DTYPES:
+    raise ValueError(f'Unknown sampling.ode_state_dtype {s.ode_state_dtype!r}; valid: {list(ODE_STATE_DTYPES)}')
+  if s.precision not in PRECISIONS:
+    raise ValueError(f'Unknown sampling.precision {s.precision!r}; valid: {list(PRECISIONS)}')
 
 
 def sampler_settings(config):
-  """Everything that determines a sample given its noise (recorded in evaluation manifests).
+  """Everything that determines a sample given its noise (recorded in evaluation and pair manifests).
 
-  ``sampling.rk45_sync_every`` is not among them: RK45 masks the attempts made after t1, so the samples are bitwise
-  the same for every value (tests/test_samplers.py); only the number of network calls made changes.
+  ``sampling.ode_state_dtype`` and ``sampling.precision`` appear only when they differ from their defaults
+  (float32, fp32): a manifest made before they existed, with the defaults, is then still equal to the one made now,
+  while a folder made with the defaults is refused for float64 or bf16 samples and vice versa (evaluation
+  ``SampleRounds`` compares the whole manifest; reflow ``PairShardWriter`` every key of the new one).
+
+  Not among them: ``sampling.rk45_sync_every``, since RK45 masks the attempts made after t1, so the samples are
+  bitwise the same for every value (tests/test_samplers.py) and only the number of network calls changes; and
+  ``sampling.cuda_graph``, since a graph replays the kernels that the eager call launches, on the same inputs
+  (the CUDA tests of tests/test_sampling_options.py require graphed and eager RK45 and Euler samples to agree to
+  1e-5; the CPU never graphs). The two can differ only by cuDNN choosing another algorithm at capture, which eager
+  calls of their own may do as well from one process to the next (``cudnn.benchmark``).
   """
+  check_sampling_options(config)
   s = config.sampling
-  return {'sampler': s.use_ode_sampler, 'sample_N': s.sample_N, 'ode_tol': s.ode_tol, 'eps': config.training.time_eps,
-          'sigma_variance': s.sigma_variance, 'init_noise_scale': s.init_noise_scale}
+  settings = {'sampler': s.use_ode_sampler, 'sample_N': s.sample_N, 'ode_tol': s.ode_tol,
+              'eps': config.training.time_eps, 'sigma_variance': s.sigma_variance,
+              'init_noise_scale': s.init_noise_scale}
+  for key, default in SETTINGS_RECORDED_WHEN_NOT_DEFAULT.items():
+    if s[key] != default:
+      settings[key] = s[key]
+  return settings
+
+
+def network_velocity(flow, precision='fp32'):
+  """v(x, t) of ``flow`` with the network in its own parameter dtype, whatever the dtype of the solver's state.
+
+  x (B, ...) and t (B,) are cast to the dtype of the network's first floating-point parameter, the network runs
+  (under bf16 autocast for ``precision='bf16'``) and its velocity is cast back to the dtype of x. The autocast
+  weight cache is off, so the weights are cast inside every call: a CUDA graph of the call then reads the current
+  weights, not copies cast when it was captured.
+  """
+  if precision not in PRECISIONS:
+    raise ValueError(f'Unknown sampling.precision {precision!r}; valid: {list(PRECISIONS)}')
+  autocast_dtype = PRECISIONS[precision]
+
+  def velocity(x, t):
+    parameter = next((p for p in flow.parameters() if p.is_floating_point()), None)
+    network_dtype = parameter.dtype if parameter is not None else x.dtype
+    context = (contextlib.nullcontext() if autocast_dtype is None else
+               torch.autocast(x.device.type, dtype=autocast_dtype, cache_enabled=False))
+    with context:
+      v = flow.velocity(x.to(network_dtype), t.to(network_dtype))
+    return v.to(x.dtype)
+
+  return velocity
 
 
 def get_sampling_fn(config, shape):
@@ -29,10 +87,18 @@ def get_sampling_fn(config, shape):
   ``sampling.rk45_sync_every = 0`` (auto) is 4 on CUDA, where reading the done flag after every step would stall the
   GPU once per step (the issue's requirement: no per-step device -> host copy), at the price of on average 1.5
   masked attempts (about 9 calls, 7% of the published 127 NFE); and 1 on the CPU, where the read costs nothing.
+
+  Speed and precision: the solver's state and step control are in ``sampling.ode_state_dtype`` (float64 is scipy's
+  solve_ivp of the published sampler: the same x1 to 1e-4 and the same NFE); the network runs in its parameter dtype
+  (``network_velocity``), under bf16 autocast with ``sampling.precision='bf16'``; on CUDA with
+  ``sampling.cuda_graph`` the network call is replayed from a CUDA graph per batch shape (``cuda_graphs``), kept
+  for the last flow sampled and checked against its weights' memory at the start of every sample. Samples come
+  back in the noise's dtype (float32), as the published sampler's ``.type(torch.float32)`` of solve_ivp's result.
   """
   name = config.sampling.use_ode_sampler
   if name not in solvers.SOLVERS:
     raise ValueError(f'Unknown sampling.use_ode_sampler {name!r}; valid samplers: {list(solvers.SOLVERS)}')
+  check_sampling_options(config)
   eps, steps, tol = config.training.time_eps, config.sampling.sample_N, config.sampling.ode_tol
   sync_every = config.sampling.rk45_sync_every
   if sync_every < 0:
@@ -41,16 +107,31 @@ def get_sampling_fn(config, shape):
   if sigma_variance and name != 'euler':
     raise ValueError(f'sampling.sigma_variance={sigma_variance} needs sampling.use_ode_sampler=euler (the stochastic '
                      f'sampler is an Euler-Maruyama scheme), not {name!r}')
+  state_dtype = ODE_STATE_DTYPES[config.sampling.ode_state_dtype]
+  precision, use_cuda_graph = config.sampling.precision, config.sampling.cuda_graph
+  last = {'flow': None, 'velocity': None}  # The flow sampled last and its (graphed) network call.
+
+  def velocity_of(flow):
+    if last['flow'] is not flow:
+      last['flow'] = flow
+      last['velocity'] = cuda_graphs.GraphedVelocity(network_velocity(flow, precision), module=flow,
+                                                     enabled=use_cuda_graph)
+    last['velocity'].refresh()  # Recaptures where a parameter was given new memory since the last sample.
+    return last['velocity']
 
   def sample(flow, noise=None, on_step=None, generator=None):
     if noise is None:
       noise = flow.sample_noise(shape, device=flow._device())
+    velocity = velocity_of(flow)
+    x = noise.to(state_dtype)
     if name == 'euler':  # The published grid: t_i = eps + i (1 - eps) / N with steps of 1/N.
-      return solvers.euler(flow.velocity, noise, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps,
-                           sigma_variance=sigma_variance, noise_std=flow.noise_std, generator=generator,
-                           on_step=on_step)
-    return solvers.solve(name, flow.velocity, noise, t0=eps, t1=1.0, steps=steps, rtol=tol, atol=tol,
-                         sync_every=sync_every or (4 if noise.device.type == 'cuda' else 1), on_step=on_step)
+      solution = solvers.euler(velocity, x, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps,
+                               sigma_variance=sigma_variance, noise_std=flow.noise_std, generator=generator,
+                               on_step=on_step)
+    else:
+      solution = solvers.solve(name, velocity, x, t0=eps, t1=1.0, steps=steps, rtol=tol, atol=tol,
+                               sync_every=sync_every or (4 if noise.device.type == 'cuda' else 1), on_step=on_step)
+    return solution.with_x(solution.x.to(noise.dtype))
 
   return sample
 

@@ -61,6 +61,11 @@ class ODESolution(tuple):
   def __getnewargs_ex__(self):  # Pickling: rebuild from (x, nfe); the attributes travel in __dict__.
     return (self.x, self.nfe), {}
 
+  def with_x(self, x):
+    """The same solve's accounting around another x, e.g. x(t1) cast from the state dtype to the noise's."""
+    return ODESolution(x, self.nfe, contributing_nfe=self.contributing_nfe, accepted_steps=self.accepted_steps,
+                       rejected_steps=self.rejected_steps, host_reads=self.host_reads)
+
   @property
   def x(self):
     return self[0]

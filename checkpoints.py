@@ -158,10 +158,14 @@ def save_checkpoint(path, state, config=None, data_generator=None, path_generato
   the fp16 grad scaler's state where one is in use)."""
   scaler = state.get('grad_scaler')
   extra = {'grad_scaler': scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
+  optimizer_state = state['optimizer'].state_dict()
+  for group in optimizer_state['param_groups']:  # As an eager run writes them (cuda_graphs.GraphedTrainStep).
+    if isinstance(group['lr'], torch.Tensor):  # A graph-captured update's device lr, with capture enabled.
+      group['lr'], group['capturable'] = float(group['lr']), False
   with atomic_files.atomic_open(path) as handle:
     torch.save({
         **extra,
-        'optimizer': state['optimizer'].state_dict(),
+        'optimizer': optimizer_state,
         'model': to_published_state_dict(state['model']),
         'ema': state['ema'].state_dict(),
         'step': state['step'],

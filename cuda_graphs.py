@@ -121,3 +121,121 @@ class GraphedVelocity:
     self.graphs[key] = call
     self.captures += 1
     return call
+
+
+def graph_capture_obstacle(config, device, optimizer):
+  """Why the update of this run cannot be captured by ``GraphedTrainStep`` (a sentence), or None when it can."""
+  from distributed import is_distributed  # Here, not at the top: distributed imports nothing of this module's.
+
+  training = config.training
+  if device.type != 'cuda':
+    return f'the device is {device.type}, and CUDA graphs need CUDA'
+  if is_distributed():
+    return 'DDP all-reduces gradients from hooks outside a graph (torchrun with several processes)'
+  if training.grad_accum_steps != 1:
+    return f'training.grad_accum_steps={training.grad_accum_steps}: micro-batches replay the noise generator'
+  if training.compile:
+    return 'training.compile is on (torch.compile makes its own graphs)'
+  if training.precision == 'fp16':
+    return "training.precision='fp16': the grad scaler reads its overflow flag on the host"
+  if not all(group.get('fused') for group in optimizer.param_groups):
+    return 'optim.fused is off: the unfused Adam reads its step counts and the non-finite flag on the host'
+  return None
+
+
+class GraphedTrainStep:
+  """``train_step(state, micro_batches)`` of ``losses.get_step_fn`` with its device work replayed from one CUDA graph.
+
+  The first ``warmup_updates`` updates run eagerly on a side stream (cuDNN autotuning, Adam's state, lazy
+  initialisation; the PyTorch docs ask for warm-up before a capture); they are real updates of the run. The next
+  update captures ``train_step.update`` once: forward, backward, clipping, the non-finite check, fused Adam and the
+  EMA, reading static x0 / x1 buffers and the learning rate from a device tensor, with ``generators`` (the path
+  generator of the noise and times) registered with the graph, so that every replay draws new numbers and advances
+  them as the eager update does; the default CUDA generator (dropout) is registered by PyTorch itself. That update
+  and every later one then run as: lr written in place (``train_step.set_learning_rate``), batch copied in, one
+  replay, ``state['step'] += 1``; a few launches instead of thousands, no host read.
+
+  What stays valid between replays: weights, Adam moments and steps, EMA shadows and count, and the skipped-update
+  counter are all updated in place, so checkpoints, snapshots and held-out losses read the current values; the
+  optimiser's lr is a device tensor and its groups are marked capturable from the capture on
+  (``checkpoints.save_checkpoint`` writes them back as an eager run does). What must not happen after the capture:
+  parameters given new memory (``load_state_dict(assign=True)``, ``module.to``), other batch shapes (the loop
+  has one), a change of the train/eval modes inside the update. ``graph_capture_obstacle`` lists the settings it
+  does not support; run_lib then trains eagerly and logs why.
+  """
+
+  WARMUP_UPDATES = 3  # Eager updates before the capture.
+
+  def __init__(self, train_step, optimizer, generators=(), warmup_updates=WARMUP_UPDATES):
+    if warmup_updates < 1:
+      raise ValueError(f'warmup_updates must be at least 1 (Adam creates its state in the first), got '
+                       f'{warmup_updates}')
+    self.train_step = train_step
+    self.optimizer = optimizer
+    self.generators = list(generators)
+    self.warmup_updates = warmup_updates
+    self.eager_updates = 0
+    self.replays = 0
+    self.graph = None
+    self._x0 = self._x1 = self._rows = self._loss = None
+
+  def __call__(self, state, micro_batches):
+    if len(micro_batches) != 1:
+      raise ValueError(f'A graph-captured update takes one micro-batch, got {len(micro_batches)} '
+                       f'(set training.cuda_graph=False for gradient accumulation)')
+    if self.graph is None and self.eager_updates < self.warmup_updates:
+      return self._eager(state, micro_batches)
+    (x0, x1, rows), = micro_batches
+    if self.graph is None:
+      self._capture(state, x0, x1, rows)
+    self._check_batch(x0, x1, rows)
+    self.train_step.set_learning_rate(state['step'])
+    self._x1.copy_(x1)
+    if x0 is not None:
+      self._x0.copy_(x0)
+    self.graph.replay()
+    self.replays += 1
+    state['step'] += 1
+    return self._loss.clone()  # The next replay overwrites the static loss.
+
+  def _eager(self, state, micro_batches):
+    current = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+      loss = self.train_step(state, micro_batches)
+    current.wait_stream(side)
+    self.eager_updates += 1
+    return loss
+
+  def _check_batch(self, x0, x1, rows):
+    if (x1.shape != self._x1.shape or x1.dtype != self._x1.dtype or (x0 is None) != (self._x0 is None)
+        or (x0 is not None and x0.shape != self._x0.shape) or rows != self._rows):
+      raise ValueError(f'The captured update takes x1 of shape {tuple(self._x1.shape)} ({self._x1.dtype}), '
+                       f'x0 {"absent" if self._x0 is None else tuple(self._x0.shape)} and rows {self._rows}; got '
+                       f'{tuple(x1.shape)} ({x1.dtype}), {"absent" if x0 is None else tuple(x0.shape)} and {rows}. '
+                       f'Every batch of a run must have one shape; set training.cuda_graph=False otherwise.')
+
+  def _capture(self, state, x0, x1, rows):
+    device = x1.device
+    for group in self.optimizer.param_groups:
+      if not isinstance(group['lr'], torch.Tensor):  # Read by the captured Adam from device memory.
+        group['lr'] = torch.tensor(float(group['lr']), device=device)
+      group['capturable'] = True
+    if state.get('nonfinite_pending') is None:  # Made here: a tensor made inside the capture would be rewritten.
+      state['nonfinite_pending'] = torch.zeros((), dtype=torch.int64, device=device)
+    self._x1, self._rows = x1.clone(), rows
+    self._x0 = None if x0 is None else x0.clone()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    for generator in self.generators:
+      graph.register_generator_state(generator)
+    try:
+      # thread_local: CUDA calls of other threads (a loader's pinning thread) do not break the capture.
+      with torch.cuda.graph(graph, capture_error_mode='thread_local'):
+        self._loss = self.train_step.update(state, [(self._x0, self._x1, self._rows)])
+    except RuntimeError as error:
+      raise RuntimeError(f'CUDA-graph capture of the training update failed at step {state["step"]} ({error}). '
+                         f'Resume without it: --config.training.cuda_graph=False (the preemption checkpoints are '
+                         f'those of the eager updates before it).') from error
+    self.graph = graph

@@ -191,6 +191,10 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.
   host read at all. With fp16 an overflow of the scaled gradients is the ``grad_scaler``'s to handle (it skips the
   update and lowers its scale; not counted). ``eval_step(state, x0, x1)`` returns the loss of a batch on the EMA
   weights.
+
+  ``train_step`` is ``set_learning_rate(state['step'])``, then ``update(state, micro_batches)`` (the device work),
+  then ``state['step'] += 1``; both parts are attributes of it, so that ``cuda_graphs.GraphedTrainStep`` can
+  capture ``update`` and run the host parts around each replay.
   """
   params = [p for p in params if p.requires_grad]
   global_batch = config.training.batch_size
@@ -198,7 +202,19 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.
   scaler = grad_scaler if grad_scaler is not None else torch.amp.GradScaler(device.type, enabled=False)
   on_device = skips_updates_on_device(optimizer)
 
-  def train_step(state, micro_batches):
+  def set_learning_rate(step):
+    """The warm-up lr of update ``step`` (0-based) in every group: written into a device lr in place (the captured
+    update of ``cuda_graphs.GraphedTrainStep`` reads it there; a fill launches no host read), else assigned."""
+    lr = learning_rate(config, step)
+    for group in optimizer.param_groups:
+      if isinstance(group['lr'], torch.Tensor):
+        group['lr'].fill_(lr)
+      else:
+        group['lr'] = lr
+
+  def update(state, micro_batches):
+    """The device work of one update at the learning rate already set: no host read with fused Adam, and no
+    Python state that changes between updates, so that a CUDA graph can capture it."""
     state['model'].train()
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
@@ -214,16 +230,14 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.
         scaler.scale(loss / len(micro_batches)).backward()
       total = total + loss.detach().float()
     loss = total / len(micro_batches)
-    for group in optimizer.param_groups:
-      group['lr'] = learning_rate(config, state['step'])
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm)
-    state['step'] += 1  # A skipped update still consumes its batch, so the data order stays that of the step.
     # After unscaling, a non-finite gradient norm is also what an fp16 overflow looks like.
     finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
     skipped = ~torch.isfinite(loss) if scaler.is_enabled() else ~finite
-    pending = state.get('nonfinite_pending')
-    state['nonfinite_pending'] = skipped.to(torch.int64) + (0 if pending is None else pending)
+    if state.get('nonfinite_pending') is None:
+      state['nonfinite_pending'] = torch.zeros((), dtype=torch.int64, device=loss.device)
+    state['nonfinite_pending'].add_(skipped.to(torch.int64))  # In place: a captured update keeps counting.
     if not on_device and not finite:  # One host read per update; the state stays that of the last good one.
       optimizer.zero_grad(set_to_none=True)
       scaler.update()
@@ -239,6 +253,14 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.
       optimizer.step()
     ema.update(params, apply=finite)
     return loss
+
+  def train_step(state, micro_batches):
+    set_learning_rate(state['step'])
+    loss = update(state, micro_batches)
+    state['step'] += 1  # A skipped update still consumes its batch, so the data order stays that of the step.
+    return loss
+
+  train_step.set_learning_rate, train_step.update = set_learning_rate, update
 
   @torch.no_grad()
   def eval_step(state, x0, x1):

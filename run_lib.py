@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 import atomic_files
 import checkpoints
+import cuda_graphs
 import datasets
 import distributed
 import evaluation
@@ -172,10 +173,11 @@ def count_skipped_updates(state, limit, last_good_checkpoint, since_step):
   The loop reads it every ``training.log_freq`` updates and before every checkpoint, so a skipped update makes
   no host read of its own; skipped updates change no weights, so the checkpoints in between stay good.
   """
-  pending = state.pop('nonfinite_pending', None)
+  pending = state.get('nonfinite_pending')
   skipped = 0 if pending is None else int(pending)
   if not skipped:
     return 0
+  pending.zero_()  # In place: a graph-captured update adds to this very tensor.
   state['nonfinite_steps'] = state.get('nonfinite_steps', 0) + skipped
   count, step = state['nonfinite_steps'], state['step']
   logging.warning('steps %d-%d: %d update(s) with a non-finite loss or gradient skipped (%d of at most %d in this '
@@ -239,6 +241,14 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
       state['optimizer'], state['ema'], train=True, device=device, generator=path_generator,
       ddp_module=train_module if distributed.is_distributed() and not training.compile else None,
       grad_scaler=state['grad_scaler'])
+  if training.cuda_graph:
+    obstacle = cuda_graphs.graph_capture_obstacle(config, device, state['optimizer'])
+    if obstacle is None:
+      train_step = cuda_graphs.GraphedTrainStep(train_step, state['optimizer'], generators=[path_generator])
+      logging.info('training.cuda_graph: updates from step %d on replay one CUDA graph',
+                   state['step'] + train_step.warmup_updates + 1)
+    else:
+      logging.info('training.cuda_graph is on but not used: %s; the updates run eagerly', obstacle)
   eval_step = losses.get_step_fn(config, losses.get_loss_fn(config, flow, reflow=reflow, lpips_model=lpips_model),
                                  params, state['optimizer'], state['ema'], train=False, device=device)
   inverse_scaler = datasets.get_data_inverse_scaler(config)

@@ -21,6 +21,7 @@ def get_default_configs():
   training.precision = 'auto'  # Autocast: 'fp32' (published), 'bf16', 'fp16' (grad scaler); 'auto': losses.py.
   training.channels_last = False  # NHWC memory format for the network and its inputs (faster with bf16/fp16).
   training.compile = False  # torch.compile the training forward/backward.
+  training.cuda_graph = False  # On CUDA, replay each update from one CUDA graph (cuda_graphs.GraphedTrainStep).
   training.allow_tf32 = True  # TF32 matmuls and convolutions on CUDA (no effect on the CPU).
   training.time_eps = 1e-3  # Training times t ~ U[time_eps, 1]; samplers integrate from time_eps to 1.
 

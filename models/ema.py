@@ -50,7 +50,7 @@ class ExponentialMovingAverage:
     params = self._trainable(parameters)
     if not params:
       return
-    decay = torch.tensor(self.decay, dtype=torch.float64, device=self.shadow_params[0].device)
+    decay = self._decay_tensor()
     if self._count is not None:
       if apply is None:
         self._count += 1
@@ -65,6 +65,15 @@ class ExponentialMovingAverage:
     difference = torch._foreach_sub(params, self.shadow_params)
     torch._foreach_mul_(difference, weight.to(self.shadow_params[0].dtype))
     torch._foreach_add_(self.shadow_params, difference)
+
+  def _decay_tensor(self):
+    """The decay as a float64 tensor on the shadows' device, made once per value: making it copies from the host,
+    which a CUDA-graph capture of the update (``cuda_graphs.GraphedTrainStep``) does not allow."""
+    device = self.shadow_params[0].device
+    cached = getattr(self, '_decay_cache', None)
+    if cached is None or cached[0] != self.decay or cached[1].device != device:
+      self._decay_cache = (self.decay, torch.tensor(self.decay, dtype=torch.float64, device=device))
+    return self._decay_cache[1]
 
   @torch.no_grad()
   def copy_to(self, parameters):

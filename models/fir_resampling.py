@@ -1,11 +1,21 @@
 """FIR-filtered 2x up/down sampling (Karras et al. 2019/2020, "upfirdn2d") in plain PyTorch: CPU and CUDA, no
 compiled op. The published NCSN++ models use the [1, 3, 3, 1] filter."""
+import functools
+
 import torch
 import torch.nn.functional as F
 
 
 def fir_kernel_2d(taps, device=None, dtype=torch.float32):
-  """Separable 2-D kernel from 1-D taps (outer product), normalised to sum to 1."""
+  """Separable 2-D kernel from 1-D taps (outer product), normalised to sum to 1; treat it as read-only.
+
+  Made once per (taps, device, dtype) and kept: making it copies the taps from the host, which a forward captured
+  in a CUDA graph (``cuda_graphs``) must not do."""
+  return _fir_kernel_2d(tuple(taps), torch.device(device) if device is not None else None, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _fir_kernel_2d(taps, device, dtype):
   k = torch.as_tensor(taps, dtype=dtype, device=device)
   if k.dim() == 1:
     k = torch.outer(k, k)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import cuda_graphs
 import datasets
 import distributed
 import losses
@@ -105,9 +106,10 @@ def logged_losses(workdir):
 # ---------------------------------------------------------------------------------------------------------------
 # The fast step against the fp32 eager step.
 
-def train_three_updates(workdir, **settings):
-  """State after 3 updates of the tiny model on CUDA in fp32 with TF32 off; ``settings``: 'section.key': value."""
-  config = cuda_config(n_iters=3, snapshot_freq=100, snapshot_freq_for_preemption=3)
+def train_n_updates(workdir, updates, **settings):
+  """State after ``updates`` updates of the tiny model on CUDA in fp32 with TF32 off; ``settings``: 'section.key':
+  value."""
+  config = cuda_config(n_iters=updates, snapshot_freq=100, snapshot_freq_for_preemption=updates)
   config.training.precision, config.training.allow_tf32 = 'fp32', False
   for name, value in settings.items():
     section, key = name.split('.')
@@ -118,8 +120,8 @@ def train_three_updates(workdir, **settings):
 def test_the_fused_step_equals_the_unfused_fp32_step(tmp_path, deterministic_cudnn):
   """Fused Adam (its found_inf skip, the EMA's apply flag: no host read) against the unfused Adam that reads the
   host, on the same batches, noise and dropout: weights, EMA and Adam state agree to float rounding."""
-  fused = train_three_updates(tmp_path / 'fused', **{'optim.fused': True})
-  unfused = train_three_updates(tmp_path / 'unfused', **{'optim.fused': False})
+  fused = train_n_updates(tmp_path / 'fused', 3, **{'optim.fused': True})
+  unfused = train_n_updates(tmp_path / 'unfused', 3, **{'optim.fused': False})
   assert losses.skips_updates_on_device(fused['optimizer'])
   assert not losses.skips_updates_on_device(unfused['optimizer'])
   assert fused['step'] == unfused['step'] == 3 and fused['ema'].num_updates == unfused['ema'].num_updates == 3
@@ -129,16 +131,53 @@ def test_the_fused_step_equals_the_unfused_fp32_step(tmp_path, deterministic_cud
   assert not torch.equal(initial['param.0'], flat_state(fused)['param.0'].cpu())  # It trained.
 
 
-@pytest.mark.skipif('cuda_graph' not in DEFAULTS.training,
-                    reason='training.cuda_graph does not exist in the config yet: no graph-captured step to compare')
-def test_the_graph_captured_step_equals_the_eager_step(tmp_path, deterministic_cudnn):
-  graphed = train_three_updates(tmp_path / 'graphed', **{'training.cuda_graph': True})
-  eager = train_three_updates(tmp_path / 'eager', **{'training.cuda_graph': False})
-  assert graphed['step'] == eager['step'] == 3
+def record_graphed_steps(monkeypatch):
+  """The ``cuda_graphs.GraphedTrainStep`` objects that ``run_lib.train`` makes from now on, in a list."""
+  made = []
+
+  class Recorded(cuda_graphs.GraphedTrainStep):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      made.append(self)
+
+  monkeypatch.setattr(cuda_graphs, 'GraphedTrainStep', Recorded)
+  return made
+
+
+def test_the_graph_captured_step_equals_the_eager_step(tmp_path, deterministic_cudnn, monkeypatch):
+  """3 eager warm-up updates, then 3 replays of the captured update (forward, backward, clipping, fused Adam, EMA,
+  noise and times from the registered path generator, dropout) against 6 eager updates. The captured Adam reads
+  its lr from a float32 tensor (fused kernels read a float), the eager one a Python float: rounding apart, equal."""
+  made = record_graphed_steps(monkeypatch)
+  updates = 6
+  graphed = train_n_updates(tmp_path / 'graphed', updates, **{'training.cuda_graph': True})
+  assert len(made) == 1 and made[0].eager_updates == 3 and made[0].replays == updates - 3
+  eager = train_n_updates(tmp_path / 'eager', updates, **{'training.cuda_graph': False})
+  assert len(made) == 1
+  assert graphed['step'] == eager['step'] == updates and graphed['ema'].num_updates == updates
   assert_states_close(flat_state(eager), flat_state(graphed), rtol=1e-5)
-  assert [step for step, _ in logged_losses(tmp_path / 'graphed')] == [1, 2, 3]
+  assert [step for step, _ in logged_losses(tmp_path / 'graphed')] == list(range(1, updates + 1))
   np.testing.assert_allclose([loss for _, loss in logged_losses(tmp_path / 'graphed')],
                              [loss for _, loss in logged_losses(tmp_path / 'eager')], rtol=1e-5)
+
+
+def test_a_graph_captured_run_resumes_like_an_uninterrupted_one(tmp_path, deterministic_cudnn, monkeypatch):
+  """10 graphed updates against 5, then a restart to 10 (which warms up and captures again): the path generator's
+  state saved after replays, the in-place EMA, Adam and skipped-update counters, and the checkpoint's float lr must
+  all be right for the two to agree."""
+  made = record_graphed_steps(monkeypatch)
+
+  def config(n_iters):
+    return cuda_config(n_iters=n_iters, snapshot_freq=100, snapshot_freq_for_preemption=5, cuda_graph=True)
+
+  uninterrupted = flat_state(run_lib.train(config(10), str(tmp_path / 'a')))
+  run_lib.train(config(5), str(tmp_path / 'b'))
+  resumed_state = run_lib.train(config(10), str(tmp_path / 'b'))
+  assert [m.replays for m in made] == [7, 2, 2]
+  assert resumed_state['step'] == 10
+  assert_states_close(uninterrupted, flat_state(resumed_state), rtol=1e-5)
+  np.testing.assert_allclose([loss for _, loss in logged_losses(tmp_path / 'b')],
+                             [loss for _, loss in logged_losses(tmp_path / 'a')], rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

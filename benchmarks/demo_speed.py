@@ -7,6 +7,10 @@ GPU-first step: fp32, Adam without the fused kernel, the data loader. Settings r
 and each keeps its best round, so a slow moment of a shared machine does not decide a ratio.
 
   python benchmarks/demo_speed.py --updates 300
+  git worktree add /tmp/before <commit> && python benchmarks/demo_speed.py --reference-tree /tmp/before
+
+``--reference-tree`` adds a row for another checkout's ``main.py`` with its own defaults (e.g. the commit before a
+change), run in the same rounds; ratios stay against the first row.
 """
 import argparse
 import json
@@ -28,12 +32,13 @@ SETTINGS = (
 )
 
 
-def loop_updates_per_second(overrides, updates, root, device):
+def loop_updates_per_second(overrides, updates, root, device, tree=REPO_ROOT):
   workdir = os.path.join(root, str(len(os.listdir(root))))
-  command = [sys.executable, os.path.join(REPO_ROOT, 'main.py'), f'--config={CONFIG}', f'--workdir={workdir}',
-             '--mode=train', f'--device={device}', f'--config.training.n_iters={updates}',
+  device_flag = [f'--device={device}'] if tree == REPO_ROOT else []  # Older checkouts may lack the flag.
+  command = [sys.executable, os.path.join(tree, 'main.py'), f'--config={CONFIG.replace(REPO_ROOT, tree)}',
+             f'--workdir={workdir}', '--mode=train', *device_flag, f'--config.training.n_iters={updates}',
              '--config.training.snapshot_sampling=False', *overrides]
-  subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO_ROOT)
+  subprocess.run(command, check=True, capture_output=True, text=True, cwd=tree)
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as handle:
     records = [json.loads(line) for line in handle]
   with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as handle:
@@ -47,12 +52,16 @@ def main():
   parser.add_argument('--updates', type=int, default=300, help='updates per setting (logged every 25)')
   parser.add_argument('--repeats', type=int, default=2, help='rounds over all settings; each keeps its best')
   parser.add_argument('--device', default='cpu')
+  parser.add_argument('--reference-tree', default='', help='another checkout whose main.py runs with its defaults')
   args = parser.parse_args()
-  best = {label: 0.0 for label, _ in SETTINGS}
+  settings = [(label, overrides, REPO_ROOT) for label, overrides in SETTINGS]
+  if args.reference_tree:
+    settings.append((f'{args.reference_tree} (its defaults)', [], os.path.abspath(args.reference_tree)))
+  best = {label: 0.0 for label, _, _ in settings}
   with tempfile.TemporaryDirectory() as root:
     for round_index in range(args.repeats):
-      for label, overrides in SETTINGS:
-        rate = loop_updates_per_second(overrides, args.updates, root, args.device)
+      for label, overrides, tree in settings:
+        rate = loop_updates_per_second(overrides, args.updates, root, args.device, tree)
         best[label] = max(best[label], rate)
         print(f'round {round_index + 1}: {label}: {rate:.2f} updates/s', flush=True)
   baseline = best[SETTINGS[0][0]]

@@ -71,6 +71,11 @@ TRAIN_SETTINGS = (
                                    'training.compile': True}),
     ('bf16 channels_last, torch.compile', {'training.precision': 'bf16', 'training.channels_last': True,
                                            'training.compile': True}),
+    ('bf16 channels_last, fused GroupNorm+SiLU', {'training.precision': 'bf16', 'training.channels_last': True,
+                                                  'model.fused_norm': True}),
+    ('bf16 channels_last, fused GroupNorm+SiLU, CUDA graph', {'training.precision': 'bf16',
+                                                             'training.channels_last': True,
+                                                             'model.fused_norm': True, 'training.cuda_graph': True}),
     ('defaults', {}),
     ('defaults with training.cuda_graph', {'training.cuda_graph': True}),
 )
@@ -222,7 +227,8 @@ def describe_training(config, device):
   if device.type == 'cuda':
     parts.append('TF32' if t.allow_tf32 else 'TF32 off')
   parts += [name for name, on in (('channels_last', t.channels_last), ('torch.compile', t.compile),
-                                  ('CUDA graph', 'cuda_graph' in t and t.cuda_graph)) if on]
+                                  ('CUDA graph', 'cuda_graph' in t and t.cuda_graph),
+                                  ('fused GroupNorm+SiLU', config.model.get('fused_norm', False))) if on]
   parts.append('fused Adam' if config.optim.fused else 'unfused Adam')
   return ', '.join(parts)
 
@@ -243,9 +249,10 @@ def measure_training(job):
   warmup = job['warmup']
   if config.training.get('cuda_graph') and cuda_graphs is not None:  # Its capture stays out of the timed updates.
     warmup = max(warmup, cuda_graphs.GraphedTrainStep.WARMUP_UPDATES + 2)
+  compiled = config.training.compile or config.model.get('fused_norm', False)
   probe = MeasuredUpdates(x1, device, warmup=warmup, timed=job['timed'],
                           profiled=job['profiled'] if device.type == 'cuda' else 0,
-                          census=not config.training.compile)  # Dynamo runs eagerly under a dispatch mode.
+                          census=not compiled)  # Dynamo runs eagerly under a dispatch mode.
   with tempfile.TemporaryDirectory() as workdir:
     try:
       run_lib.run_training(config, workdir, train_batches=probe.batches, eval_batches=lambda start, device: iter(()))

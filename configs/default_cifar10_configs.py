@@ -96,6 +96,7 @@ def get_default_configs():
   model.scale_by_sigma = False  # Divide the output by the network time input (NCSN++ 256 models).
   model.normalization = 'GroupNorm'  # Normalisation layer.
   model.nonlinearity = 'swish'  # Activation function.
+  model.fused_norm = False  # On CUDA: each residual block's GroupNorm + SiLU as one compiled kernel (NHWC-ready).
   model.nf = 128  # Base channel count.
   model.ch_mult = (1, 2, 2, 2)  # Channel multiplier of each resolution level.
   model.num_res_blocks = 4  # Residual blocks per level on the way down (one more on the way up).

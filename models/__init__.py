@@ -1,5 +1,5 @@
 """Model registry, EMA, DDPM++ / NCSN++ and the time wrapper."""
-from models import ncsnpp  # noqa: F401  (registers 'ncsnpp')
+from models import layers, ncsnpp  # noqa: F401  (ncsnpp registers 'ncsnpp')
 from models.ema import ExponentialMovingAverage
 from models.registry import get_model_class, registered_models
 from models.velocity import VelocityField
@@ -28,5 +28,7 @@ def model_config_summary(config):
 
 
 def create_model(config):
-  """Builds the network of ``config.model`` (on the CPU; the caller moves it)."""
-  return get_model_class(config.model.name)(**model_kwargs_from_config(config))
+  """Builds the network of ``config.model`` (on the CPU; the caller moves it), with its residual blocks' GroupNorm
+  + SiLU fused on CUDA where ``model.fused_norm`` asks for it (the same parameters either way)."""
+  net = get_model_class(config.model.name)(**model_kwargs_from_config(config))
+  return layers.use_fused_norm_act(net, config.model.get('fused_norm', False))  # Older configs lack the key.

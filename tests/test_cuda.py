@@ -180,6 +180,17 @@ def test_a_graph_captured_run_resumes_like_an_uninterrupted_one(tmp_path, determ
                              [loss for _, loss in logged_losses(tmp_path / 'a')], rtol=1e-5)
 
 
+@pytest.mark.parametrize('precision, channels_last', [('fp32', False), ('bf16', True)])
+def test_the_fused_norm_step_follows_the_eager_step(tmp_path, deterministic_cudnn, precision, channels_last):
+  """model.fused_norm (GroupNorm + SiLU compiled into one kernel) against the eager pair, 3 updates: fp32 to float
+  rounding; bf16 channels_last within bf16's (the two round at different places, so a looser bound)."""
+  settings = {'training.precision': precision, 'training.channels_last': channels_last}
+  fused = train_n_updates(tmp_path / 'fused', 3, **settings, **{'model.fused_norm': True})
+  eager = train_n_updates(tmp_path / 'eager', 3, **settings, **{'model.fused_norm': False})
+  assert any(getattr(m, 'fused_norm', False) for m in fused['model'].modules())
+  assert_states_close(flat_state(eager), flat_state(fused), rtol=1e-5 if precision == 'fp32' else 2e-2)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # No host read inside an update.
 

@@ -31,6 +31,8 @@ class ExponentialMovingAverage:
   def num_updates(self, value):
     if value is None:
       self._count = None
+    elif self._count is not None:
+      self._count.fill_(int(value))  # In place: a captured update reads this memory.
     else:
       device = self.shadow_params[0].device if self.shadow_params else torch.device('cpu')
       self._count = torch.tensor(int(value), dtype=torch.int64, device=device)
@@ -71,8 +73,11 @@ class ExponentialMovingAverage:
     which a CUDA-graph capture of the update (``cuda_graphs.GraphedTrainStep``) does not allow."""
     device = self.shadow_params[0].device
     cached = getattr(self, '_decay_cache', None)
-    if cached is None or cached[0] != self.decay or cached[1].device != device:
+    if cached is None or cached[1].device != device:
       self._decay_cache = (self.decay, torch.tensor(self.decay, dtype=torch.float64, device=device))
+    elif cached[0] != self.decay:  # In place: a captured update reads this memory.
+      cached[1].fill_(self.decay)
+      self._decay_cache = (self.decay, cached[1])
     return self._decay_cache[1]
 
   @torch.no_grad()
@@ -113,5 +118,7 @@ class ExponentialMovingAverage:
         raise ValueError(f'EMA shadow parameter {i} has shape {tuple(theirs.shape)} in the checkpoint but '
                          f'{tuple(mine.shape)} in the model')
     self.decay = state['decay']
-    self.shadow_params = [s.detach().clone().to(m.device, m.dtype) for m, s in zip(self.shadow_params, shadows)]
+    with torch.no_grad():  # In place, so that the shadows keep their memory (a captured update reads it).
+      for mine, theirs in zip(self.shadow_params, shadows):
+        mine.copy_(theirs)
     self.num_updates = state['num_updates']

@@ -14,7 +14,7 @@ def fir_kernel_2d(taps, device=None, dtype=torch.float32):
   return _fir_kernel_2d(tuple(taps), torch.device(device) if device is not None else None, dtype)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=None)  # Never evicted: a captured graph reads a kernel's memory.
 def _fir_kernel_2d(taps, device, dtype):
   k = torch.as_tensor(taps, dtype=dtype, device=device)
   if k.dim() == 1:

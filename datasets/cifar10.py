@@ -5,11 +5,14 @@ import torch
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
-from datasets.registry import register_dataset
+from datasets.registry import register_dataset, wants_labels
+
+# The class names in label order, as in the archive's batches.meta and tfds's cifar10.
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 
 class ImagesOnly(torch.utils.data.Dataset):
-  """The images of a labelled dataset (torchvision's yields (image, label); the registry promises images)."""
+  """The images of a labelled dataset (torchvision's yields (image, label); an unconditional run wants images)."""
 
   def __init__(self, labelled):
     self.labelled = labelled
@@ -29,12 +32,14 @@ def check_cifar10_shape(data):
 
 @register_dataset('CIFAR10')
 def build_cifar10(config, train=True):
+  """torchvision's CIFAR-10 ``train`` or test split: its images, or for a class-conditional run its (image, label)
+  pairs as torchvision yields them (``classes``: the 10 names of batches.meta)."""
   data = config.data
   check_cifar10_shape(data)
   root = os.path.expanduser(data.root)
   try:
-    return ImagesOnly(tv_datasets.CIFAR10(root=root, train=train, download=data.download,
-                                          transform=transforms.ToTensor()))
+    labelled = tv_datasets.CIFAR10(root=root, train=train, download=data.download, transform=transforms.ToTensor())
+    return labelled if wants_labels(config) else ImagesOnly(labelled)
   except RuntimeError as error:  # torchvision: "Dataset not found or corrupted."
     raise FileNotFoundError(
         f'CIFAR-10 was not found under {os.path.abspath(root)!r} ({error}). Either pass '

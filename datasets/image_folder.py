@@ -1,5 +1,6 @@
 """Image datasets for the 256x256 models: a recursive image folder (CelebA-HQ, AFHQ, any folder) and LSUN's LMDB
-export. Images are resized (shorter side) and centre-cropped to data.image_size; flips happen in training."""
+export. Images are resized (shorter side) and centre-cropped to data.image_size; flips happen in training. For a
+class-conditional run an image folder's classes are its top-level sub-folders; LSUN has no labels."""
 import io
 import os
 
@@ -7,7 +8,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
-from datasets.registry import register_dataset
+from datasets.registry import LabelledImages, register_dataset, wants_labels
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')
 
@@ -30,10 +31,33 @@ def decode_image(source, mode, where):
     raise ValueError(f'Cannot read the image {where} ({error}). Remove or replace the file, then run again.') from error
 
 
-class ImageFolder(torch.utils.data.Dataset):
-  """Every .jpg/.jpeg/.png/.webp file under ``root`` (recursively, sorted), as (C, S, S) images in [0, 1]."""
+def folder_classes(root, files):
+  """(classes, labels) of image ``files`` lying under ``root``: an image's class is the top-level sub-folder of
+  ``root`` it lies under (at any depth below it), ``classes`` the sorted names of the sub-folders that hold images
+  (as torchvision's ImageFolder; a folder without images, such as the tfds backend's cache, is no class) and
+  ``labels[i]`` the index of file i's class in ``classes``. An image lying directly in ``root`` is an error."""
+  tops = [os.path.relpath(path, root).split(os.sep) for path in files]
+  loose = [parts[0] for parts in tops if len(parts) == 1]
+  if loose:
+    raise ValueError(
+        f'data.root={root!r} has images lying directly in it, outside any class folder ({len(loose)}: '
+        f'{", ".join(loose[:3])}{", ..." if len(loose) > 3 else ""}). A class-conditional run '
+        f'(model.num_classes > 0) takes the class of an image from the sub-folder of data.root it lies under: move '
+        f'every image into data.root/<class name>/ (e.g. {os.path.join(root, "<class name>", loose[0])}), or use '
+        f'--config.model.num_classes=0 to train unconditionally.')
+  classes = sorted({parts[0] for parts in tops})
+  index = {name: i for i, name in enumerate(classes)}
+  return classes, [index[parts[0]] for parts in tops]
 
-  def __init__(self, root, image_size, num_channels=3):
+
+class ImageFolder(torch.utils.data.Dataset):
+  """Every .jpg/.jpeg/.png/.webp file under ``root`` (recursively, sorted), as (C, S, S) images in [0, 1].
+
+  With ``labels`` it also holds each image's class (``folder_classes``): ``classes`` and ``labels`` (one int per
+  file); the files, their order and the images are the same either way.
+  """
+
+  def __init__(self, root, image_size, num_channels=3, labels=False):
     if not os.path.isdir(root):
       raise FileNotFoundError(f'data.root={root!r} is not a folder. Point --config.data.root at the folder that holds '
                               f'the images (searched recursively for {", ".join(IMAGE_EXTENSIONS)}).')
@@ -42,6 +66,7 @@ class ImageFolder(torch.utils.data.Dataset):
     if not self.files:
       raise FileNotFoundError(f'data.root={root!r} holds no images ({", ".join(IMAGE_EXTENSIONS)}, searched '
                               f'recursively). Check the path and that the dataset was extracted there.')
+    self.classes, self.labels = folder_classes(root, self.files) if labels else (None, None)
     self.mode = 'L' if num_channels == 1 else 'RGB'
     self.transform = image_transform(image_size)
 
@@ -92,9 +117,13 @@ class LMDBImages(torch.utils.data.Dataset):
 
 
 def build_image_folder(config, train=True):
-  """An image folder; the published 256x256 runs train and evaluate on the same images."""
+  """An image folder; the published 256x256 runs train and evaluate on the same images. A class-conditional run
+  gets (image, label) pairs, the label given by the class sub-folder of data.root the image lies under."""
   del train
-  return ImageFolder(os.path.expanduser(config.data.root), config.data.image_size, config.data.num_channels)
+  labels = wants_labels(config)
+  folder = ImageFolder(os.path.expanduser(config.data.root), config.data.image_size, config.data.num_channels,
+                       labels=labels)
+  return LabelledImages(folder, folder.labels, folder.classes) if labels else folder
 
 
 for _name in ('IMAGE_FOLDER', 'CelebA-HQ-Pytorch', 'AFHQ-CAT-Pytorch'):
@@ -103,7 +132,11 @@ for _name in ('IMAGE_FOLDER', 'CelebA-HQ-Pytorch', 'AFHQ-CAT-Pytorch'):
 
 @register_dataset('LSUN')
 def build_lsun(config, train=True):
-  """LSUN ``data.category`` from ``data.root/{category}_{train|val}_lmdb``."""
+  """LSUN ``data.category`` from ``data.root/{category}_{train|val}_lmdb``; no class labels."""
+  if wants_labels(config):
+    raise ValueError(f'LSUN has no class labels (each LMDB holds one scene category), but model.num_classes='
+                     f'{config.model.num_classes} asks for them. Use --config.model.num_classes=0 to train on LSUN '
+                     f'unconditionally, or put images in class sub-folders and use --config.data.dataset=IMAGE_FOLDER.')
   split = 'train' if train else 'val'
   path = os.path.join(os.path.expanduser(config.data.root), f'{config.data.category}_{split}_lmdb')
   return LMDBImages(path, config.data.image_size, config.data.num_channels)

@@ -54,7 +54,8 @@ class EndlessShuffledSampler(Sampler):
 
 def endless_batches(dataset, batch_size, *, seed, start_batch=0, num_workers=0, pin_memory=False, micro_batch=None,
                     rank=0, world=1):
-  """Iterator over (m, C, H, W) micro-batches; batch k of a run is the same whether or not the run was resumed.
+  """Iterator over (m, C, H, W) micro-batches ([images, (m,) int64 labels] of a labelled dataset, as DataLoader
+  collates (image, label) items); batch k of a run is the same whether or not the run was resumed.
 
   The stream is the concatenation of seeded per-epoch permutations, cut into global batches of ``batch_size``, so a
   run resumed at update ``start_batch`` continues exactly where the interrupted one stopped. Under torchrun each
@@ -74,16 +75,22 @@ def endless_batches(dataset, batch_size, *, seed, start_batch=0, num_workers=0, 
 
 def dataset_tensor(dataset, num_workers=0, batch_size=500):
   """Every image of ``dataset`` in one (N, C, H, W) CPU tensor: uint8 when all values are 8-bit levels k / 255 (as
-  ToTensor makes them; 4x smaller, converted back exactly), float32 otherwise (e.g. resized digits)."""
-  parts = []
+  ToTensor makes them; 4x smaller, converted back exactly), float32 otherwise (e.g. resized digits). Of a labelled
+  dataset ((image, label) items): (images, labels), labels an (N,) int64 CPU tensor."""
+  parts, label_parts = [], []
   # Its own generator: a loader draws a seed for its workers, which must not come from the global RNG (dropout).
   for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                           generator=torch.Generator().manual_seed(0)):
+    if isinstance(batch, (tuple, list)):  # [images, labels]
+      batch, labels = batch
+      label_parts.append(labels.long())
     levels = (batch * 255.0).round()
     parts.append(levels.to(torch.uint8) if torch.equal(levels / 255.0, batch) else batch.float())
   if all(part.dtype == torch.uint8 for part in parts):
-    return torch.cat(parts)
-  return torch.cat([part.float() / 255.0 if part.dtype == torch.uint8 else part for part in parts])
+    images = torch.cat(parts)
+  else:
+    images = torch.cat([part.float() / 255.0 if part.dtype == torch.uint8 else part for part in parts])
+  return (images, torch.cat(label_parts)) if label_parts else images
 
 
 class ResidentBatches:
@@ -91,13 +98,18 @@ class ResidentBatches:
 
   Same stream (seeded per-epoch permutations cut into global batches, this process's rows of each), so a run
   resumed at ``start_batch`` and the loader path see the same images in the same order; the gather runs on the
-  device from a permutation kept there, so a batch costs no loader, worker or host-to-device copy.
+  device from a permutation kept there, so a batch costs no loader, worker or host-to-device copy. With ``labels``
+  ((N,) integers, those of ``dataset_tensor`` of a labelled dataset) it yields (images, labels) micro-batches, the
+  labels int64 on the images' device, as ``endless_batches`` yields [images, labels] of that dataset.
   """
 
-  def __init__(self, images, batch_size, *, seed, start_batch=0, micro_batch=None, rank=0, world=1):
+  def __init__(self, images, batch_size, *, seed, start_batch=0, micro_batch=None, rank=0, world=1, labels=None):
     if images.shape[0] < batch_size:
       raise ValueError(f'The dataset has {images.shape[0]} images, fewer than one batch of {batch_size}')
+    if labels is not None and tuple(labels.shape) != (images.shape[0],):
+      raise ValueError(f'labels must hold one label per image, shape ({images.shape[0]},); got {tuple(labels.shape)}')
     self.images, self.seed = images, seed
+    self.labels = None if labels is None else labels.to(images.device, torch.long)
     self.sampler = EndlessShuffledSampler(images.shape[0], seed, global_batch=batch_size, start_batch=start_batch,
                                           micro_batch=micro_batch, rank=rank, world=world)
     self._orders = {}
@@ -124,6 +136,8 @@ class ResidentBatches:
     while True:
       for micro_step in range(s.micro_steps):
         first = batch * s.global_batch + (micro_step * s.world + s.rank) * s.micro_batch
-        images = self.images[self._indices(first, s.micro_batch)]
-        yield images.float() / 255.0 if images.dtype == torch.uint8 else images
+        indices = self._indices(first, s.micro_batch)
+        images = self.images[indices]
+        images = images.float() / 255.0 if images.dtype == torch.uint8 else images
+        yield images if self.labels is None else (images, self.labels[indices])
       batch += 1

@@ -7,7 +7,9 @@ pair is reproducible. Two storage formats:
   - 'compact': z1 in float16, shard array (N, C, H, W); z0 is regenerated from its seed when read.
 Shards are memory-mapped when read, so training never loads all pairs into memory. Each finished shard has a record
 ``shard_{i:06d}.json`` (its pairs and NFE) written after it; the manifest collects them, so processes of a torchrun
-job can write disjoint shards of one folder.
+job can write disjoint shards of one folder. Pairs of a class-conditional teacher (manifest ``num_classes`` > 0)
+carry the label each z1 was generated for, in ``shard_{i:06d}_labels.npy`` (int64 (N,), written before the shard),
+in either format.
 """
 import bisect
 import json
@@ -100,8 +102,18 @@ class PairShardWriter:
                     f"{bytes_per_pair('float32', shape)} bytes per pair).")
     return needed
 
-  def write_shard(self, index, z0, z1, nfe):
-    """Writes shard ``index`` (temporary file, fsync, rename), then its record, then the manifest."""
+  def labels_path(self, index):
+    return os.path.join(self.folder, f'shard_{index:06d}_labels.npy')
+
+  def write_shard(self, index, z0, z1, nfe, labels=None):
+    """Writes shard ``index`` (temporary file, fsync, rename), then its record, then the manifest; the labels of a
+    class-conditional teacher's pairs go first, so that a shard on disk always has them."""
+    if (labels is not None) != bool(self.settings.get('num_classes', 0)):
+      raise ValueError(f'Pairs for {self.folder} need labels exactly when the teacher is class-conditional '
+                       f'(num_classes={self.settings.get("num_classes", 0)}); got labels={labels is not None}')
+    if labels is not None:
+      with atomic_files.atomic_open(self.labels_path(index)) as handle:
+        np.save(handle, labels.cpu().numpy().astype(np.int64))
     if self.settings['pair_format'] == 'float32':
       array = np.stack([z0.float().cpu().numpy(), z1.float().cpu().numpy()])
     else:
@@ -114,14 +126,19 @@ class PairShardWriter:
 
 
 class PairShards(torch.utils.data.Dataset):
-  """Every finished shard under ``data_root`` (all seed folders) as one dataset of (z0, z1) float32 pairs."""
+  """Every finished shard under ``data_root`` (all seed folders) as one dataset of (z0, z1) float32 pairs, or of
+  (z0, z1, label) when the pairs come from a class-conditional teacher.
 
-  def __init__(self, data_root, image_shape=None):
+  ``num_classes``: that of the model to be trained on them (None: not checked); pairs with labels need a
+  class-conditional model of at least their number of classes, and a class-conditional model needs labels.
+  """
+
+  def __init__(self, data_root, image_shape=None, num_classes=None):
     if not os.path.isdir(data_root):
       raise FileNotFoundError(f'reflow.data_root={data_root!r} does not exist: generate pairs first with '
                               f"--mode reflow --config.reflow.reflow_type=generate_data_from_z0")
-    self.entries = []  # (path, seed, first_pair, count, pair_format, noise_scale)
-    shape = None
+    self.entries = []  # (path, seed, first_pair, count, pair_format, noise_scale, labels path or None)
+    shape, pair_classes = None, None
     for folder in sorted(os.listdir(data_root)):
       manifest_path = os.path.join(data_root, folder, 'manifest.json')
       if not os.path.isfile(manifest_path):
@@ -131,19 +148,34 @@ class PairShards(torch.utils.data.Dataset):
       shape = shape or tuple(manifest['image_shape'])
       if tuple(manifest['image_shape']) != shape:
         raise ValueError(f'{manifest_path} has pairs of shape {manifest["image_shape"]}, others {list(shape)}')
+      classes = manifest.get('num_classes', 0)  # Pairs made before class conditioning have none.
+      pair_classes = classes if pair_classes is None else pair_classes
+      if classes != pair_classes:
+        raise ValueError(f'{manifest_path} has pairs of a teacher with num_classes={classes}, others '
+                         f'{pair_classes}: keep the pairs of one teacher under one reflow.data_root')
       for index, shard in sorted(manifest['shards'].items(), key=lambda item: int(item[0])):
         path = os.path.join(data_root, folder, f'shard_{int(index):06d}.npy')
+        labels = os.path.join(data_root, folder, f'shard_{int(index):06d}_labels.npy') if classes else None
         self.entries.append((path, manifest['seed'], shard['first_pair'], shard['count'], manifest['pair_format'],
-                             manifest['init_noise_scale']))
+                             manifest['init_noise_scale'], labels))
     if not self.entries:
       raise FileNotFoundError(f'No finished pair shards under {data_root!r}: generate pairs first with --mode reflow '
                               f'--config.reflow.reflow_type=generate_data_from_z0 and this reflow.data_root')
     if image_shape is not None and tuple(image_shape) != shape:
       raise ValueError(f'The pairs under {data_root!r} have shape {list(shape)} but the config expects '
                        f'{list(image_shape)}')
+    if num_classes is not None and bool(num_classes) != bool(pair_classes):
+      raise ValueError(f'The pairs under {data_root!r} come from a teacher with num_classes={pair_classes}, but '
+                       f'model.num_classes={num_classes}: a student learns the labels of its teacher, so set '
+                       f'--config.model.num_classes={pair_classes}')
+    if num_classes and pair_classes > num_classes:
+      raise ValueError(f'The pairs under {data_root!r} have {pair_classes} classes but model.num_classes='
+                       f'{num_classes}: set --config.model.num_classes={pair_classes}')
     self.shape = shape
+    self.num_classes = pair_classes
     self.offsets = np.cumsum([0] + [entry[3] for entry in self.entries]).tolist()
     self._open = {}
+    self._labels = {}
 
   def __len__(self):
     return self.offsets[-1]
@@ -158,9 +190,20 @@ class PairShards(torch.utils.data.Dataset):
                          f'makes only the missing shards') from error
     return self._open[shard]
 
+  def _shard_labels(self, shard):
+    if shard not in self._labels:
+      path = self.entries[shard][6]
+      try:
+        self._labels[shard] = np.load(path)
+      except Exception as error:
+        raise ValueError(f'The labels {path!r} of a pair shard are missing or unreadable ({error}); delete the shard '
+                         f'{self.entries[shard][0]!r} and rerun pair generation, which makes only the missing '
+                         f'shards') from error
+    return self._labels[shard]
+
   def __getitem__(self, index):
     shard = bisect.bisect_right(self.offsets, index) - 1
-    path, seed, first_pair, _, pair_format, noise_scale = self.entries[shard]
+    path, seed, first_pair, _, pair_format, noise_scale, labels = self.entries[shard]
     offset = index - self.offsets[shard]
     array = self._array(shard)
     if pair_format == 'float32':
@@ -168,4 +211,6 @@ class PairShards(torch.utils.data.Dataset):
     else:
       z1 = torch.from_numpy(np.array(array[offset], dtype=np.float32))
       z0 = flow.indexed_noise(seed, first_pair + offset, 1, self.shape, noise_scale)[0]
+    if labels is not None:
+      return z0, z1, int(self._shard_labels(shard)[offset])
     return z0, z1

@@ -7,6 +7,10 @@ torchvision backend's own transform (image folders) and writes them, uint8 (N, H
 ``data.root/tfds_cache/`` (temporary file, renamed when complete). Later runs memory-map that file and start no
 child. The cache name carries a signature of the source files (paths, sizes, modification times), so a changed
 source makes a new cache, and an old one is never read for it.
+
+Class labels (class-conditional runs): CIFAR-10's come from the child with the images and are kept beside their
+image cache, int64 (N,) in ``<cache name>.labels.npy`` (a cache written before labels were exported is rebuilt when
+a run first asks for them); an image folder's come from its file paths (``image_folder.folder_classes``).
 """
 import hashlib
 import importlib.util
@@ -25,8 +29,8 @@ from tqdm import tqdm
 
 import atomic_files
 from datasets import image_folder, tfds_export
-from datasets.cifar10 import check_cifar10_shape
-from datasets.registry import register_dataset
+from datasets.cifar10 import CIFAR10_CLASSES, check_cifar10_shape
+from datasets.registry import LabelledImages, register_dataset, wants_labels
 
 EXPORT_SCRIPT = os.path.abspath(tfds_export.__file__)
 CACHE_FOLDER = 'tfds_cache'
@@ -78,6 +82,11 @@ def files_signature(paths, base, extra=''):
   return digest.hexdigest()[:16]
 
 
+def labels_path_of(cache_path):
+  """The labels file kept beside the image cache ``cache_path`` (same name and signature)."""
+  return cache_path[:-len('.npy')] + '.labels.npy'
+
+
 def read_exact(stream, size):
   data = stream.read(size)
   return data if len(data) == size else None
@@ -98,13 +107,14 @@ def child_failure(process, errors, missing_hint):
                       f'{text[-3000:]}')
 
 
-def build_cache(arguments, cache_path, image_shape, convert=None, missing_hint=''):
+def build_cache(arguments, cache_path, image_shape, convert=None, missing_hint='', labels=False):
   """Runs ``tfds_export.py *arguments`` and writes its images, each passed through ``convert`` ((H, W, C) uint8 ->
   ``image_shape`` uint8), to the (N, *image_shape) uint8 .npy file ``cache_path()`` atomically; returns its path.
+  With ``labels`` (a command whose stream ends with the labels) they go to ``labels_path_of(path)``, (N,) int64.
 
   ``cache_path`` is called once the child has read its source (CIFAR-10 is then prepared), so that the name can
   carry the signature of the files it was read from. Other caches of the same kind (same name up to the
-  signature) are deleted afterwards.
+  signature), and their labels, are deleted afterwards.
   """
   record_size = struct.calcsize(tfds_export.RECORD_FORMAT)
   item_size = int(np.prod(image_shape))
@@ -143,16 +153,24 @@ def build_cache(arguments, cache_path, image_shape, convert=None, missing_hint='
           seen[index] = True
           handle.seek(offset + index * item_size)
           handle.write(image.tobytes())
+        if labels:
+          stream_labels = read_exact(process.stdout, count * struct.calcsize(tfds_export.LABEL_FORMAT))
+          if stream_labels is None:
+            raise child_failure(process, errors, missing_hint)
         if process.wait() != 0:
           raise child_failure(process, errors, missing_hint)
+        if labels:
+          with atomic_files.atomic_open(labels_path_of(path)) as labels_handle:  # Before its images are renamed.
+            np.save(labels_handle, np.frombuffer(stream_labels, dtype='<i8').astype(np.int64))
     finally:
       if process.poll() is None:
         process.kill()
         process.wait()
       process.stdout.close()
   prefix = os.path.basename(path).rsplit('_', 1)[0] + '_'
+  current = {os.path.basename(path), os.path.basename(labels_path_of(path))}
   for name in os.listdir(os.path.dirname(path)):
-    if name.startswith(prefix) and name.endswith('.npy') and name != os.path.basename(path):
+    if name.startswith(prefix) and name.endswith('.npy') and name not in current:
       os.remove(os.path.join(os.path.dirname(path), name))  # A cache of an earlier version of the source.
   return path
 
@@ -165,8 +183,9 @@ def cifar10_missing_hint(root):
           f'download it, or point --config.data.root at the folder that holds it')
 
 
-def tfds_cifar10(root, split, download=False):
-  """CIFAR-10 ``split`` ('train' or 'test') read by tensorflow-datasets from ``root``, in the archive's order."""
+def tfds_cifar10(root, split, download=False, labels=False):
+  """CIFAR-10 ``split`` ('train' or 'test') read by tensorflow-datasets from ``root``, in the archive's order; with
+  ``labels``, (image, label) pairs (``classes``: CIFAR10_CLASSES)."""
   require_tfds()
   root = os.path.abspath(root)
   prepared = os.path.join(root, 'cifar10')
@@ -178,20 +197,24 @@ def tfds_cifar10(root, split, download=False):
     return os.path.join(root, CACHE_FOLDER, f'cifar10_{split}_32px_3ch_{files_signature(files, root, split)}.npy')
 
   path = cache_path()
-  if path is None or not os.path.isfile(path):
+  if path is None or not os.path.isfile(path) or (labels and not os.path.isfile(labels_path_of(path))):
     if path is None and not download and not os.path.isfile(os.path.join(root, tfds_export.CIFAR10_ARCHIVE)):
       raise FileNotFoundError(f'CIFAR-10 was not found under {root!r}. {cifar10_missing_hint(root)}.')
     path = build_cache(['cifar10', root, split, '1' if download else '0'], cache_path, CIFAR10_SHAPE,
-                       missing_hint=cifar10_missing_hint(root))
-  return CachedImages(path)
+                       missing_hint=cifar10_missing_hint(root), labels=True)
+  if not labels:
+    return CachedImages(path)
+  return LabelledImages(CachedImages(path), np.load(labels_path_of(path)), CIFAR10_CLASSES)
 
 
-def tfds_image_folder(root, image_size, num_channels=3):
+def tfds_image_folder(root, image_size, num_channels=3, labels=False):
   """The images of ``image_folder.ImageFolder(root, ...)`` (same files, same order), decoded by TensorFlow, then
-  resized and centre-cropped by that class's own transform."""
+  resized and centre-cropped by that class's own transform; with ``labels``, (image, label) pairs whose label is
+  the class sub-folder of ``root`` (``image_folder.folder_classes``; the cache is the same either way)."""
   require_tfds()
   root = os.path.abspath(root)
-  listing = image_folder.ImageFolder(root, image_size, num_channels)  # Checks the folder; sorted recursive list.
+  # Checks the folder (and, with labels, the class folders); the sorted recursive list.
+  listing = image_folder.ImageFolder(root, image_size, num_channels, labels=labels)
   signature = files_signature(listing.files, root, f'{image_size} {num_channels}')
   path = os.path.join(root, CACHE_FOLDER, f'image_folder_{image_size}px_{num_channels}ch_{signature}.npy')
 
@@ -205,20 +228,23 @@ def tfds_image_folder(root, image_size, num_channels=3):
       with open(list_path, 'w', encoding='utf-8') as handle:
         json.dump(listing.files, handle)
       build_cache(['files', list_path], lambda: path, (image_size, image_size, num_channels), convert)
-  return CachedImages(path)
+  return LabelledImages(CachedImages(path), listing.labels, listing.classes) if labels else CachedImages(path)
 
 
 @register_dataset('CIFAR10', backend='tfds')
 def build_tfds_cifar10(config, train=True):
   check_cifar10_shape(config.data)
-  return tfds_cifar10(os.path.expanduser(config.data.root), 'train' if train else 'test', config.data.download)
+  return tfds_cifar10(os.path.expanduser(config.data.root), 'train' if train else 'test', config.data.download,
+                      labels=wants_labels(config))
 
 
 def build_tfds_image_folder(config, train=True):
-  """An image folder; as with the torchvision backend, training and evaluation use the same images."""
+  """An image folder; as with the torchvision backend, training and evaluation use the same images, and a
+  class-conditional run gets (image, label) pairs labelled by class sub-folder."""
   del train
   data = config.data
-  return tfds_image_folder(os.path.expanduser(data.root), data.image_size, data.num_channels)
+  return tfds_image_folder(os.path.expanduser(data.root), data.image_size, data.num_channels,
+                           labels=wants_labels(config))
 
 
 for _name in ('IMAGE_FOLDER', 'CelebA-HQ-Pytorch', 'AFHQ-CAT-Pytorch'):

@@ -7,13 +7,14 @@ and exit codes alone. Its imports: the standard library, numpy, tensorflow and t
 
 Stream on stdout (little-endian): the image count N as int64, then N records of
   (index int64, height int32, width int32, channels int32) followed by height * width * channels uint8 bytes,
-the image in (H, W, C) order; records may come in any order, ``index`` says where each belongs.
+the image in (H, W, C) order; records may come in any order, ``index`` says where each belongs. The cifar10
+command then sends the N class labels, int64 in index order.
 
 Commands:
   cifar10 ROOT SPLIT DOWNLOAD  CIFAR-10 through tfds.builder('cifar10', data_dir=ROOT): a tfds dataset prepared
                                under ROOT, else one prepared from ROOT/cifar-10-binary.tar.gz or a download
                                (DOWNLOAD=1); index is the position in the original archive (the tfds id), the order
-                               torchvision reads.
+                               torchvision reads. Ends with the labels.
   files LIST_JSON              The image files listed in LIST_JSON, decoded by TensorFlow to RGB; index is the
                                position in the list.
 Exit status 3: the source is missing; 4: the source is unreadable (bad checksum, undecodable image). The reason is
@@ -28,7 +29,7 @@ import numpy as np
 
 ERROR_PREFIX = 'tfds_export error: '
 EXIT_MISSING, EXIT_UNREADABLE = 3, 4
-COUNT_FORMAT, RECORD_FORMAT = '<q', '<qiii'
+COUNT_FORMAT, RECORD_FORMAT, LABEL_FORMAT = '<q', '<qiii', '<q'
 CIFAR10_ARCHIVE = 'cifar-10-binary.tar.gz'
 CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'
 
@@ -63,11 +64,19 @@ def export_cifar10(stream, root, split, download):
         raise
       raise ExportError(EXIT_UNREADABLE, f'{os.path.join(root, CIFAR10_ARCHIVE)!r} is not the official archive of '
                                          f'{CIFAR10_URL}: its sha256 differs from the one tfds registered') from error
-  stream.write(struct.pack(COUNT_FORMAT, builder.info.splits[split].num_examples))
+  count = builder.info.splits[split].num_examples
+  stream.write(struct.pack(COUNT_FORMAT, count))
+  labels = np.full(count, -1, dtype=np.int64)
   # tfds stores the examples shuffled by a hash of their key; the id 'train_00042' keeps the archive position.
   for batch in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False).batch(1024)):
-    for example_id, image in zip(batch['id'], batch['image']):  # image: (32, 32, 3)
-      write_record(stream, int(example_id.decode().rsplit('_', 1)[1]), image)
+    for example_id, image, label in zip(batch['id'], batch['image'], batch['label']):  # image: (32, 32, 3)
+      index = int(example_id.decode().rsplit('_', 1)[1])
+      write_record(stream, index, image)
+      labels[index] = label
+  if (labels < 0).any():
+    raise ExportError(EXIT_UNREADABLE, f'the tfds cifar10 under {root!r} lacks the examples '
+                                       f'{np.flatnonzero(labels < 0)[:5].tolist()} of its {split} split')
+  stream.write(labels.astype('<i8').tobytes())  # N values of LABEL_FORMAT.
 
 
 def export_files(stream, list_path):

@@ -4,7 +4,6 @@ Every test that builds a cache starts one TensorFlow child process (about 5-10 s
 """
 import io
 import os
-import pickle
 import subprocess
 import sys
 import tarfile
@@ -18,6 +17,8 @@ import datasets
 from configs.default_lsun_configs import get_default_configs as folder_defaults
 from configs.rectified_flow.cifar10_rf_gaussian_ddpmpp import get_config as cifar10_config
 from datasets import tfds_backend
+from datasets.cifar10 import CIFAR10_CLASSES
+from tests.test_datasets import unchecked_torchvision_cifar10, write_python_cifar10  # noqa: F401  (a fixture)
 
 if not tfds_backend.tfds_available():
   pytest.skip('data.backend=tfds needs `pip install -r requirements-tf.txt`', allow_module_level=True)
@@ -45,16 +46,10 @@ def write_cifar10_archives(root, train, test, labels_train, labels_test):
                                     labels_train[i * CIFAR10_PER_BATCH:(i + 1) * CIFAR10_PER_BATCH])
             for i in range(CIFAR10_TRAIN_BATCHES)}
   splits['test_batch'] = (test, labels_test)
-  names = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
-  python_folder = os.path.join(root, 'cifar-10-batches-py')
-  os.makedirs(python_folder)
-  binary_files = {'batches.meta.txt': ('\n'.join(names) + '\n').encode()}
+  write_python_cifar10(root, splits)
+  binary_files = {'batches.meta.txt': ('\n'.join(CIFAR10_CLASSES) + '\n').encode()}
   for name, (images, labels) in splits.items():
-    with open(os.path.join(python_folder, name), 'wb') as handle:
-      pickle.dump({'data': images.reshape(len(images), -1), 'labels': labels.tolist()}, handle)
     binary_files[f'{name}.bin'] = np.concatenate([labels[:, None], images.reshape(len(images), -1)], 1).tobytes()
-  with open(os.path.join(python_folder, 'batches.meta'), 'wb') as handle:
-    pickle.dump({'label_names': names}, handle)
   with tarfile.open(os.path.join(root, 'cifar-10-binary.tar.gz'), 'w:gz') as archive:
     for name, content in binary_files.items():
       member = tarfile.TarInfo(f'cifar-10-batches-bin/{name}')
@@ -64,34 +59,31 @@ def write_cifar10_archives(root, train, test, labels_train, labels_test):
 
 @pytest.fixture(scope='module')
 def fake_cifar10(tmp_path_factory):
-  """A tiny CIFAR-10 in both formats, the tfds one prepared; returns (root, train, test) uint8 (N, 3, 32, 32)."""
+  """A tiny CIFAR-10 in both formats, the tfds one prepared; returns (root, train, test, train_labels, test_labels),
+  the images uint8 (N, 3, 32, 32), the labels uint8 (N,)."""
   root = tmp_path_factory.mktemp('cifar10')
   rng = np.random.RandomState(0)
   train = rng.randint(0, 256, (CIFAR10_TRAIN_BATCHES * CIFAR10_PER_BATCH, 3, 32, 32)).astype(np.uint8)
   test = rng.randint(0, 256, (CIFAR10_TEST_IMAGES, 3, 32, 32)).astype(np.uint8)
-  write_cifar10_archives(str(root), train, test, rng.randint(0, 10, len(train)).astype(np.uint8),
-                         rng.randint(0, 10, len(test)).astype(np.uint8))
+  train_labels = rng.randint(0, 10, len(train)).astype(np.uint8)
+  test_labels = rng.randint(0, 10, len(test)).astype(np.uint8)
+  write_cifar10_archives(str(root), train, test, train_labels, test_labels)
   subprocess.run([sys.executable, '-c', PREPARE_UNCHECKED_CIFAR10, str(root)], check=True, capture_output=True,
                  cwd=str(root), timeout=300)
-  return str(root), train, test
+  return str(root), train, test, train_labels, test_labels
 
 
-@pytest.fixture()
-def unchecked_torchvision_cifar10(monkeypatch):
-  """torchvision checks each pickle's md5 against the official files; the fake ones differ."""
-  from torchvision.datasets import cifar
-
-  monkeypatch.setattr(cifar, 'check_integrity', lambda *args, **kwargs: True)
-  monkeypatch.setattr(cifar.CIFAR10, '_check_integrity', lambda self: True)
+def all_items(dataset):
+  return [dataset[i] for i in range(len(dataset))]
 
 
 def all_images(dataset):
-  return torch.stack([dataset[i] for i in range(len(dataset))])
+  return torch.stack(all_items(dataset))
 
 
 def test_cifar10_tfds_equals_torchvision_in_images_and_order(fake_cifar10, unchecked_torchvision_cifar10,
                                                               monkeypatch):
-  root, train, test = fake_cifar10
+  root, train, test = fake_cifar10[:3]
   config = cifar10_config()
   config.data.root = root
   for is_train, expected in ((True, train), (False, test)):
@@ -106,6 +98,41 @@ def test_cifar10_tfds_equals_torchvision_in_images_and_order(fake_cifar10, unche
   monkeypatch.setattr(tfds_backend, 'build_cache', lambda *args, **kwargs: pytest.fail('cache rebuilt'))
   assert torch.equal(all_images(datasets.get_dataset(config, train=False)), tfds_images)
   assert sorted(os.listdir(os.path.join(root, 'tfds_cache')))[0].startswith('cifar10_test_32px_3ch_')
+
+
+def test_cifar10_tfds_labels_equal_torchvision_and_live_beside_the_cache(fake_cifar10, unchecked_torchvision_cifar10,
+                                                                       monkeypatch):
+  root, _, test, _, test_labels = fake_cifar10
+  config = cifar10_config()
+  config.data.root = root
+  config.model.num_classes = 10
+  config.data.backend = 'tfds'
+  labelled = datasets.get_dataset(config, train=False)
+  items = [labelled[i] for i in range(len(labelled))]
+  assert [label for _, label in items] == test_labels.tolist()  # tfds shuffles on disk; its ids restore the order.
+  assert all(isinstance(label, int) for _, label in items)
+  assert torch.equal(torch.stack([image for image, _ in items]), torch.from_numpy(test).float() / 255)
+  assert list(labelled.classes) == list(CIFAR10_CLASSES)
+  config.data.backend = 'torchvision'
+  torchvision_dataset = datasets.get_dataset(config, train=False)
+  assert [torchvision_dataset[i][1] for i in range(len(test))] == test_labels.tolist()
+  cache = os.path.join(root, 'tfds_cache')
+  (labels_name,) = [name for name in os.listdir(cache) if name.startswith('cifar10_test_') and '.labels' in name]
+  assert os.path.isfile(os.path.join(cache, labels_name.replace('.labels', '')))  # Same name and signature.
+  # A cache without labels (written before they were exported) still serves unconditional runs as it is ...
+  os.remove(os.path.join(cache, labels_name))
+  config.data.backend, config.model.num_classes = 'tfds', 0
+  with monkeypatch.context() as patch:
+    patch.setattr(tfds_backend, 'build_cache', lambda *args, **kwargs: pytest.fail('cache rebuilt'))
+    assert torch.equal(all_images(datasets.get_dataset(config, train=False)), torch.from_numpy(test).float() / 255)
+  # ... and is rebuilt, with its labels, when a class-conditional run first asks for them.
+  config.model.num_classes = 10
+  rebuilt = datasets.get_dataset(config, train=False)
+  assert [rebuilt[i][1] for i in range(len(rebuilt))] == test_labels.tolist()
+  assert os.path.isfile(os.path.join(cache, labels_name))
+  config.model.num_classes = 9
+  with pytest.raises(ValueError, match=r'has 10 classes.*--config\.model\.num_classes=10'):
+    datasets.get_dataset(config, train=False)
 
 
 def write_folder_images(folder):
@@ -140,6 +167,28 @@ def test_image_folder_tfds_equals_torchvision_and_serves_workers(tmp_path):
   assert all_images(tfds_dataset).shape == (6, 3, 16, 16)
   reference = next(datasets.endless_batches(torchvision_dataset, 4, seed=3))
   assert torch.equal(next(datasets.endless_batches(tfds_dataset, 4, seed=3, num_workers=2)), reference)
+
+
+def test_image_folder_tfds_labels_are_the_class_sub_folders(tmp_path):
+  write_folder_images(tmp_path)
+  labelled = {}
+  for backend in ('tfds', 'torchvision'):  # The torchvision read finds tfds_cache/, which holds no class.
+    config = folder_config(tmp_path, backend)
+    config.model.num_classes = 2
+    labelled[backend] = datasets.get_dataset(config)
+    assert labelled[backend].classes == ['part0', 'part1']
+  tfds_items, torchvision_items = all_items(labelled['tfds']), all_items(labelled['torchvision'])
+  assert [label for _, label in tfds_items] == [label for _, label in torchvision_items] == [0, 0, 0, 1, 1, 1]
+  assert torch.equal(torch.stack([image for image, _ in tfds_items]),
+                     torch.stack([image for image, _ in torchvision_items]))
+  assert torch.equal(torch.stack([image for image, _ in tfds_items]),
+                     all_images(datasets.get_dataset(folder_config(tmp_path, 'tfds'))))  # Same cache, unlabelled.
+  assert len([name for name in os.listdir(tmp_path / 'tfds_cache') if name.endswith('.npy')]) == 1
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'loose.png')
+  config = folder_config(tmp_path, 'tfds')
+  config.model.num_classes = 2
+  with pytest.raises(ValueError, match=r'images lying directly in it.*\(1: loose\.png\)'):
+    datasets.get_dataset(config)
 
 
 def test_image_folder_cache_follows_the_files(tmp_path):

@@ -98,6 +98,18 @@ def from_published_state_dict(state_dict):
           for key, value in state_dict.items()}
 
 
+def label_hint(state_dict, expected, key='label_embedding.weight'):
+  """A sentence on model.num_classes where the file and the model differ in their label embedding."""
+  if key not in state_dict and key not in expected:
+    return ''
+  saved = state_dict[key].shape[0] - 1 if key in state_dict else 0
+  configured = expected[key].shape[0] - 1 if key in expected else 0
+  if saved == configured:
+    return ''
+  return (f' The file holds a model with num_classes={saved}, the config has model.num_classes={configured}: set '
+          f'--config.model.num_classes={saved}.')
+
+
 def load_network_weights(net, state_dict, source='checkpoint', architecture=''):
   """Strict load with an error that names the missing and unexpected keys, mismatched shapes and
   ``architecture`` (a description of the configured one)."""
@@ -116,7 +128,7 @@ def load_network_weights(net, state_dict, source='checkpoint', architecture=''):
                      f'architecture or config. Missing keys: {listing(missing)}. Unexpected keys: '
                      f'{listing(unexpected)}. Shape mismatches: {listing(mismatched)}. The config expects '
                      f'{architecture or type(net).__name__}. Check --config and its model.* / data.* settings against '
-                     f'the run that wrote the file.')
+                     f'the run that wrote the file.{label_hint(state_dict, expected)}')
   net.load_state_dict(state_dict, strict=True)
 
 

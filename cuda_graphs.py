@@ -13,23 +13,25 @@ import torch
 
 
 class _CapturedCall:
-  """One captured call: the graph and the static tensors it reads (x, t) and writes (out)."""
+  """One captured call: the graph and the static tensors it reads (x, t, extras) and writes (out)."""
 
-  __slots__ = ('graph', 'x', 't', 'out')
+  __slots__ = ('graph', 'x', 't', 'extras', 'out')
 
-  def __init__(self, graph, x, t, out):
-    self.graph, self.x, self.t, self.out = graph, x, t, out
+  def __init__(self, graph, x, t, extras, out):
+    self.graph, self.x, self.t, self.extras, self.out = graph, x, t, extras, out
 
 
 class GraphedVelocity:
-  """``velocity(x, t)`` replayed from CUDA graphs, one per (x shape, x dtype, t shape, t dtype, device).
+  """``velocity(x, t, *extras)`` replayed from CUDA graphs, one per (x shape, x dtype, t shape, t dtype, device,
+  shapes and dtypes of the extra tensors, e.g. the (B,) labels of a class-conditional model).
 
   On CUDA with autograd off, the first call of a new key runs ``velocity`` ``warmup_calls`` times on a side stream
   (cuDNN autotuning and lazy initialisation happen there, as the PyTorch docs on CUDA graphs require), then captures
   one call into a ``torch.cuda.CUDAGraph`` that reads static buffers x (B, ...) and t (B,) and writes a static
-  output. Every call copies x and t into those buffers, replays the graph and returns a clone of the output (the
-  next replay overwrites it; solvers keep several velocities alive). Anywhere else (the CPU, autograd on, t not a
-  tensor on the device of x, ``enabled=False``) it calls ``velocity(x, t)`` directly: an exact pass-through.
+  output. Every call copies x, t and the extras into those buffers, replays the graph and returns a clone of the
+  output (the next replay overwrites it; solvers keep several velocities alive). Anywhere else (the CPU, autograd
+  on, t or an extra not a tensor on the device of x, ``enabled=False``) it calls ``velocity(x, t, *extras)``
+  directly: an exact pass-through.
 
   Weights: a graph reads the memory its kernels were recorded with. Weights changed in place between calls
   (``param.copy_``: EMA weights swapped in and out, ``load_state_dict``, optimiser steps) are read by the next
@@ -62,17 +64,21 @@ class GraphedVelocity:
     self._pool = None
     self._signature = None
 
-  def __call__(self, x, t):
-    if (not (self.enabled and x.is_cuda and isinstance(t, torch.Tensor) and t.device == x.device)
+  def __call__(self, x, t, *extras):
+    if (not (self.enabled and x.is_cuda and all(isinstance(value, torch.Tensor) and value.device == x.device
+                                                 for value in (t, *extras)))
         or torch.is_grad_enabled()):
-      return self.velocity(x, t)
+      return self.velocity(x, t, *extras)
     # Static buffers made under inference_mode cannot be written outside it, hence the mode in the key.
-    key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, x.device, torch.is_inference_mode_enabled())
+    key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, x.device, torch.is_inference_mode_enabled(),
+           tuple((tuple(value.shape), value.dtype) for value in extras))
     call = self.graphs.get(key)
     if call is None:
-      call = self._capture(key, x, t)
+      call = self._capture(key, x, t, extras)
     call.x.copy_(x)
     call.t.copy_(t)
+    for static, value in zip(call.extras, extras):
+      static.copy_(value)
     call.graph.replay()
     self.replays += 1
     return call.out.clone()
@@ -96,28 +102,28 @@ class GraphedVelocity:
     return (tuple(m.training for m in self.module.modules()),
             tuple((tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)) for tensor in tensors))
 
-  def _capture(self, key, x, t):
+  def _capture(self, key, x, t, extras):
     signature = self._weights_signature()
     if self.graphs and signature != self._signature:  # Other shapes were captured with other weight memory.
       self.invalidate()
     self._signature = signature
     device = x.device
     with torch.cuda.device(device):
-      static_x, static_t = x.clone(), t.clone()
+      static_x, static_t, static_extras = x.clone(), t.clone(), tuple(value.clone() for value in extras)
       current = torch.cuda.current_stream(device)
       side = torch.cuda.Stream(device)
       side.wait_stream(current)
       with torch.cuda.stream(side):
         for _ in range(self.warmup_calls):
-          self.velocity(static_x, static_t)
+          self.velocity(static_x, static_t, *static_extras)
       current.wait_stream(side)
       if self._pool is None:
         self._pool = torch.cuda.graph_pool_handle()
       graph = torch.cuda.CUDAGraph()
       # thread_local: CUDA calls of other threads (a data loader's pinning thread) do not break the capture.
       with torch.cuda.graph(graph, pool=self._pool, capture_error_mode='thread_local'):
-        static_out = self.velocity(static_x, static_t)
-    call = _CapturedCall(graph, static_x, static_t, static_out)
+        static_out = self.velocity(static_x, static_t, *static_extras)
+    call = _CapturedCall(graph, static_x, static_t, static_extras, static_out)
     self.graphs[key] = call
     self.captures += 1
     return call
@@ -157,8 +163,9 @@ class GraphedTrainStep:
 
   What stays valid between replays: weights, Adam moments and steps, EMA shadows and count, and the skipped-update
   counter are all updated in place, so checkpoints, snapshots and held-out losses read the current values; the
-  optimiser's lr is a device tensor and its groups are marked capturable from the capture on
-  (``checkpoints.save_checkpoint`` writes them back as an eager run does). What must not happen after the capture:
+  optimiser's lr is a float32 device tensor from the first update on (so warm-up updates and replays use the same
+  lr) and its groups are marked capturable from the capture on (``checkpoints.save_checkpoint`` writes both back
+  as an eager run does). What must not happen after the capture:
   parameters given new memory (``load_state_dict(assign=True)``, ``module.to``), other batch shapes (the loop
   has one), a change of the train/eval modes inside the update. ``graph_capture_obstacle`` lists the settings it
   does not support; run_lib then trains eagerly and logs why.
@@ -177,7 +184,12 @@ class GraphedTrainStep:
     self.eager_updates = 0
     self.replays = 0
     self.graph = None
-    self._x0 = self._x1 = self._rows = self._loss = None
+    self._x0 = self._x1 = self._rows = self._labels = self._loss = None
+    # The lr as a float32 device tensor from the first update on (fused CUDA kernels read a float lr from device
+    # memory): warm-up updates and replays then use the same lr, bit for bit, also across a resume.
+    for group in optimizer.param_groups:
+      if not isinstance(group['lr'], torch.Tensor):
+        group['lr'] = torch.tensor(float(group['lr']), dtype=torch.float32, device=group['params'][0].device)
 
   def __call__(self, state, micro_batches):
     if len(micro_batches) != 1:
@@ -185,47 +197,57 @@ class GraphedTrainStep:
                        f'(set training.cuda_graph=False for gradient accumulation)')
     if self.graph is None and self.eager_updates < self.warmup_updates:
       return self._eager(state, micro_batches)
-    (x0, x1, rows), = micro_batches
-    if self.graph is None:
-      self._capture(state, x0, x1, rows)
-    self._check_batch(x0, x1, rows)
-    self.train_step.set_learning_rate(state['step'])
-    self._x1.copy_(x1)
-    if x0 is not None:
-      self._x0.copy_(x0)
-    self.graph.replay()
-    self.replays += 1
-    state['step'] += 1
-    return self._loss.clone()  # The next replay overwrites the static loss.
+    (x0, x1, rows, *labels), = micro_batches  # (x0, x1, rows[, labels]).
+    labels = labels[0] if labels else None
+    with torch.cuda.device(x1.device):
+      if self.graph is None:
+        self._capture(state, x0, x1, rows, labels)
+      self._check_batch(x0, x1, rows, labels)
+      state['model'].train()  # What the graph does; the flag only keeps Python's view of the module in step.
+      self.train_step.set_learning_rate(state['step'])
+      self._x1.copy_(x1)
+      if x0 is not None:
+        self._x0.copy_(x0)
+      if labels is not None:
+        self._labels.copy_(labels)
+      self.graph.replay()
+      self.replays += 1
+      state['step'] += 1
+      return self._loss.clone()  # The next replay overwrites the static loss.
 
   def _eager(self, state, micro_batches):
-    current = torch.cuda.current_stream()
-    side = torch.cuda.Stream()
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-      loss = self.train_step(state, micro_batches)
-    current.wait_stream(side)
+    with torch.cuda.device(micro_batches[0][1].device):
+      current = torch.cuda.current_stream()
+      side = torch.cuda.Stream()
+      side.wait_stream(current)
+      with torch.cuda.stream(side):
+        loss = self.train_step(state, micro_batches)
+      current.wait_stream(side)
     self.eager_updates += 1
     return loss
 
-  def _check_batch(self, x0, x1, rows):
+  def _check_batch(self, x0, x1, rows, labels):
     if (x1.shape != self._x1.shape or x1.dtype != self._x1.dtype or (x0 is None) != (self._x0 is None)
-        or (x0 is not None and x0.shape != self._x0.shape) or rows != self._rows):
-      raise ValueError(f'The captured update takes x1 of shape {tuple(self._x1.shape)} ({self._x1.dtype}), '
-                       f'x0 {"absent" if self._x0 is None else tuple(self._x0.shape)} and rows {self._rows}; got '
-                       f'{tuple(x1.shape)} ({x1.dtype}), {"absent" if x0 is None else tuple(x0.shape)} and {rows}. '
-                       f'Every batch of a run must have one shape; set training.cuda_graph=False otherwise.')
+        or (x0 is not None and (x0.shape != self._x0.shape or x0.dtype != self._x0.dtype)) or rows != self._rows
+        or (labels is None) != (self._labels is None)
+        or (labels is not None and (labels.shape != self._labels.shape or labels.dtype != self._labels.dtype))):
+      def describe(t):
+        return 'absent' if t is None else f'{tuple(t.shape)} ({t.dtype})'
 
-  def _capture(self, state, x0, x1, rows):
+      raise ValueError(f'The captured update takes x1 {describe(self._x1)}, x0 {describe(self._x0)}, labels '
+                       f'{describe(self._labels)} and rows {self._rows}; got x1 {describe(x1)}, x0 {describe(x0)}, '
+                       f'labels {describe(labels)} and rows {rows}. Every batch of a run must have one shape; set '
+                       f'training.cuda_graph=False otherwise.')
+
+  def _capture(self, state, x0, x1, rows, labels):
     device = x1.device
-    for group in self.optimizer.param_groups:
-      if not isinstance(group['lr'], torch.Tensor):  # Read by the captured Adam from device memory.
-        group['lr'] = torch.tensor(float(group['lr']), device=device)
+    for group in self.optimizer.param_groups:  # The lr is a device tensor since __init__.
       group['capturable'] = True
     if state.get('nonfinite_pending') is None:  # Made here: a tensor made inside the capture would be rewritten.
       state['nonfinite_pending'] = torch.zeros((), dtype=torch.int64, device=device)
     self._x1, self._rows = x1.clone(), rows
     self._x0 = None if x0 is None else x0.clone()
+    self._labels = None if labels is None else labels.clone()
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
     for generator in self.generators:
@@ -233,9 +255,12 @@ class GraphedTrainStep:
     try:
       # thread_local: CUDA calls of other threads (a loader's pinning thread) do not break the capture.
       with torch.cuda.graph(graph, capture_error_mode='thread_local'):
-        self._loss = self.train_step.update(state, [(self._x0, self._x1, self._rows)])
+        batch = (self._x0, self._x1, self._rows) + (() if self._labels is None else (self._labels,))
+        self._loss = self.train_step.update(state, [batch])
     except RuntimeError as error:
-      raise RuntimeError(f'CUDA-graph capture of the training update failed at step {state["step"]} ({error}). '
+      # The error that ends the capture is often a consequence ("capture invalidated") of the one before it.
+      cause = f'{error}' if error.__context__ is None else f'{error}; first: {error.__context__}'
+      raise RuntimeError(f'CUDA-graph capture of the training update failed at step {state["step"]} ({cause}). '
                          f'Resume without it: --config.training.cuda_graph=False (the preemption checkpoints are '
                          f'those of the eager updates before it).') from error
     self.graph = graph

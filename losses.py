@@ -17,12 +17,20 @@ VGG16_WEIGHTS_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
+def num_classes(config):
+  """``model.num_classes`` (0: unconditional; configs written before class conditioning lack the key)."""
+  return config.model.get('num_classes', 0)
+
+
 def build_rectified_flow(config, net):
-  """The library's ``RectifiedFlow`` around ``net``; the time scaling to t*999 lives in ``VelocityField``."""
+  """The library's ``RectifiedFlow`` around ``net``; the time scaling to t*999 lives in ``VelocityField``. A
+  class-conditional model (``model.num_classes``) drops labels with ``training.label_dropout``."""
+  classes = num_classes(config)
   return RectifiedFlow(VelocityField(net, channels_last=config.training.channels_last), time_cond_kwarg='times',
                        noise_std=config.sampling.init_noise_scale,
                        time_eps=config.training.time_eps,
-                       loss_reduction='mean' if config.training.reduce_mean else 'sum')
+                       loss_reduction='mean' if config.training.reduce_mean else 'sum',
+                       num_classes=classes, label_dropout=config.training.label_dropout if classes else 0.0)
 
 
 def get_optimizer(config, params, device=torch.device('cpu')):
@@ -119,31 +127,42 @@ def lpips_distance(lpips_model, x, y):
   return lpips_model(x, y).reshape(-1)
 
 
-def draw_noise_and_times(flow, x1, generator=None, global_batch=None, rows=slice(None), times_fn=None):
-  """(X0, t) for ``rows`` of a global batch whose rows ``x1`` are: drawn for all ``global_batch`` rows and sliced, so
-  that a sample gets the same noise and time whatever the number of processes and micro-batches."""
+def draw_noise_and_times(flow, x1, generator=None, global_batch=None, rows=slice(None), times_fn=None, labels=None,
+                         train=True):
+  """(X0, t, label drops) for ``rows`` of a global batch whose rows ``x1`` are: drawn for all ``global_batch`` rows
+  and sliced, so that a sample gets the same noise, time and label dropout whatever the number of processes and
+  micro-batches. Label drops (``flow.label_dropout``, after the times) are drawn only in training with labels, so
+  the random streams of unconditional runs are those of before; otherwise they are None, or all False (held-out
+  losses with labels)."""
   size = global_batch or x1.shape[0]
   noise = flow.sample_noise((size, *x1.shape[1:]), device=x1.device, dtype=x1.dtype, generator=generator)[rows]
   if times_fn is None:
     times = flow.sample_times(size, device=x1.device, dtype=x1.dtype, generator=generator)
   else:
     times = times_fn(size, x1.device, generator)
-  return noise, times[rows]
+  drops = None
+  if labels is not None:
+    if train and flow.label_dropout:
+      drops = flow_math.draw_label_drops(size, flow.label_dropout, device=x1.device, generator=generator)[rows]
+    else:
+      drops = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+  return noise, times[rows], drops
 
 
 def get_loss_fn(config, flow, reflow=False, lpips_model=None):
-  """``loss_fn(x0, x1, generator=None, global_batch=None, rows=slice(None)) -> scalar``.
+  """``loss_fn(x0, x1, generator=None, global_batch=None, rows=slice(None), labels=None, train=True) -> scalar``.
 
-  x0 is None for 1-RF training (noise is drawn), a pair otherwise. The noise and times are drawn from ``generator``
+  x0 is None for 1-RF training (noise is drawn), a pair otherwise; ``labels`` (B,) condition a class-conditional
+  flow, after label dropout when ``train``. The noise and times are drawn from ``generator``
   for a global batch of ``global_batch`` of which ``x1`` holds ``rows`` (``draw_noise_and_times``). Reflow stages
   take their time schedule and loss from ``config.reflow``: 'l2' is the flow's own loss on the pairs, 'lpips' the
   LPIPS between the one-step estimate X1_hat = X_t + (1 - t) v and X1, 'lpips+l2' their sum.
   """
   if not reflow:
 
-    def flow_loss(x0, x1, generator=None, global_batch=None, rows=slice(None)):
-      noise, times = draw_noise_and_times(flow, x1, generator, global_batch, rows)
-      return flow(x1, noise=noise if x0 is None else x0, times=times)
+    def flow_loss(x0, x1, generator=None, global_batch=None, rows=slice(None), labels=None, train=True):
+      noise, times, drops = draw_noise_and_times(flow, x1, generator, global_batch, rows, labels=labels, train=train)
+      return flow(x1, noise=noise if x0 is None else x0, times=times, labels=labels, label_drops=drops)
 
     return flow_loss
   times_fn = reflow_time_schedule(config.reflow.reflow_t_schedule, config.training.time_eps)
@@ -153,12 +172,13 @@ def get_loss_fn(config, flow, reflow=False, lpips_model=None):
   if loss_name != 'l2' and lpips_model is None:
     raise ValueError(f"reflow.reflow_loss={loss_name!r} needs an LPIPS model")
 
-  def loss_fn(x0, x1, generator=None, global_batch=None, rows=slice(None)):
-    noise, times = draw_noise_and_times(flow, x1, generator, global_batch, rows, times_fn)
+  def loss_fn(x0, x1, generator=None, global_batch=None, rows=slice(None), labels=None, train=True):
+    noise, times, drops = draw_noise_and_times(flow, x1, generator, global_batch, rows, times_fn, labels, train)
     noise = noise if x0 is None else x0
     if loss_name == 'l2':
-      return flow(x1, noise=noise, times=times)
-    noise, times, x_t, prediction = flow.predict_on_path(x1, noise=noise, times=times)
+      return flow(x1, noise=noise, times=times, labels=labels, label_drops=drops)
+    noise, times, x_t, prediction = flow.predict_on_path(x1, noise=noise, times=times, labels=labels,
+                                                         label_drops=drops)
     clean = flow_math.to_clean(flow.predict, prediction, x_t, times)
     loss = lpips_distance(lpips_model, clean, x1)
     if loss_name == 'lpips+l2':
@@ -167,6 +187,13 @@ def get_loss_fn(config, flow, reflow=False, lpips_model=None):
     return loss.mean()
 
   return loss_fn
+
+
+def unpack_micro_batch(micro_batch):
+  """(x0 or None, x1, rows, labels or None) of a micro-batch (x0, x1, rows) or, class-conditional,
+  (x0, x1, rows, labels)."""
+  x0, x1, rows, *labels = micro_batch
+  return x0, x1, rows, labels[0] if labels else None
 
 
 def skips_updates_on_device(optimizer):
@@ -180,8 +207,8 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.
   """One update (``train=True``) or one held-out loss on the EMA weights (``train=False``).
 
   ``train_step(state, micro_batches)`` takes ``state = {'model', 'ema', 'optimizer', 'step'}`` and this process's
-  micro-batches of one global batch, a list of (x0 or None, x1, rows) in model space (``rows``: their slice of the
-  global batch of ``training.batch_size``). Gradients are accumulated over the micro-batches (``ddp_module``
+  micro-batches of one global batch, a list of (x0 or None, x1, rows[, labels]) in model space (``rows``: their
+  slice of the global batch of ``training.batch_size``; ``labels`` for a class-conditional model). Gradients are accumulated over the micro-batches (``ddp_module``
   all-reduces them once, at the last) and averaged, so the update is that of the whole global batch. Noise and
   times come from ``generator``. Returns this process's mean loss (a detached device tensor).
 
@@ -189,8 +216,8 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.
   ``state['nonfinite_pending']`` (a device tensor: ``count_skipped_updates`` moves it to ``state['nonfinite_steps']``
   when the loop reads it). With fused Adam (``optim.fused``) this decision stays on the device: the update makes no
   host read at all. With fp16 an overflow of the scaled gradients is the ``grad_scaler``'s to handle (it skips the
-  update and lowers its scale; not counted). ``eval_step(state, x0, x1)`` returns the loss of a batch on the EMA
-  weights.
+  update and lowers its scale; not counted). ``eval_step(state, x0, x1, labels=None)`` returns the loss of a batch
+  on the EMA weights (no label dropout).
 
   ``train_step`` is ``set_learning_rate(state['step'])``, then ``update(state, micro_batches)`` (the device work),
   then ``state['step'] += 1``; both parts are attributes of it, so that ``cuda_graphs.GraphedTrainStep`` can
@@ -220,13 +247,14 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.
     total = 0.0
     # Every micro-batch draws (and slices) the global batch's noise and times: the same draws, from the same state.
     replay = generator.get_state() if generator is not None and len(micro_batches) > 1 else None
-    for index, (x0, x1, rows) in enumerate(micro_batches):
+    for index, micro_batch in enumerate(micro_batches):
+      x0, x1, rows, labels = unpack_micro_batch(micro_batch)
       last = index == len(micro_batches) - 1
       if replay is not None and index > 0:
         generator.set_state(replay)
       with contextlib.nullcontext() if ddp_module is None or last else ddp_module.no_sync():
         with autocast(config, device):
-          loss = loss_fn(x0, x1, generator=generator, global_batch=global_batch, rows=rows)
+          loss = loss_fn(x0, x1, generator=generator, global_batch=global_batch, rows=rows, labels=labels)
         scaler.scale(loss / len(micro_batches)).backward()
       total = total + loss.detach().float()
     loss = total / len(micro_batches)
@@ -263,10 +291,10 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.
   train_step.set_learning_rate, train_step.update = set_learning_rate, update
 
   @torch.no_grad()
-  def eval_step(state, x0, x1):
+  def eval_step(state, x0, x1, labels=None):
     state['model'].eval()
     with ema.average_parameters(params), autocast(config, device):
-      loss = loss_fn(x0, x1)
+      loss = loss_fn(x0, x1, labels=labels, train=False)
     return loss.detach().float()
 
   return train_step if train else eval_step

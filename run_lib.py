@@ -1,4 +1,5 @@
 """Training orchestration: one loop shared by every stage (1-RF training now; reflow and distillation reuse it)."""
+import functools
 import logging
 import os
 import random
@@ -14,6 +15,7 @@ import cuda_graphs
 import datasets
 import distributed
 import evaluation
+import evaluation_digits
 import evaluation_tf
 import interruption
 from datasets import reflow_pairs
@@ -78,26 +80,35 @@ def rows_of(micro_step, micro_batch):
   return slice(first, first + micro_batch)
 
 
+def split_labels(batch):
+  """(images, labels) of a batch of a labelled dataset ((images, labels) or [images, labels]); (images, None) of
+  a batch of images."""
+  if isinstance(batch, (tuple, list)):
+    return batch[0], batch[1]
+  return batch, None
+
+
 def resident_training_images(config, dataset, device):
-  """The training images on ``device`` when ``data.device_resident`` and they fit in ``data.device_resident_max_gb``
-  (as uint8 for 8-bit images: CIFAR-10 takes 150 MB), else None (the loader path)."""
+  """(images, labels or None) on ``device`` when ``data.device_resident`` and the images fit in
+  ``data.device_resident_max_gb`` (as uint8 for 8-bit images: CIFAR-10 takes 150 MB), else None (the loader path)."""
   data = config.data
   if not data.device_resident:
     return None
-  nbytes = len(dataset) * dataset[0].numel()  # At one byte per value; float images take 4.
+  nbytes = len(dataset) * split_labels(dataset[0])[0].numel()  # At one byte per value; float images take 4.
   if nbytes > data.device_resident_max_gb * 1e9:
     logging.info('Training images (%.1f GB as uint8) exceed data.device_resident_max_gb=%g: using the data loader',
                  nbytes / 1e9, data.device_resident_max_gb)
     return None
   started = time.time()
-  images = datasets.dataset_tensor(dataset, num_workers=data.num_workers).to(device)
+  images, labels = split_labels(datasets.dataset_tensor(dataset, num_workers=data.num_workers))
+  images, labels = images.to(device), None if labels is None else labels.to(device)
   if images.element_size() * images.numel() > data.device_resident_max_gb * 1e9:
     logging.info('Training images (%.1f GB as %s) exceed data.device_resident_max_gb=%g: using the data loader',
                  images.element_size() * images.numel() / 1e9, images.dtype, data.device_resident_max_gb)
     return None
   logging.info('Training images on %s: %s %s, %.2f GB, loaded in %.1fs', device, tuple(images.shape), images.dtype,
                images.element_size() * images.numel() / 1e9, time.time() - started)
-  return images
+  return images, labels
 
 
 def training_stream(config, dataset, start_batch, device, seed, resident=False):
@@ -107,16 +118,29 @@ def training_stream(config, dataset, start_batch, device, seed, resident=False):
   batches are the same images in the same order either way.
   """
   micro_batch, micro_steps = micro_batches_of(config)
-  images = resident_training_images(config, dataset, device) if resident else None
+  on_device = resident_training_images(config, dataset, device) if resident else None
   order = dict(batch_size=config.training.batch_size, seed=seed, start_batch=start_batch, micro_batch=micro_batch,
                rank=distributed.rank(), world=distributed.world_size())
-  if images is not None:
-    batches = iter(datasets.ResidentBatches(images, **order))
+  if on_device is not None:
+    images, labels = on_device
+    batches = iter(datasets.ResidentBatches(images, labels=labels, **order))
   else:
     batches = datasets.endless_batches(dataset, num_workers=config.data.num_workers,
                                        pin_memory=device.type == 'cuda', **order)
   for index, batch in enumerate(batches):
     yield batch, rows_of(index % micro_steps, micro_batch)
+
+
+def snapshot_grid_layout(config, device=None):
+  """(images, labels, columns) of the snapshot sample grids: ``sampling.snapshot_batch_size`` unlabelled images in
+  a square grid, or for a class-conditional model one row per class of snapshot_batch_size // num_classes images
+  (at least one; with more classes than snapshot_batch_size, the first snapshot_batch_size classes)."""
+  size, classes = config.sampling.snapshot_batch_size, losses.num_classes(config)
+  if not classes:
+    return size, None, None
+  per_class = max(1, size // classes)
+  labels = sampling.grid_labels(config, per_class)[:size * per_class]
+  return len(labels), labels if device is None else labels.to(device), per_class
 
 
 def data_generator_for(config, device):
@@ -125,7 +149,8 @@ def data_generator_for(config, device):
 
 
 def data_batches(config, start_batch, device, generator=None):
-  """Training micro-batches (None, x1, rows) of the configured dataset, augmented, in model space."""
+  """Training micro-batches (None, x1, rows) of the configured dataset, augmented, in model space; (None, x1,
+  rows, labels) for a class-conditional model."""
   data = config.data
   dataset = datasets.get_dataset(config, train=True)
   scaler = datasets.get_data_scaler(config)
@@ -138,20 +163,27 @@ def data_batches(config, start_batch, device, generator=None):
         replay = generator.get_state()
       else:
         generator.set_state(replay)
+    batch, labels = split_labels(batch)
     batch = batch.to(device, non_blocking=True)
     batch = datasets.augment(batch, random_flip=data.random_flip, uniform_dequantization=data.uniform_dequantization,
                              generator=generator, global_batch=config.training.batch_size, rows=rows)
-    yield None, scaler(batch), rows
+    if labels is None:
+      yield None, scaler(batch), rows
+    else:
+      yield None, scaler(batch), rows, labels.to(device, non_blocking=True)
 
 
 def held_out_data_batches(config, start_batch, device):
-  """(None, x1) batches of the held-out split in model space, not augmented (for the evaluation loss)."""
+  """(None, x1) batches of the held-out split in model space, not augmented (for the evaluation loss); (None, x1,
+  labels) for a class-conditional model."""
   dataset = datasets.get_dataset(config, train=False)
   batches = datasets.endless_batches(dataset, min(config.training.batch_size, len(dataset)), seed=config.seed + 1,
                                      start_batch=start_batch)
   scaler = datasets.get_data_scaler(config)
   for batch in batches:
-    yield None, scaler(batch.to(device, non_blocking=True))
+    batch, labels = split_labels(batch)
+    x1 = scaler(batch.to(device, non_blocking=True))
+    yield (None, x1) if labels is None else (None, x1, labels.to(device, non_blocking=True))
 
 
 def train(config, workdir):
@@ -256,7 +288,8 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
   batches = train_batches(state['step'], device, data_generator)
   held_out = eval_batches(state['step'] // training.eval_freq, device) if main_process else None
 
-  shape = (config.sampling.snapshot_batch_size, data.num_channels, data.image_size, data.image_size)
+  snapshot_size, snapshot_labels, grid_columns = snapshot_grid_layout(config, device)
+  shape = (snapshot_size, data.num_channels, data.image_size, data.image_size)
   sample_fn = sampling.get_sampling_fn(config, shape)
   # The same noise at every snapshot, so that grids show the progress of one set of samples.
   snapshot_noise = (torch.randn(shape, generator=torch.Generator().manual_seed(config.seed))
@@ -297,7 +330,7 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
           now = time.time()
           images_per_second = (step - last_log_step) * training.batch_size / max(now - last_log_time, 1e-9)
           last_log_time, last_log_step = now, step
-          lr = state['optimizer'].param_groups[0]['lr']
+          lr = losses.learning_rate(config, step - 1)  # That of the last update (a graph keeps it on the device).
           metrics.log(step, training_loss=loss_value, learning_rate=lr, images_per_second=images_per_second)
           progress.set_postfix(loss=f'{loss_value:.4f}', img_s=f'{images_per_second:.1f}')
           if main_process:
@@ -321,9 +354,10 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
         if main_process and training.snapshot_sampling and (is_snapshot or step in training.sample_grid_steps):
           net.eval()
           with state['ema'].average_parameters(params):
-            samples, nfe = sample_fn(flow, noise=snapshot_noise)
+            samples, nfe = sample_fn(flow, noise=snapshot_noise, labels=snapshot_labels)
           images = inverse_scaler(samples).clamp(0.0, 1.0)
-          grid_path = sampling.save_sample_grid(images, os.path.join(sample_dir(workdir, step), 'sample.png'))
+          grid_path = sampling.save_sample_grid(images, os.path.join(sample_dir(workdir, step), 'sample.png'),
+                                                nrow=grid_columns)
           metrics.log(step, sample_nfe=nfe)
           logging.info('step: %d, wrote %s (EMA weights, %s sampler, NFE %d)', step, grid_path,
                        config.sampling.use_ode_sampler, nfe)
@@ -376,40 +410,52 @@ def initialize_student_from_teacher(config, device):
 
 
 def pair_batches(config, start_batch, device, generator=None):
-  """Training micro-batches (z0, z1, rows) read lazily from the pair shards under ``reflow.data_root``."""
+  """Training micro-batches (z0, z1, rows) read lazily from the pair shards under ``reflow.data_root``; (z0, z1,
+  rows, labels) for pairs of a class-conditional teacher."""
   del generator  # Pairs are not augmented.
   shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
-  pairs = reflow_pairs.PairShards(config.reflow.data_root, shape)
-  for (z0, z1), rows in training_stream(config, pairs, start_batch, device, config.seed):
-    yield z0.to(device, non_blocking=True), z1.to(device, non_blocking=True), rows
+  pairs = reflow_pairs.PairShards(config.reflow.data_root, shape, losses.num_classes(config))
+  for batch, rows in training_stream(config, pairs, start_batch, device, config.seed):
+    yield tuple(part.to(device, non_blocking=True) for part in batch[:2]) + (rows,) + tuple(
+        part.to(device, non_blocking=True) for part in batch[2:])
 
 
 def held_out_pair_batches(config, start_batch, device):
-  """(z0, z1) batches of the pairs in another order, for the evaluation loss."""
+  """(z0, z1[, labels]) batches of the pairs in another order, for the evaluation loss."""
   shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
-  pairs = reflow_pairs.PairShards(config.reflow.data_root, shape)
-  for z0, z1 in datasets.endless_batches(pairs, config.training.batch_size, seed=config.seed + 1,
-                                         start_batch=start_batch):
-    yield z0.to(device, non_blocking=True), z1.to(device, non_blocking=True)
+  pairs = reflow_pairs.PairShards(config.reflow.data_root, shape, losses.num_classes(config))
+  for batch in datasets.endless_batches(pairs, config.training.batch_size, seed=config.seed + 1,
+                                        start_batch=start_batch):
+    yield tuple(part.to(device, non_blocking=True) for part in batch)
 
 
 def online_pair_batches(config, teacher_velocity, device, generator, training=True):
   """(z0, z1[, rows]) with z1 from the teacher's N-step Euler solve of fresh noise (published online reflow: N = 20).
 
   For training, the noise of each global batch is drawn whole from ``generator`` (saved with checkpoints) and each
-  process solves its micro-batches' rows; held-out batches (``training=False``) are whole batches.
+  process solves its micro-batches' rows; held-out batches (``training=False``) are whole batches. A
+  class-conditional teacher (``teacher_velocity(x, t, labels=None)``) solves for labels drawn uniformly with the
+  noise, guided with ``reflow.teacher_guidance_scale`` (``sampling.guidance_scale`` guides the student's own
+  samples), and the labels come last: (z0, z1[, rows], labels).
   """
   size = config.training.batch_size
   shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
   steps, eps = config.reflow.online_teacher_steps, config.training.time_eps
   micro_batch, micro_steps = micro_batches_of(config) if training else (size, 1)
+  classes = losses.num_classes(config)
   while True:
     z0_global = torch.randn((size, *shape), generator=generator) * config.sampling.init_noise_scale
+    labels_global = torch.randint(classes, (size,), generator=generator) if classes else None
     for micro_step in range(micro_steps):
       rows = rows_of(micro_step, micro_batch) if training else slice(None)
       z0 = z0_global[rows].to(device)
-      z1, _ = solvers.euler(teacher_velocity, z0, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps)
-      yield (z0, z1, rows) if training else (z0, z1)
+      velocity, labels = teacher_velocity, None
+      if classes:
+        labels = labels_global[rows].to(device)
+        velocity = functools.partial(teacher_velocity, labels=labels,
+                                     guidance_scale=config.reflow.get('teacher_guidance_scale', 1.0))
+      z1, _ = solvers.euler(velocity, z0, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps)
+      yield ((z0, z1, rows) if training else (z0, z1)) + (() if labels is None else (labels,))
 
 
 def generate_reflow_pairs(config, workdir):
@@ -443,9 +489,10 @@ def generate_reflow_pairs(config, workdir):
   for index in tqdm(mine, desc='pair shards', dynamic_ncols=True, disable=not main_process):
     first, count = writer.shard_range(index)
     z0 = flow_math.indexed_noise(config.seed, first, count, shape, flow.noise_std).to(device)
+    labels = sampling.sample_labels(config, first, count)
     generator = torch.Generator().manual_seed(config.seed * 2**32 + first)
-    solution = sample_fn(flow, noise=z0, generator=generator)
-    writer.write_shard(index, z0, solution.x, solution.contributing_nfe)
+    solution = sample_fn(flow, noise=z0, generator=generator, labels=None if labels is None else labels.to(device))
+    writer.write_shard(index, z0, solution.x, solution.contributing_nfe, labels)
   distributed.barrier()
   if main_process:
     writer.refresh_manifest()
@@ -501,25 +548,30 @@ def held_out_loss(config, flow, device):
   generator = torch.Generator().manual_seed(config.seed)
   total, count = 0.0, 0
   for batch in _held_out_batches(config, 'test'):
+    batch, labels = split_labels(batch)
     x1 = scaler(batch).to(device)
     noise = (torch.randn(x1.shape, generator=generator) * flow.noise_std).to(device)
     times = flow_math.sample_times(x1.shape[0], 'uniform', eps=flow.time_eps, generator=generator).to(device)
-    total += flow.per_sample_loss(x1, noise=noise, times=times).sum().item()
+    labels = None if labels is None else labels.to(device)
+    total += flow.per_sample_loss(x1, noise=noise, times=times, labels=labels).sum().item()
     count += x1.shape[0]
   return total / count
 
 
 def bits_per_dim(config, flow, device):
-  """Mean bits/dim of the bpd split under the flow, with uniform dequantisation, and the mean NFE."""
+  """Mean bits/dim of the bpd split under the flow, with uniform dequantisation, and the mean NFE (class-conditional:
+  log p(x | its label), without guidance)."""
   scaler = datasets.get_data_scaler(config)
   generator = torch.Generator().manual_seed(config.seed)
   # Model space spans 2^-7 (centred, [-1, 1)) or 2^-8 ([0, 1)) of the 8-bit range per dimension.
   offset = 7.0 if config.data.centered else 8.0
   values, nfes = [], []
   for batch in _held_out_batches(config, config.eval.bpd_dataset, config.eval.bpd_num_images):
+    batch, labels = split_labels(batch)
     x1 = scaler(datasets.augment(batch, random_flip=False, uniform_dequantization=True, generator=generator))
+    labels = None if labels is None else labels.to(device)
     log_p, nfe = likelihood.log_likelihood(
-        flow.velocity, x1.to(device), t_data=1.0, t_noise=config.training.time_eps, noise_std=flow.noise_std,
+        lambda x, t, labels=labels: flow.velocity(x, t, labels=labels), x1.to(device), t_data=1.0, t_noise=config.training.time_eps, noise_std=flow.noise_std,
         divergence=config.eval.bpd_divergence, solver='rk45', rtol=config.sampling.ode_tol,
         atol=config.sampling.ode_tol, generator=generator)
     values.append(likelihood.bits_per_dim(log_p.cpu(), x1[0].numel(), offset))
@@ -546,15 +598,19 @@ def sample_checkpoint(config, flow, rounds, inception, device):
       first = index * e.batch_size
       count = min(e.batch_size, e.num_samples - first)
       noise = flow_math.indexed_noise(config.seed, first, count, shape, flow.noise_std).to(device)
+      labels = sampling.sample_labels(config, first, count)
       meter = solvers.StraightnessMeter(noise)
       generator = torch.Generator().manual_seed(config.seed * 2**32 + first)
-      solution = sample_fn(flow, noise=noise, on_step=meter.on_step, generator=generator)
+      solution = sample_fn(flow, noise=noise, on_step=meter.on_step, generator=generator,
+                           labels=None if labels is None else labels.to(device))
       samples = solution.x
       images = evaluation.InceptionFeatures.to_uint8(inverse_scaler(samples).clamp(0.0, 1.0)).cpu()
       pool_3, logits = inception(images) if inception is not None else (np.zeros((count, 0)), np.zeros((count, 0)))
       part = {'images': images.numpy(), 'pool_3': np.asarray(pool_3), 'logits': np.asarray(logits),
               'nfe': np.full(count, solution.contributing_nfe), 'network_calls': np.full(count, solution.nfe),
               'straightness': meter.value(samples).cpu().numpy()}
+      if labels is not None:
+        part['labels'] = labels.numpy()
       rounds.write(index, **part)
     parts[index] = part
   distributed.barrier()
@@ -566,6 +622,22 @@ def sample_checkpoint(config, flow, rounds, inception, device):
       if parts[index] is None:
         raise RuntimeError(f'Sampling round {rounds.path(index)} of another process is missing or unreadable')
   return {key: np.concatenate([parts[i][key] for i in range(num_rounds)])[:e.num_samples] for key in parts[0]}
+
+
+def class_agreement(config, images, labels):
+  """{'class_accuracy', 'class_accuracy_per_class'}: the fraction of samples that a classifier of the dataset
+  assigns to the class they were sampled for (the digits: ``evaluation_digits``' CNN); {} for datasets without one.
+
+  ``images`` (N, C, H, W) uint8 samples as saved, ``labels`` (N,).
+  """
+  if config.data.dataset != 'DIGITS' or config.data.image_size != evaluation_digits.IMAGE_SIZE:
+    return {}
+  classifier = evaluation_digits.digit_classifier()
+  model_space = torch.from_numpy(images).float() / 127.5 - 1.0  # The classifier's input: digits in [-1, 1].
+  labels = torch.as_tensor(labels)
+  per_class = evaluation_digits.per_class_accuracy(classifier, model_space, labels)
+  return {'class_accuracy': evaluation_digits.class_accuracy(classifier, model_space, labels),
+          'class_accuracy_per_class': {str(c): float(v) for c, v in per_class.items()}}
 
 
 def evaluate(config, workdir, eval_folder):
@@ -629,11 +701,17 @@ def evaluate(config, workdir, eval_folder):
           results = sample_checkpoint(config, flow, rounds, inception, device)
         if not main_process:
           continue
-        grid = torch.from_numpy(results['images'][:64]).float() / 255.0
-        sampling.save_sample_grid(grid, os.path.join(rounds.folder, 'sample_grid.png'))
+        if 'labels' in results:  # One row per class.
+          grid, columns = sampling.per_class_grid(torch.from_numpy(results['images']), results['labels'], per_class=8)
+        else:
+          grid, columns = torch.from_numpy(results['images'][:64]), None
+        sampling.save_sample_grid(grid.float() / 255.0, os.path.join(rounds.folder, 'sample_grid.png'), nrow=columns)
         report.update(num_samples=int(len(results['images'])), sampler=config.sampling.use_ode_sampler,
                       nfe_mean=float(results['nfe'].mean()), network_calls_mean=float(results['network_calls'].mean()),
                       straightness=float(results['straightness'].mean()))
+        if 'labels' in results:
+          report['guidance_scale'] = sampling.guidance_scale(config)
+          report.update(class_agreement(config, results['images'], results['labels']))
         if inception is not None and e.metrics_backend == 'tfgan':
           report.update(evaluation_tf.tfgan_metrics(results['logits'], results['pool_3'], reference['pool_3'],
                                                     (reference['mu'], reference['sigma'])))
@@ -664,7 +742,7 @@ def compute_reference_stats(config, workdir):
   inception = evaluation.InceptionFeatures(
       evaluation.resolve_inception_weights(config.eval.inception_weights_path), device)
   batches = _held_out_batches(config, 'train', config.eval.stats_num_images)
-  features = [inception(batch)[0] for batch in tqdm(batches, desc='reference stats')]
+  features = [inception(split_labels(batch)[0])[0] for batch in tqdm(batches, desc='reference stats')]
   pool_3 = torch.cat(features).numpy()
   evaluation.save_reference_statistics(config.eval.stats_path, pool_3)
   logging.info('Wrote %s: pool_3 of %d images of %s', config.eval.stats_path, len(pool_3), config.data.dataset)

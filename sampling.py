@@ -14,16 +14,56 @@ ODE_STATE_DTYPES = {'float32': torch.float32, 'float64': torch.float64}
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16}
 # Settings that change samples but were added after evaluation folders and pair folders existed: recorded in their
 # manifests only when they differ from these defaults, so folders made with the defaults stay valid.
-SETTINGS_RECORDED_WHEN_NOT_DEFAULT = {'ode_state_dtype': 'float32', 'precision': 'fp32'}
+SETTINGS_RECORDED_WHEN_NOT_DEFAULT = {'ode_state_dtype': 'float32', 'precision': 'fp32', 'guidance_scale': 1.0}
+
+
+def num_classes(config):
+  """``model.num_classes`` (0: unconditional; configs written before class conditioning lack the key)."""
+  return config.model.get('num_classes', 0)
+
+
+def guidance_scale(config):
+  """``sampling.guidance_scale`` (1: no guidance; configs written before class conditioning lack the key)."""
+  return config.sampling.get('guidance_scale', 1.0)
 
 
 def check_sampling_options(config):
-  """Raises a ValueError naming the valid values for an unknown ode_state_dtype or precision."""
+  """Raises a ValueError naming the valid values for an unknown ode_state_dtype or precision, or for guidance
+  asked of an unconditional model."""
   s = config.sampling
   if s.ode_state_dtype not in ODE_STATE_DTYPES:
     raise ValueError(f'Unknown sampling.ode_state_dtype {s.ode_state_dtype!r}; valid: {list(ODE_STATE_DTYPES)}')
   if s.precision not in PRECISIONS:
     raise ValueError(f'Unknown sampling.precision {s.precision!r}; valid: {list(PRECISIONS)}')
+  if guidance_scale(config) != 1.0 and not num_classes(config):
+    raise ValueError(f'sampling.guidance_scale={guidance_scale(config)} needs a class-conditional model '
+                     f'(model.num_classes > 0); use 1.0 for an unconditional one')
+
+
+def sample_labels(config, first, count):
+  """The (count,) labels of samples first .. first + count - 1 of an evaluation or a pair generation (None when
+  unconditional): ``eval.labels`` 'all' gives sample i the class i mod num_classes (every class equally often), a
+  list '3,5,7' gives sample i its (i mod 3)-th entry. A sample's label depends only on its index, like its noise."""
+  classes = num_classes(config)
+  if not classes:
+    return None
+  spec = str(config.eval.get('labels', 'all')).strip()
+  if spec == 'all':
+    choices = torch.arange(classes)
+  else:
+    try:
+      choices = torch.tensor([int(part) for part in spec.replace(' ', '').strip('()[]').split(',') if part])
+    except ValueError:
+      choices = torch.tensor([])
+    if not choices.numel() or choices.min() < 0 or choices.max() >= classes:
+      raise ValueError(f"eval.labels={spec!r}: use 'all' or a comma-separated list of classes in [0, {classes}), "
+                       f"e.g. --config.eval.labels='3,5,7'")
+  return choices[torch.arange(first, first + count) % len(choices)]
+
+
+def grid_labels(config, per_class):
+  """Labels of a per-class sample grid: ``per_class`` samples of every class in turn, one grid row per class."""
+  return torch.arange(num_classes(config)).repeat_interleave(per_class)
 
 
 def sampler_settings(config):
@@ -47,13 +87,17 @@ def sampler_settings(config):
               'eps': config.training.time_eps, 'sigma_variance': s.sigma_variance,
               'init_noise_scale': s.init_noise_scale}
   for key, default in SETTINGS_RECORDED_WHEN_NOT_DEFAULT.items():
-    if s[key] != default:
+    if s.get(key, default) != default:
       settings[key] = s[key]
+  if num_classes(config):  # Which label each sample was made for, and how strongly guided.
+    settings.update(num_classes=num_classes(config), labels=str(config.eval.labels),
+                    guidance_scale=guidance_scale(config))
   return settings
 
 
-def network_velocity(flow, precision='fp32'):
-  """v(x, t) of ``flow`` with the network in its own parameter dtype, whatever the dtype of the solver's state.
+def network_velocity(flow, precision='fp32', guidance=1.0):
+  """v(x, t, labels=None) of ``flow`` with the network in its own parameter dtype, whatever the dtype of the
+  solver's state; with labels, guided by ``guidance`` (``RectifiedFlow.velocity``).
 
   x (B, ...) and t (B,) are cast to the dtype of the network's first floating-point parameter, the network runs
   (under bf16 autocast for ``precision='bf16'``) and its velocity is cast back to the dtype of x. The autocast
@@ -64,25 +108,29 @@ def network_velocity(flow, precision='fp32'):
     raise ValueError(f'Unknown sampling.precision {precision!r}; valid: {list(PRECISIONS)}')
   autocast_dtype = PRECISIONS[precision]
 
-  def velocity(x, t):
+  def velocity(x, t, labels=None):
     parameter = next((p for p in flow.parameters() if p.is_floating_point()), None)
     network_dtype = parameter.dtype if parameter is not None else x.dtype
     context = (contextlib.nullcontext() if autocast_dtype is None else
                torch.autocast(x.device.type, dtype=autocast_dtype, cache_enabled=False))
     with context:
-      v = flow.velocity(x.to(network_dtype), t.to(network_dtype))
+      v = flow.velocity(x.to(network_dtype), t.to(network_dtype), labels=labels,
+                        guidance_scale=1.0 if labels is None else guidance)
     return v.to(x.dtype)
 
   return velocity
 
 
 def get_sampling_fn(config, shape):
-  """``sample(flow, noise=None, on_step=None, generator=None) -> solvers.ODESolution``, i.e. (samples, nfe).
+  """``sample(flow, noise=None, on_step=None, generator=None, labels=None) -> solvers.ODESolution``, i.e.
+  (samples, nfe).
 
   Integrates ``flow.velocity`` from t = eps to 1 with ``sampling.use_ode_sampler`` as the published samplers do;
   ``on_step`` receives every step (e.g. a ``StraightnessMeter``), ``generator`` drives the stochastic sampler.
   ``nfe`` counts every network call made; ``.contributing_nfe`` the calls that shaped the samples (the published
-  NFE), which differ only for RK45 with ``sampling.rk45_sync_every`` = k > 1.
+  NFE), which differ only for RK45 with ``sampling.rk45_sync_every`` = k > 1. A class-conditional flow samples
+  ``labels`` (B,) with ``sampling.guidance_scale`` w; a guided call evaluates the network on the batch doubled,
+  so both counts are then network evaluations per sample, twice the solver's calls.
 
   ``sampling.rk45_sync_every = 0`` (auto) is 4 on CUDA, where reading the done flag after every step would stall the
   GPU once per step (the issue's requirement: no per-step device -> host copy), at the price of on average 1.5
@@ -109,20 +157,33 @@ def get_sampling_fn(config, shape):
                      f'sampler is an Euler-Maruyama scheme), not {name!r}')
   state_dtype = ODE_STATE_DTYPES[config.sampling.ode_state_dtype]
   precision, use_cuda_graph = config.sampling.precision, config.sampling.cuda_graph
+  guidance = guidance_scale(config)
   last = {'flow': None, 'velocity': None}  # The flow sampled last and its (graphed) network call.
 
   def velocity_of(flow):
     if last['flow'] is not flow:
       last['flow'] = flow
-      last['velocity'] = cuda_graphs.GraphedVelocity(network_velocity(flow, precision), module=flow,
+      last['velocity'] = cuda_graphs.GraphedVelocity(network_velocity(flow, precision, guidance), module=flow,
                                                      enabled=use_cuda_graph)
     last['velocity'].refresh()  # Recaptures where a parameter was given new memory since the last sample.
     return last['velocity']
 
-  def sample(flow, noise=None, on_step=None, generator=None):
+  def sample(flow, noise=None, on_step=None, generator=None, labels=None):
     if noise is None:
       noise = flow.sample_noise(shape, device=flow._device())
-    velocity = velocity_of(flow)
+    graphed = velocity_of(flow)
+    evaluations_per_call = 1
+    if labels is None:
+      if guidance != 1.0 and getattr(flow, 'num_classes', 0):
+        raise ValueError(f'sampling.guidance_scale={guidance} guides toward labels: pass labels= (one per sample), '
+                         f'or set --config.sampling.guidance_scale=1 for samples of the null class')
+      velocity = graphed
+    else:
+      labels = flow.model_labels(labels, noise.shape[0], noise.device)
+      evaluations_per_call = 2 if flow.is_guided(labels, guidance) else 1
+
+      def velocity(x, t):
+        return graphed(x, t, labels)
     x = noise.to(state_dtype)
     if name == 'euler':  # The published grid: t_i = eps + i (1 - eps) / N with steps of 1/N.
       solution = solvers.euler(velocity, x, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps,
@@ -131,9 +192,21 @@ def get_sampling_fn(config, shape):
     else:
       solution = solvers.solve(name, velocity, x, t0=eps, t1=1.0, steps=steps, rtol=tol, atol=tol,
                                sync_every=sync_every or (4 if noise.device.type == 'cuda' else 1), on_step=on_step)
-    return solution.with_x(solution.x.to(noise.dtype))
+    return solution.with_x(solution.x.to(noise.dtype)).with_evaluations_per_call(evaluations_per_call)
 
   return sample
+
+
+def per_class_grid(images, labels, per_class):
+  """(images, columns) of a grid with one row per class present in ``labels``: its first ``per_class`` images,
+  classes in increasing order; a class with fewer images is padded with blank (zero) cells, so that every row holds
+  one class. ``images`` (N, ...) and ``labels`` (N,) match."""
+  labels = torch.as_tensor(labels)
+  rows = [torch.nonzero(labels == c).flatten()[:per_class] for c in labels.unique(sorted=True).tolist()]
+  columns = max(len(row) for row in rows)
+  blank = torch.zeros_like(images[:1])
+  cells = [torch.cat([images[row]] + [blank] * (columns - len(row))) for row in rows]
+  return torch.cat(cells), columns
 
 
 def save_sample_grid(images, path, nrow=None):

@@ -24,6 +24,7 @@ def get_default_configs():
   training.cuda_graph = False  # On CUDA, replay each update from one CUDA graph (cuda_graphs.GraphedTrainStep).
   training.allow_tf32 = True  # TF32 matmuls and convolutions on CUDA (no effect on the CPU).
   training.time_eps = 1e-3  # Training times t ~ U[time_eps, 1]; samplers integrate from time_eps to 1.
+  training.label_dropout = 0.1  # Class-conditional runs: fraction of labels replaced by the null class (guidance).
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.init_noise_scale = 1.0  # Std of the Gaussian source X0 in training and sampling.
@@ -35,7 +36,8 @@ def get_default_configs():
   sampling.ode_state_dtype = 'float32'  # Solver state and step control: 'float32' or 'float64' (scipy's, published).
   sampling.precision = 'fp32'  # Network arithmetic when sampling: 'fp32' or 'bf16' (autocast around the network call).
   sampling.cuda_graph = True  # On CUDA, replay the network call from a CUDA graph captured per batch shape.
-  sampling.snapshot_batch_size = 64  # Images in each snapshot sample grid.
+  sampling.snapshot_batch_size = 64  # Images in each snapshot sample grid (class-conditional: rows of classes).
+  sampling.guidance_scale = 1.0  # Classifier-free guidance w: v_null + w (v_cond - v_null); 1 = no guidance.
 
   config.eval = evaluate = ml_collections.ConfigDict()
   evaluate.begin_ckpt = 1  # First checkpoint index of the sweep (checkpoints/checkpoint_{i}.pth).
@@ -57,6 +59,7 @@ def get_default_configs():
   evaluate.inception_score_splits = 10  # Splits of the common IS protocol (the published one-split IS is also given).
   evaluate.kid_subsets = 100  # Random subsets averaged by KID.
   evaluate.kid_subset_size = 1000  # Samples per KID subset.
+  evaluate.labels = 'all'  # Class-conditional: 'all' (sample i gets class i mod num_classes) or a list '3,5,7'.
 
   config.reflow = reflow = ml_collections.ConfigDict()
   reflow.reflow_type = 'generate_data_from_z0'  # generate_data_from_z0, train_reflow or train_online_reflow.
@@ -69,6 +72,7 @@ def get_default_configs():
   reflow.pairs_per_shard = 1024  # Pairs per shard file (one sampler call each).
   reflow.pair_format = 'float32'  # 'float32' (published: z0 and z1) or 'compact' (z1 float16, z0 from seeds).
   reflow.online_teacher_steps = 20  # Euler steps of the teacher in the online variants.
+  reflow.teacher_guidance_scale = 1.0  # Online variants: the class-conditional teacher's guidance (students w = 1).
   reflow.lpips_weights_path = ''  # Local VGG16 weights for LPIPS; empty: torch hub cache, downloaded once.
 
   config.data = data = ml_collections.ConfigDict()
@@ -103,6 +107,7 @@ def get_default_configs():
   model.attn_resolutions = (16,)  # Resolutions with self-attention.
   model.resamp_with_conv = True  # Learned resampling in the non-BigGAN variants.
   model.conditional = True  # Condition on time.
+  model.num_classes = 0  # 0: unconditional (published); N: class-conditional on N classes plus a null class.
   model.fir = False  # FIR-filtered up/down sampling.
   model.fir_kernel = [1, 3, 3, 1]  # FIR filter taps.
   model.skip_rescale = True  # Scale residual sums by 1/sqrt(2).

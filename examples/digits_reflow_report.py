@@ -13,73 +13,29 @@ import os
 import sys
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import evaluation  # noqa: E402
+import evaluation_digits  # noqa: E402
 import losses  # noqa: E402
 import run_lib  # noqa: E402
 from configs.rectified_flow.digits_reflow_demo import ONE_RF_CHECKPOINT, TWO_RF_CHECKPOINT  # noqa: E402
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config  # noqa: E402
-from datasets.digits import DIGITS_EVAL_EVERY, load_digit_images  # noqa: E402
 from rectified_flow_pytorch import flow as flow_math  # noqa: E402
 from rectified_flow_pytorch import solvers  # noqa: E402
 
 DISTILLED_CHECKPOINT = 'logs/digits_demo_2rf_distill/checkpoints/checkpoint_3.pth'
 
 
-class DigitClassifier(nn.Module):
-  """A small CNN on 16x16 digits; ``features`` is its 64-d penultimate layer."""
-
-  def __init__(self):
-    super().__init__()
-    self.body = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                              nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                              nn.Linear(64 * 4 * 4, 64), nn.ReLU())
-    self.head = nn.Linear(64, 10)
-
-  def features(self, x):
-    return self.body(x)
-
-  def forward(self, x):
-    return self.head(self.body(x))
-
-
-def train_classifier(seed=0, epochs=30):
-  """Trains the classifier on 9/10 of the digits; returns it and its accuracy on the held-out tenth."""
-  from sklearn.datasets import load_digits
-
-  torch.manual_seed(seed)
-  images = load_digit_images(16) * 2 - 1  # The model space of the demo (centred).
-  labels = torch.from_numpy(load_digits().target)
-  held_out = torch.arange(len(images)) % DIGITS_EVAL_EVERY == 0
-  model = DigitClassifier()
-  optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-  x, y = images[~held_out], labels[~held_out]
-  for _ in range(epochs):
-    for batch in torch.randperm(len(x)).split(64):
-      optimizer.zero_grad()
-      nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-      optimizer.step()
-  model.eval()
-  with torch.no_grad():
-    accuracy = (model(images[held_out]).argmax(1) == labels[held_out]).float().mean().item()
-  return model, accuracy, images
-
-
-def frechet(classifier, a, b):
-  with torch.no_grad():
-    fa, fb = classifier.features(a).double().numpy(), classifier.features(b).double().numpy()
-  return evaluation.frechet_distance(*evaluation.gaussian_statistics(fa), *evaluation.gaussian_statistics(fb))
-
-
 def report(checkpoints, num=1000, seed=12345):
   config = get_config()
   device = torch.device('cpu')
-  classifier, accuracy, real = train_classifier()
+  classifier, accuracy = evaluation_digits.train_classifier()
+  real, _, held_out = evaluation_digits.real_digits()
+  frechet = evaluation_digits.frechet_distance_digits
   print(f'digit classifier: held-out accuracy {accuracy:.3f}; FD(train digits, held-out digits) = '
-        f'{frechet(classifier, real[torch.arange(len(real)) % 10 != 0], real[torch.arange(len(real)) % 10 == 0]):.2f}')
+        f'{frechet(classifier, real[~held_out], real[held_out]):.2f}')
   noise = flow_math.indexed_noise(seed, 0, num, (1, 16, 16))
   eps = config.training.time_eps
   rows = []
@@ -93,8 +49,7 @@ def report(checkpoints, num=1000, seed=12345):
     straightness = evaluation.straightness(flow.velocity, noise, steps=100, eps=eps).mean().item()
     one_step, _ = solvers.euler(flow.velocity, noise, steps=1, t0=eps, step_size=1.0)
     many_step, nfe = solvers.rk45(flow.velocity, noise, t0=eps, t1=1.0, rtol=1e-3, atol=1e-3)
-    rows.append((name, straightness, frechet(classifier, one_step.clamp(-1, 1), real),
-                 frechet(classifier, many_step.clamp(-1, 1), real), nfe))
+    rows.append((name, straightness, frechet(classifier, one_step, real), frechet(classifier, many_step, real), nfe))
   print(f'{"model":<28} {"straightness":>12} {"FD-1 (1 step)":>14} {"FD-RK45":>9} {"NFE":>5}')
   for name, straightness, fd1, fd_rk45, nfe in rows:
     print(f'{name:<28} {straightness:>12.4f} {fd1:>14.2f} {fd_rk45:>9.2f} {nfe:>5d}')

@@ -18,7 +18,8 @@ def model_kwargs_from_config(config):
               progressive_combine=m.progressive_combine, attention_type=m.attention_type, init_scale=m.init_scale,
               embedding_type=m.embedding_type, fourier_scale=m.fourier_scale, conv_size=m.conv_size,
               scale_by_sigma=m.scale_by_sigma, nonlinearity=m.nonlinearity, normalization=m.normalization,
-              sigma_min=m.sigma_min, sigma_max=m.sigma_max, num_scales=m.num_scales)
+              sigma_min=m.sigma_min, sigma_max=m.sigma_max, num_scales=m.num_scales,
+              num_classes=m.get('num_classes', 0))  # Configs written before class conditioning lack the key.
 
 
 def model_config_summary(config):

@@ -30,16 +30,28 @@ def noise_scales(sigma_min, sigma_max, num_scales):
 class NCSNpp(nn.Module):
   """The network behind the published CIFAR-10 DDPM++ rectified flow.
 
-  Input: x (B, C, H, W) and the network time ``time_cond`` (B,) on the published scale t*999.
+  Input: x (B, C, H, W), the network time ``time_cond`` (B,) on the published scale t*999 and, for a
+  class-conditional model (``num_classes`` > 0), ``labels`` (B,) in [0, num_classes], where ``num_classes`` is the
+  null class of classifier-free guidance (the default when no labels are given).
   Output: a tensor shaped like x (the velocity, for rectified flows).
+
+  Class conditioning adds a learned embedding of the label (``label_embedding``, num_classes + 1 rows of nf * 4,
+  N(0, 1) initialised as nn.Embedding is) to the time embedding after its two dense layers, so every residual
+  block receives it through its time projection (as in Dhariwal & Nichol 2021's class-conditional U-Net). It is
+  not one of ``all_modules``: with num_classes = 0 the state dict is exactly the published one.
   """
 
   def __init__(self, *, image_size, num_channels, centered, nf, ch_mult, num_res_blocks, attn_resolutions,
                dropout, resamp_with_conv, conditional, fir, fir_kernel, skip_rescale, resblock_type,
                progressive, progressive_input, progressive_combine, attention_type, init_scale,
                embedding_type, fourier_scale, conv_size, scale_by_sigma, nonlinearity, normalization,
-               sigma_min, sigma_max, num_scales):
+               sigma_min, sigma_max, num_scales, num_classes=0):
     super().__init__()
+    if num_classes < 0:
+      raise ValueError(f'model.num_classes={num_classes}: use 0 (unconditional) or the number of classes')
+    if num_classes and not conditional:
+      raise ValueError(f'model.num_classes={num_classes} needs model.conditional=True: the label embedding is added '
+                       f'to the time embedding, which an unconditional network does not have')
     settings = dict(resblock_type=resblock_type, progressive=progressive, progressive_input=progressive_input,
                     progressive_combine=progressive_combine, embedding_type=embedding_type,
                     normalization=normalization, attention_type=attention_type)
@@ -140,8 +152,11 @@ class NCSNpp(nn.Module):
       modules.append(layers.group_norm(in_ch))
       modules.append(layers.conv2d(in_ch, num_channels, 3, init_scale=init_scale))
     self.all_modules = nn.ModuleList(modules)
+    self.num_classes = num_classes
+    if num_classes:  # Registered after all_modules, so the published parameter order is kept.
+      self.label_embedding = nn.Embedding(num_classes + 1, nf * 4)
 
-  def forward(self, x, time_cond):
+  def forward(self, x, time_cond, labels=None):
     modules = iter(self.all_modules)
     if self.embedding_type == 'fourier':
       used_sigmas = time_cond
@@ -154,6 +169,13 @@ class NCSNpp(nn.Module):
       temb = next(modules)(self.act(temb))
     else:
       temb = None
+    if self.num_classes:
+      if labels is None:
+        labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+      temb = temb + self.label_embedding(labels)
+    elif labels is not None:
+      raise ValueError('labels were given to an unconditional network: set model.num_classes to the number of '
+                       'classes to train a class-conditional one')
     if not self.centered:
       x = 2 * x - 1.0  # Data in [0, 1] -> [-1, 1].
 

@@ -15,5 +15,8 @@ class VelocityField(nn.Module):
     self.time_scale = time_scale
     self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-  def forward(self, x, times):
-    return self.net(x.contiguous(memory_format=self.memory_format), times * self.time_scale)
+  def forward(self, x, times, labels=None):
+    x = x.contiguous(memory_format=self.memory_format)
+    if labels is None:  # An unconditional network has no labels argument to pass.
+      return self.net(x, times * self.time_scale)
+    return self.net(x, times * self.time_scale, labels)

@@ -141,3 +141,42 @@ def per_sample_pseudo_huber(prediction, target, c=None):
   difference = (prediction - target).flatten(1)
   c = pseudo_huber_constant(difference.shape[1]) if c is None else c
   return torch.sqrt(difference.square().sum(dim=1) + c * c) - c
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Class conditioning. A model of ``num_classes`` classes has one more label, ``num_classes`` itself, meaning "no
+# label"; training replaces labels by it at random (label dropout), so that one network learns both the conditional
+# velocity v(x, t | c) and the unconditional one v(x, t | null) that classifier-free guidance combines.
+
+def null_labels(batch_size, num_classes, device=None):
+  """(B,) labels that all say "no label" (the index ``num_classes``)."""
+  return torch.full((batch_size,), num_classes, dtype=torch.long, device=device)
+
+
+def check_labels(labels, num_classes, batch_size):
+  """Raises a ValueError unless ``labels`` is a (B,) integer tensor of classes in [0, num_classes]."""
+  if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != batch_size:
+    shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+    raise ValueError(f'labels must be a ({batch_size},) tensor of class indices, one per sample; got {shape}')
+  if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    raise ValueError(f'labels must be integers (class indices), got {labels.dtype}')
+
+
+def draw_label_drops(batch_size, probability, *, device=None, generator=None):
+  """(B,) bools, each True with ``probability``: the samples whose label dropout replaces by the null label."""
+  return torch.rand(batch_size, device=device, generator=generator) < probability
+
+
+def drop_labels(labels, drops, num_classes):
+  """``labels`` with the rows where ``drops`` is True replaced by the null label ``num_classes``."""
+  return torch.where(drops.to(labels.device), torch.full_like(labels, num_classes), labels)
+
+
+def guided_velocity(conditional, unconditional, guidance_scale):
+  """Classifier-free guidance (Ho & Salimans 2022) on velocities: v = v_null + w (v_cond - v_null).
+
+  w = 1 is the conditional velocity, w = 0 the unconditional one, w > 1 pushes away from the unconditional one.
+  The velocity is affine in a noise or data prediction at fixed (x_t, t), so guiding after ``to_velocity`` equals
+  guiding the predictions.
+  """
+  return unconditional + guidance_scale * (conditional - unconditional)

@@ -69,6 +69,16 @@ def test_gradient_accumulation_trains_like_one_large_batch(single_process_run, t
   assert_close_states(tmp_path, single_process_run)
 
 
+def test_two_processes_train_a_class_conditional_model_like_one(tmp_path):
+  """Labels and their dropout to the null class follow each sample's row of the global batch, not the rank."""
+  conditional = train_overrides(**{'model.num_classes': '10', 'training.label_dropout': '0.5',
+                                   'sampling.guidance_scale': '2.0'})
+  launch(tmp_path / 'one', 'train', conditional, processes=1)
+  launch(tmp_path / 'two', 'train', conditional, processes=2)
+  assert_close_states(tmp_path / 'two', tmp_path / 'one')
+  assert any('label_embedding' in key for key in final_state(tmp_path / 'one')[1])
+
+
 def test_an_uneven_split_is_a_clear_error(tmp_path):
   result = launch(tmp_path, 'train', train_overrides(**{'training.batch_size': '6', 'training.grad_accum_steps': '2'}),
                   processes=2, check=False)

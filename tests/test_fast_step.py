@@ -234,9 +234,26 @@ def test_cuda_graph_on_the_cpu_trains_eagerly_and_says_why(tmp_path, caplog):
 def test_the_ema_decay_tensor_follows_the_decay():
   params = [torch.nn.Parameter(torch.ones(2))]
   ema = ExponentialMovingAverage(params, 0.5, use_num_updates=False)
-  assert float(ema._decay_tensor()) == 0.5 and ema._decay_tensor() is ema._decay_tensor()
+  decay = ema._decay_tensor()
+  assert float(decay) == 0.5 and ema._decay_tensor() is decay
   ema.decay = 0.25
+  assert ema._decay_tensor() is decay and float(decay) == 0.25  # Refilled in place: a captured update reads it.
   with torch.no_grad():
     params[0].add_(4.0)
   ema.update(params)
   assert torch.allclose(ema.shadow_params[0], torch.full((2,), 1.0 + 0.75 * 4.0))
+
+
+def test_loading_an_ema_state_keeps_the_shadows_and_count_in_their_memory():
+  """A captured update reads the shadows' and the count's memory: loading a state writes into it."""
+  params = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(2, 3))]
+  ema = ExponentialMovingAverage(params, 0.9)
+  other = ExponentialMovingAverage([torch.nn.Parameter(torch.randn_like(p)) for p in params], 0.99)
+  for _ in range(5):
+    other.update([torch.nn.Parameter(torch.randn_like(p)) for p in params])
+  addresses = [s.data_ptr() for s in ema.shadow_params] + [ema._count.data_ptr()]
+  ema.load_state_dict(other.state_dict())
+  assert [s.data_ptr() for s in ema.shadow_params] + [ema._count.data_ptr()] == addresses
+  assert ema.num_updates == 5 and ema.decay == 0.99
+  assert all(torch.equal(a, b) for a, b in zip(ema.shadow_params, other.shadow_params))
+  assert all(a.data_ptr() != b.data_ptr() for a, b in zip(ema.shadow_params, other.shadow_params))

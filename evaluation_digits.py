@@ -50,7 +50,7 @@ def train_classifier(seed=0, epochs=30, batch_size=64, lr=1e-3):
   """
   images, labels, held_out = real_digits()
   x, y = images[~held_out], labels[~held_out]
-  with torch.random.fork_rng(devices=[]):
+  with torch.random.fork_rng(devices=[]), torch.enable_grad():  # Also when called under torch.no_grad().
     torch.manual_seed(seed)
     model = DigitClassifier()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import pretrained_weights
-from models import VelocityField
+from models import VelocityField, num_classes
 from rectified_flow_pytorch import RectifiedFlow
 from rectified_flow_pytorch import flow as flow_math
 
@@ -15,11 +15,6 @@ VGG16_WEIGHTS_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
 
 
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
-def num_classes(config):
-  """``model.num_classes`` (0: unconditional; configs written before class conditioning lack the key)."""
-  return config.model.get('num_classes', 0)
 
 
 def build_rectified_flow(config, net):

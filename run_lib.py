@@ -22,7 +22,7 @@ from datasets import reflow_pairs
 import losses
 import sampling
 from metrics_log import MetricsLog
-from models import ExponentialMovingAverage, create_model, model_config_summary
+from models import ExponentialMovingAverage, create_model, model_config_summary, num_classes
 from rectified_flow_pytorch import flow as flow_math
 from rectified_flow_pytorch import likelihood, solvers
 
@@ -135,7 +135,7 @@ def snapshot_grid_layout(config, device=None):
   """(images, labels, columns) of the snapshot sample grids: ``sampling.snapshot_batch_size`` unlabelled images in
   a square grid, or for a class-conditional model one row per class of snapshot_batch_size // num_classes images
   (at least one; with more classes than snapshot_batch_size, the first snapshot_batch_size classes)."""
-  size, classes = config.sampling.snapshot_batch_size, losses.num_classes(config)
+  size, classes = config.sampling.snapshot_batch_size, num_classes(config)
   if not classes:
     return size, None, None
   per_class = max(1, size // classes)
@@ -414,7 +414,7 @@ def pair_batches(config, start_batch, device, generator=None):
   rows, labels) for pairs of a class-conditional teacher."""
   del generator  # Pairs are not augmented.
   shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
-  pairs = reflow_pairs.PairShards(config.reflow.data_root, shape, losses.num_classes(config))
+  pairs = reflow_pairs.PairShards(config.reflow.data_root, shape, num_classes(config))
   for batch, rows in training_stream(config, pairs, start_batch, device, config.seed):
     yield tuple(part.to(device, non_blocking=True) for part in batch[:2]) + (rows,) + tuple(
         part.to(device, non_blocking=True) for part in batch[2:])
@@ -423,7 +423,7 @@ def pair_batches(config, start_batch, device, generator=None):
 def held_out_pair_batches(config, start_batch, device):
   """(z0, z1[, labels]) batches of the pairs in another order, for the evaluation loss."""
   shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
-  pairs = reflow_pairs.PairShards(config.reflow.data_root, shape, losses.num_classes(config))
+  pairs = reflow_pairs.PairShards(config.reflow.data_root, shape, num_classes(config))
   for batch in datasets.endless_batches(pairs, config.training.batch_size, seed=config.seed + 1,
                                         start_batch=start_batch):
     yield tuple(part.to(device, non_blocking=True) for part in batch)
@@ -442,7 +442,7 @@ def online_pair_batches(config, teacher_velocity, device, generator, training=Tr
   shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
   steps, eps = config.reflow.online_teacher_steps, config.training.time_eps
   micro_batch, micro_steps = micro_batches_of(config) if training else (size, 1)
-  classes = losses.num_classes(config)
+  classes = num_classes(config)
   while True:
     z0_global = torch.randn((size, *shape), generator=generator) * config.sampling.init_noise_scale
     labels_global = torch.randint(classes, (size,), generator=generator) if classes else None

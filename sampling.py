@@ -6,6 +6,7 @@ from torchvision.utils import save_image
 
 import atomic_files
 import cuda_graphs
+from models import num_classes
 from rectified_flow_pytorch import solvers
 
 # sampling.ode_state_dtype: the dtype of the solver's state x and of its step control (RK45's error estimate).
@@ -15,11 +16,6 @@ PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16}
 # Settings that change samples but were added after evaluation folders and pair folders existed: recorded in their
 # manifests only when they differ from these defaults, so folders made with the defaults stay valid.
 SETTINGS_RECORDED_WHEN_NOT_DEFAULT = {'ode_state_dtype': 'float32', 'precision': 'fp32', 'guidance_scale': 1.0}
-
-
-def num_classes(config):
-  """``model.num_classes`` (0: unconditional; configs written before class conditioning lack the key)."""
-  return config.model.get('num_classes', 0)
 
 
 def guidance_scale(config):

@@ -4,7 +4,13 @@ from models.ema import ExponentialMovingAverage
 from models.registry import get_model_class, registered_models
 from models.velocity import VelocityField
 
-__all__ = ['ExponentialMovingAverage', 'VelocityField', 'create_model', 'model_config_summary', 'registered_models']
+__all__ = ['ExponentialMovingAverage', 'VelocityField', 'create_model', 'model_config_summary', 'num_classes',
+           'registered_models']
+
+
+def num_classes(config):
+  """``model.num_classes``: 0 for an unconditional model (configs written before class conditioning lack the key)."""
+  return config.model.get('num_classes', 0)
 
 
 def model_kwargs_from_config(config):
@@ -19,7 +25,7 @@ def model_kwargs_from_config(config):
               embedding_type=m.embedding_type, fourier_scale=m.fourier_scale, conv_size=m.conv_size,
               scale_by_sigma=m.scale_by_sigma, nonlinearity=m.nonlinearity, normalization=m.normalization,
               sigma_min=m.sigma_min, sigma_max=m.sigma_max, num_scales=m.num_scales,
-              num_classes=m.get('num_classes', 0))  # Configs written before class conditioning lack the key.
+              num_classes=num_classes(config))
 
 
 def model_config_summary(config):

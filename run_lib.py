@@ -435,8 +435,8 @@ def online_pair_batches(config, teacher_velocity, device, generator, training=Tr
   For training, the noise of each global batch is drawn whole from ``generator`` (saved with checkpoints) and each
   process solves its micro-batches' rows; held-out batches (``training=False``) are whole batches. A
   class-conditional teacher (``teacher_velocity(x, t, labels=None)``) solves for labels drawn uniformly with the
-  noise, guided with ``reflow.teacher_guidance_scale`` (``sampling.guidance_scale`` guides the student's own
-  samples), and the labels come last: (z0, z1[, rows], labels).
+  noise, guided with ``reflow.teacher_guidance_scale`` over ``reflow.teacher_guidance_t_min/_t_max``
+  (``sampling.guidance_scale`` guides the student's own samples), and the labels come last: (z0, z1[, rows], labels).
   """
   size = config.training.batch_size
   shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
@@ -453,7 +453,8 @@ def online_pair_batches(config, teacher_velocity, device, generator, training=Tr
       if classes:
         labels = labels_global[rows].to(device)
         velocity = functools.partial(teacher_velocity, labels=labels,
-                                     guidance_scale=config.reflow.get('teacher_guidance_scale', 1.0))
+                                     guidance_scale=config.reflow.get('teacher_guidance_scale', 1.0),
+                                     guidance_interval=sampling.teacher_guidance_interval(config))
       z1, _ = solvers.euler(velocity, z0, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps)
       yield ((z0, z1, rows) if training else (z0, z1)) + (() if labels is None else (labels,))
 
@@ -711,6 +712,8 @@ def evaluate(config, workdir, eval_folder):
                       straightness=float(results['straightness'].mean()))
         if 'labels' in results:
           report['guidance_scale'] = sampling.guidance_scale(config)
+          if sampling.guidance_interval(config) is not None:
+            report['guidance_interval'] = list(sampling.guidance_interval(config))
           report.update(class_agreement(config, results['images'], results['labels']))
         if inception is not None and e.metrics_backend == 'tfgan':
           report.update(evaluation_tf.tfgan_metrics(results['logits'], results['pool_3'], reference['pool_3'],

@@ -7,6 +7,7 @@ from torchvision.utils import save_image
 import atomic_files
 import cuda_graphs
 from models import num_classes
+from rectified_flow_pytorch import flow as flow_math
 from rectified_flow_pytorch import solvers
 
 # sampling.ode_state_dtype: the dtype of the solver's state x and of its step control (RK45's error estimate).
@@ -15,12 +16,39 @@ ODE_STATE_DTYPES = {'float32': torch.float32, 'float64': torch.float64}
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16}
 # Settings that change samples but were added after evaluation folders and pair folders existed: recorded in their
 # manifests only when they differ from these defaults, so folders made with the defaults stay valid.
-SETTINGS_RECORDED_WHEN_NOT_DEFAULT = {'ode_state_dtype': 'float32', 'precision': 'fp32', 'guidance_scale': 1.0}
+SETTINGS_RECORDED_WHEN_NOT_DEFAULT = {'ode_state_dtype': 'float32', 'precision': 'fp32', 'guidance_scale': 1.0,
+                                      'guidance_t_min': 0.0, 'guidance_t_max': 1.0}
 
 
 def guidance_scale(config):
   """``sampling.guidance_scale`` (1: no guidance; configs written before class conditioning lack the key)."""
   return config.sampling.get('guidance_scale', 1.0)
+
+
+def guidance_interval(config):
+  """(t_min, t_max) of the times that ``sampling.guidance_scale`` acts on (``sampling.guidance_t_min`` and
+  ``_t_max``); None for all of [0, 1], the default (and for configs written before the keys existed)."""
+  s = config.sampling
+  return checked_interval('sampling.guidance', s.guidance_t_min if 'guidance_t_min' in s else 0.0,
+                          s.guidance_t_max if 'guidance_t_max' in s else 1.0)
+
+
+def teacher_guidance_interval(config):
+  """``guidance_interval`` of the online reflow teacher: ``reflow.teacher_guidance_t_min`` and ``_t_max``."""
+  r = config.reflow
+  return checked_interval('reflow.teacher_guidance', r.teacher_guidance_t_min if 'teacher_guidance_t_min' in r else 0.0,
+                          r.teacher_guidance_t_max if 'teacher_guidance_t_max' in r else 1.0)
+
+
+def checked_interval(prefix, t_min, t_max):
+  interval = (float(t_min), float(t_max))
+  try:
+    flow_math.check_guidance_interval(interval)
+  except ValueError:
+    raise ValueError(f'{prefix}_t_min={interval[0]}, {prefix}_t_max={interval[1]}: guidance acts where t_min <= t '
+                     f'<= t_max, which needs 0 <= t_min < t_max <= 1 (t = 0 is noise, 1 data), e.g. '
+                     f'--config.{prefix}_t_min=0.5') from None
+  return None if interval == (0.0, 1.0) else interval
 
 
 def check_sampling_options(config):
@@ -31,6 +59,7 @@ def check_sampling_options(config):
     raise ValueError(f'Unknown sampling.ode_state_dtype {s.ode_state_dtype!r}; valid: {list(ODE_STATE_DTYPES)}')
   if s.precision not in PRECISIONS:
     raise ValueError(f'Unknown sampling.precision {s.precision!r}; valid: {list(PRECISIONS)}')
+  guidance_interval(config)
   if guidance_scale(config) != 1.0 and not num_classes(config):
     raise ValueError(f'sampling.guidance_scale={guidance_scale(config)} needs a class-conditional model '
                      f'(model.num_classes > 0); use 1.0 for an unconditional one')
@@ -91,9 +120,9 @@ def sampler_settings(config):
   return settings
 
 
-def network_velocity(flow, precision='fp32', guidance=1.0):
+def network_velocity(flow, precision='fp32', guidance=1.0, interval=None):
   """v(x, t, labels=None) of ``flow`` with the network in its own parameter dtype, whatever the dtype of the
-  solver's state; with labels, guided by ``guidance`` (``RectifiedFlow.velocity``).
+  solver's state; with labels, guided by ``guidance`` over the times of ``interval`` (``RectifiedFlow.velocity``).
 
   x (B, ...) and t (B,) are cast to the dtype of the network's first floating-point parameter, the network runs
   (under bf16 autocast for ``precision='bf16'``) and its velocity is cast back to the dtype of x. The autocast
@@ -111,7 +140,8 @@ def network_velocity(flow, precision='fp32', guidance=1.0):
                torch.autocast(x.device.type, dtype=autocast_dtype, cache_enabled=False))
     with context:
       v = flow.velocity(x.to(network_dtype), t.to(network_dtype), labels=labels,
-                        guidance_scale=1.0 if labels is None else guidance)
+                        guidance_scale=1.0 if labels is None else guidance,
+                        guidance_interval=None if labels is None else interval)
     return v.to(x.dtype)
 
   return velocity
@@ -153,14 +183,14 @@ def get_sampling_fn(config, shape):
                      f'sampler is an Euler-Maruyama scheme), not {name!r}')
   state_dtype = ODE_STATE_DTYPES[config.sampling.ode_state_dtype]
   precision, use_cuda_graph = config.sampling.precision, config.sampling.cuda_graph
-  guidance = guidance_scale(config)
+  guidance, interval = guidance_scale(config), guidance_interval(config)
   last = {'flow': None, 'velocity': None}  # The flow sampled last and its (graphed) network call.
 
   def velocity_of(flow):
     if last['flow'] is not flow:
       last['flow'] = flow
-      last['velocity'] = cuda_graphs.GraphedVelocity(network_velocity(flow, precision, guidance), module=flow,
-                                                     enabled=use_cuda_graph)
+      last['velocity'] = cuda_graphs.GraphedVelocity(network_velocity(flow, precision, guidance, interval),
+                                                     module=flow, enabled=use_cuda_graph)
     last['velocity'].refresh()  # Recaptures where a parameter was given new memory since the last sample.
     return last['velocity']
 
@@ -176,7 +206,7 @@ def get_sampling_fn(config, shape):
       velocity = graphed
     else:
       labels = flow.model_labels(labels, noise.shape[0], noise.device)
-      evaluations_per_call = 2 if flow.is_guided(labels, guidance) else 1
+      evaluations_per_call = 2 if flow.is_guided(labels, guidance, interval) else 1
 
       def velocity(x, t):
         return graphed(x, t, labels)

@@ -38,6 +38,8 @@ def get_default_configs():
   sampling.cuda_graph = True  # On CUDA, replay the network call from a CUDA graph captured per batch shape.
   sampling.snapshot_batch_size = 64  # Images in each snapshot sample grid (class-conditional: rows of classes).
   sampling.guidance_scale = 1.0  # Classifier-free guidance w: v_null + w (v_cond - v_null); 1 = no guidance.
+  sampling.guidance_t_min = 0.0  # Guidance acts only where t_min <= t <= t_max (t = 0 noise, 1 data); elsewhere w = 1.
+  sampling.guidance_t_max = 1.0
 
   config.eval = evaluate = ml_collections.ConfigDict()
   evaluate.begin_ckpt = 1  # First checkpoint index of the sweep (checkpoints/checkpoint_{i}.pth).
@@ -73,6 +75,8 @@ def get_default_configs():
   reflow.pair_format = 'float32'  # 'float32' (published: z0 and z1) or 'compact' (z1 float16, z0 from seeds).
   reflow.online_teacher_steps = 20  # Euler steps of the teacher in the online variants.
   reflow.teacher_guidance_scale = 1.0  # Online variants: the class-conditional teacher's guidance (students w = 1).
+  reflow.teacher_guidance_t_min = 0.0  # Online variants: the times the teacher is guided in (sampling.guidance_t_*).
+  reflow.teacher_guidance_t_max = 1.0
   reflow.lpips_weights_path = ''  # Local VGG16 weights for LPIPS; empty: torch hub cache, downloaded once.
 
   config.data = data = ml_collections.ConfigDict()

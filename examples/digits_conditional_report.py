@@ -42,13 +42,13 @@ def load_flow(config, path):
   return losses.build_rectified_flow(config, net).eval()
 
 
-def measure(flow, noise, labels, guidance_scale, eps, classifier, real, straightness_num):
+def measure(flow, noise, labels, guidance_scale, eps, classifier, real, straightness_num, guidance_interval=None):
   """{'rk45': (agreement, FD, NFE per sample), 'one_step': (...), 'straightness': S of the first
   ``straightness_num`` noises (None for 0), 'images': RK45 samples}."""
-  calls = 2 if flow.is_guided(labels, guidance_scale) else 1
+  calls = 2 if flow.is_guided(labels, guidance_scale, guidance_interval) else 1
 
   def velocity(x, t, labels=labels):
-    return flow.velocity(x, t, labels=labels, guidance_scale=guidance_scale)
+    return flow.velocity(x, t, labels=labels, guidance_scale=guidance_scale, guidance_interval=guidance_interval)
 
   result = {'straightness': None}
   if straightness_num:
@@ -75,19 +75,23 @@ def report(args):
   eps = conditional_config().training.time_eps
   runs = []
   if os.path.isfile(args.unconditional):
-    runs.append(('unconditional 1-RF', unconditional_config(), args.unconditional, None, 1.0))
-  for w in args.guidance:
-    runs.append((f'conditional 1-RF, w={w:g}', conditional_config(), args.one_rf, labels, w))
-  runs.append(('conditional 2-RF', conditional_config(), args.two_rf, labels, 1.0))
-  runs.append(('2-RF + one-step distillation', conditional_config(), args.distilled, labels, 1.0))
+    runs.append(('unconditional 1-RF', unconditional_config(), args.unconditional, None, 1.0, None))
+  for w, t_min in args.guidance:
+    name = f'conditional 1-RF, w={w:g}' + (f', t>={t_min:g}' if t_min else '')
+    interval = (t_min, 1.0) if t_min else None
+    runs.append((name, conditional_config(), args.one_rf, labels, w, interval))
+  runs.append(('conditional 2-RF', conditional_config(), args.two_rf, labels, 1.0, None))
+  runs.append(('2-RF + one-step distillation', conditional_config(), args.distilled, labels, 1.0, None))
   rows = []
-  for name, config, path, run_labels, w in runs:
+  grid_w, grid_t_min = args.grid_guidance
+  for name, config, path, run_labels, w, interval in runs:
     if not os.path.isfile(path):
       print(f'{name}: {path} not found, skipped')
       continue
-    result = measure(load_flow(config, path), noise, run_labels, w, eps, classifier, real, args.straightness_num)
+    result = measure(load_flow(config, path), noise, run_labels, w, eps, classifier, real, args.straightness_num,
+                     interval)
     rows.append((name, result))
-    if args.grid and name == f'conditional 1-RF, w={args.grid_guidance:g}':
+    if args.grid and run_labels is not None and (w, interval) == (grid_w, (grid_t_min, 1.0) if grid_t_min else None):
       grid, columns = sampling.per_class_grid(result['images'].add(1).div(2), labels, per_class=10)
       sampling.save_sample_grid(grid, args.grid, nrow=columns)
       print(f'{args.grid}: RK45 samples of {name}, one row per digit')
@@ -95,13 +99,19 @@ def report(args):
   def cell(value, spec):  # spec: '>W.Pf'; '-' where not measured.
     return f'{value:{spec}}' if value is not None else f'{"-":>{spec[1:].split(".")[0]}}'
 
-  print(f'{"model":<30} {"S(Z)":>7} | {"RK45: agree":>11} {"FD":>6} {"NFE":>4} | {"1 step: agree":>13} {"FD":>7} '
+  print(f'{"model":<36} {"S(Z)":>7} | {"RK45: agree":>11} {"FD":>6} {"NFE":>4} | {"1 step: agree":>13} {"FD":>7} '
         f'{"NFE":>3}')
   for name, r in rows:
     (a, fd, nfe), (a1, fd1, nfe1) = r['rk45'], r['one_step']
-    print(f'{name:<30} {cell(r["straightness"], ">7.4f")} | {cell(a, ">11.3f")} {fd:>6.2f} {nfe:>4d} | '
+    print(f'{name:<36} {cell(r["straightness"], ">7.4f")} | {cell(a, ">11.3f")} {fd:>6.2f} {nfe:>4d} | '
           f'{cell(a1, ">13.3f")} {fd1:>7.1f} {nfe1:>3d}')
   return rows
+
+
+def guidance_setting(text):
+  """'w' -> (w, 0.0); 'w:t_min' -> (w, t_min): guidance w where t >= t_min."""
+  w, _, t_min = text.partition(':')
+  return float(w), float(t_min or 0.0)
 
 
 def main():
@@ -110,10 +120,14 @@ def main():
   parser.add_argument('--two_rf', default=CONDITIONAL_TWO_RF_CHECKPOINT)
   parser.add_argument('--distilled', default=DISTILLED_CHECKPOINT)
   parser.add_argument('--unconditional', default=ONE_RF_CHECKPOINT, help='unconditional 1-RF (FD baseline)')
-  parser.add_argument('--guidance', type=lambda s: [float(w) for w in s.split(',')], default=[1.0, 2.0],
-                      help='guidance scales for the conditional 1-RF, comma-separated')
+  t_min = conditional_config().sampling.guidance_t_min
+  parser.add_argument('--guidance', type=lambda s: [guidance_setting(part) for part in s.split(',')],
+                      default=[(1.0, 0.0), (2.0, 0.0), (2.0, t_min)],
+                      help="guidance of the conditional 1-RF, comma-separated: 'w' guides all of t, 'w:t_min' only "
+                           f"t >= t_min (default: 1,2,2:{t_min:g}, the last the demo's own setting)")
   parser.add_argument('--grid', default='logs/digits_conditional_grid.png', help="PNG of the 1-RF's RK45 samples")
-  parser.add_argument('--grid_guidance', type=float, default=2.0)
+  parser.add_argument('--grid_guidance', type=guidance_setting, default=(2.0, t_min),
+                      help="the guidance ('w' or 'w:t_min') of the 1-RF samples drawn in --grid")
   parser.add_argument('--num', type=int, default=1000, help='noises per model (noise i asks for digit i mod 10)')
   parser.add_argument('--seed', type=int, default=12345)
   parser.add_argument('--straightness_num', type=int, default=1000,

@@ -93,27 +93,30 @@ class RectifiedFlow(nn.Module):
       return self.model(x, **model_kwargs)
     return self.model(x, **{self.time_cond_kwarg: times}, **model_kwargs)
 
-  def is_guided(self, labels, guidance_scale):
-    """Whether a velocity call with these labels and guidance scale evaluates the network twice per sample."""
+  def is_guided(self, labels, guidance_scale, guidance_interval=None):
+    """Whether a velocity call with these labels, guidance scale and interval evaluates the network twice per
+    sample."""
     if guidance_scale == 1.0:
       return False
     if not self.num_classes:
       raise ValueError(f'guidance_scale={guidance_scale} needs a class-conditional flow: RectifiedFlow(model, '
                        f'num_classes=...); guidance_scale=1 samples without guidance')
-    if guidance_scale == 0.0:  # The unconditional velocity alone.
+    if guidance_scale == 0.0 and guidance_interval is None:  # The unconditional velocity alone.
       return False
     if labels is None:
       raise ValueError(f'guidance_scale={guidance_scale} guides towards labels: pass labels= (one per sample)')
     return True
 
-  def velocity(self, x, times, labels=None, guidance_scale=1.0, **model_kwargs):
+  def velocity(self, x, times, labels=None, guidance_scale=1.0, guidance_interval=None, **model_kwargs):
     """v(x, t), converted from the model's prediction where it predicts noise or data.
 
     With labels and ``guidance_scale`` w not 1: v_null + w (v_cond - v_null) (``flow.guided_velocity``), the two
     velocities from one network call on the batch doubled ([x, x] with [labels, null labels]); w = 0 is one call
-    with null labels.
+    with null labels. ``guidance_interval`` (t_min, t_max) guides only the samples whose t lies in it and gives the
+    others their conditional velocity (``flow.guided_velocity``); the call is doubled all the same.
     """
-    if not self.is_guided(labels, guidance_scale):
+    flow.check_guidance_interval(guidance_interval)
+    if not self.is_guided(labels, guidance_scale, guidance_interval):
       if guidance_scale == 0.0:
         labels = None
       return flow.to_velocity(self.predict, self.predict_raw(x, times, labels, **model_kwargs), x, times)
@@ -126,7 +129,7 @@ class RectifiedFlow(nn.Module):
     both = flow.to_velocity(self.predict, self.predict_raw(both_x, both_times, both_labels, **doubled), both_x,
                             both_times)
     conditional, unconditional = both.chunk(2)
-    return flow.guided_velocity(conditional, unconditional, guidance_scale)
+    return flow.guided_velocity(conditional, unconditional, guidance_scale, times, guidance_interval)
 
   def sample_noise(self, shape, device=None, dtype=torch.float32, generator=None):
     return torch.randn(shape, device=device, dtype=dtype, generator=generator) * self.noise_std
@@ -184,14 +187,15 @@ class RectifiedFlow(nn.Module):
 
   @torch.no_grad()
   def sample(self, batch_size=1, steps=16, noise=None, data_shape=None, solver='euler', reverse=False, rtol=1e-5,
-             atol=1e-5, labels=None, guidance_scale=1.0, **model_kwargs):
+             atol=1e-5, labels=None, guidance_scale=1.0, guidance_interval=None, **model_kwargs):
     """Integrates the flow from noise (t = 0) to data (t = 1), or from data to noise with ``reverse=True``.
 
     ``noise`` is the starting point (data when reversing). ``steps`` is the number of solver steps of 'euler',
     'midpoint' or 'heun' (``steps=1`` with Euler is exactly one network evaluation, x1 = x0 + v(x0, 0)); 'rk45'
     is adaptive and uses ``rtol``/``atol``. A class-conditional flow takes (B,) ``labels`` (one per sample; the
-    batch size follows them; None samples without labels) and a ``guidance_scale`` w (``velocity``). The number of
-    network evaluations per sample is stored in ``self.last_sample_nfe`` (twice the solver's calls when guided).
+    batch size follows them; None samples without labels), a ``guidance_scale`` w and a ``guidance_interval`` of
+    the times it guides (``velocity``; None: all). The number of network evaluations per sample is stored in
+    ``self.last_sample_nfe`` (twice the solver's calls when guided).
     """
     if labels is not None and noise is None:
       if batch_size not in (1, len(labels)):
@@ -203,11 +207,12 @@ class RectifiedFlow(nn.Module):
         raise ValueError('The data shape is unknown: call the flow on a data batch first, or pass data_shape= '
                          'or noise=')
       noise = self.sample_noise((batch_size, *shape), device=self._device())
-    evaluations_per_call = 2 if self.is_guided(labels, guidance_scale) else 1
+    evaluations_per_call = 2 if self.is_guided(labels, guidance_scale, guidance_interval) else 1
     labels = None if labels is None else self.model_labels(labels, noise.shape[0], noise.device)
     t0, t1 = (1.0, 0.0) if reverse else (0.0, 1.0)
     x, nfe = solvers.solve(
-        solver, lambda x, t: self.velocity(x, t, labels=labels, guidance_scale=guidance_scale, **model_kwargs),
+        solver, lambda x, t: self.velocity(x, t, labels=labels, guidance_scale=guidance_scale,
+                                           guidance_interval=guidance_interval, **model_kwargs),
         noise, t0=t0, t1=t1, steps=steps, rtol=rtol, atol=atol)
     self.last_sample_nfe = nfe * evaluations_per_call
     return x
@@ -237,10 +242,11 @@ class Reflow(nn.Module):
     batch_size: pairs per ``reflow()`` call.
     teacher_solver, teacher_steps: how the teacher integrates (published online reflow: 20 Euler steps).
     teacher_guidance_scale: classifier-free guidance of a class-conditional teacher (1: none).
+    teacher_guidance_interval: the (t_min, t_max) in which the teacher is guided (None: all of [0, 1]).
   """
 
   def __init__(self, rectified_flow, frozen_model=None, *, batch_size=16, teacher_solver='euler', teacher_steps=20,
-               teacher_guidance_scale=1.0):
+               teacher_guidance_scale=1.0, teacher_guidance_interval=None):
     super().__init__()
     self.model = rectified_flow
     if frozen_model is None:
@@ -252,6 +258,8 @@ class Reflow(nn.Module):
     self.teacher_solver = teacher_solver
     self.teacher_steps = teacher_steps
     self.teacher_guidance_scale = teacher_guidance_scale
+    flow.check_guidance_interval(teacher_guidance_interval)
+    self.teacher_guidance_interval = teacher_guidance_interval
     if frozen_model.num_classes != rectified_flow.num_classes:
       raise ValueError(f'The teacher has num_classes={frozen_model.num_classes}, the student '
                        f'{rectified_flow.num_classes}: a student learns the labels of its teacher')
@@ -280,7 +288,8 @@ class Reflow(nn.Module):
       noise = teacher.sample_noise((size, *shape), device=teacher._device())
     if self.conditional and labels is None:
       labels = torch.randint(teacher.num_classes, (noise.shape[0],), device=noise.device)
-    guidance = {'labels': labels, 'guidance_scale': self.teacher_guidance_scale} if self.conditional else {}
+    guidance = ({'labels': labels, 'guidance_scale': self.teacher_guidance_scale,
+                 'guidance_interval': self.teacher_guidance_interval} if self.conditional else {})
     x1 = teacher.sample(noise=noise, solver=self.teacher_solver, steps=self.teacher_steps, **guidance, **model_kwargs)
     return (noise, x1, labels) if self.conditional else (noise, x1)
 

@@ -5,7 +5,7 @@ from torch import nn
 
 import models
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_config
-from rectified_flow_pytorch import RectifiedFlow, Reflow, flow
+from rectified_flow_pytorch import RectifiedFlow, Reflow, flow, solvers
 
 MEANS = torch.tensor([[2.0, 0.0], [-2.0, 1.0], [0.0, -3.0]])  # Class c: X1 ~ N(MEANS[c], S^2 I).
 S = 0.5
@@ -72,6 +72,54 @@ def test_guided_sampling_counts_two_network_evaluations_per_step():
   assert rf.last_sample_nfe == 16
   rf.sample(labels=labels, data_shape=(2,), steps=8, solver='heun', guidance_scale=3.0)
   assert rf.last_sample_nfe == 32
+
+
+def test_guidance_interval_guides_only_the_samples_whose_time_lies_in_it():
+  model = ExactClassVelocity()
+  rf = RectifiedFlow(model, num_classes=3)
+  x, labels = torch.randn(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+  t = torch.tensor([0.1, 0.3, 0.5, 0.6, 0.8, 0.9])
+  v_cond, v_null = rf.velocity(x, t, labels=labels), rf.velocity(x, t, labels=flow.null_labels(6, 3))
+  inside = torch.tensor([False, False, True, True, True, False])  # 0.5 <= t <= 0.8, both ends included.
+  model.calls.clear()
+  guided = rf.velocity(x, t, labels=labels, guidance_scale=3.0, guidance_interval=(0.5, 0.8))
+  assert len(model.calls) == 1 and model.calls[0][0] == 12  # Still one doubled call: no branch on t.
+  assert torch.allclose(guided[inside], (v_null + 3.0 * (v_cond - v_null))[inside], atol=1e-6)
+  assert torch.equal(guided[~inside], v_cond[~inside])
+  # w = 0 within the interval is the unconditional velocity there, the conditional one elsewhere.
+  unguided = rf.velocity(x, t, labels=labels, guidance_scale=0.0, guidance_interval=(0.5, 0.8))
+  assert torch.allclose(unguided[inside], v_null[inside], atol=1e-6) and torch.equal(unguided[~inside], v_cond[~inside])
+  # The whole of [0, 1] is plain guidance.
+  assert torch.allclose(rf.velocity(x, t, labels=labels, guidance_scale=3.0, guidance_interval=(0.0, 1.0)),
+                        rf.velocity(x, t, labels=labels, guidance_scale=3.0), atol=1e-6)
+
+
+def test_sampling_with_a_guidance_interval_is_unguided_then_guided_euler():
+  rf = RectifiedFlow(ExactClassVelocity(), num_classes=3)
+  noise, labels = torch.randn(9, 2), torch.arange(3).repeat(3)
+  sample = rf.sample(noise=noise, labels=labels, steps=8, guidance_scale=2.0, guidance_interval=(0.5, 1.0))
+  assert rf.last_sample_nfe == 16  # Two network evaluations per step, inside the interval or not.
+  # Euler from t = 0: the steps at t = 0, 1/8, 2/8, 3/8 are conditional, those at 4/8 .. 7/8 guided.
+  half, _ = solvers.euler(lambda x, t: rf.velocity(x, t, labels=labels), noise, steps=4, t0=0.0, t1=0.5)
+  expected, _ = solvers.euler(lambda x, t: rf.velocity(x, t, labels=labels, guidance_scale=2.0), half, steps=4,
+                              t0=0.5, t1=1.0)
+  assert torch.allclose(sample, expected, atol=1e-5)
+  assert not torch.allclose(sample, rf.sample(noise=noise, labels=labels, steps=8, guidance_scale=2.0), atol=1e-2)
+  # A teacher guided over an interval makes the pairs of that interval.
+  teacher = RectifiedFlow(ExactClassVelocity(), num_classes=3)
+  reflow = Reflow(teacher, teacher_steps=8, teacher_guidance_scale=2.0, teacher_guidance_interval=(0.5, 1.0))
+  _, x1, _ = reflow.generate_pairs(noise=noise, labels=labels)
+  assert torch.allclose(x1, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize('interval', [(0.5, 0.5), (0.8, 0.2), (-0.1, 1.0), (0.0, 1.5), (0.5,), 'all'])
+def test_a_bad_guidance_interval_is_a_clear_error(interval):
+  rf = RectifiedFlow(ExactClassVelocity(), num_classes=3)
+  labels = torch.tensor([0, 1])
+  with pytest.raises(ValueError, match='guidance_interval'):
+    rf.velocity(torch.randn(2, 2), torch.rand(2), labels=labels, guidance_scale=2.0, guidance_interval=interval)
+  with pytest.raises(ValueError, match='guidance_interval'):
+    Reflow(rf, teacher_guidance_scale=2.0, teacher_guidance_interval=interval)
 
 
 def test_label_dropout_replaces_labels_by_the_null_class_in_training_only():
@@ -314,8 +362,16 @@ def test_online_reflow_of_a_guided_teacher_trains_a_conditional_student(conditio
   config.reflow.online_teacher_steps = 2
   # The teacher is guided with reflow.teacher_guidance_scale; the student's own samples are not guided again.
   config.reflow.teacher_guidance_scale, config.sampling.guidance_scale = 2.0, 1.0
+  config.reflow.teacher_guidance_t_min = 0.5
   state = run_lib.reflow(config, str(tmp_path / 'online'))
   assert state['step'] == 2 and hasattr(state['model'], 'label_embedding')
+  asked = []  # How the pair batches ask the teacher for its velocity.
+
+  def teacher(x, t, labels=None, **guidance):
+    asked.append(guidance)
+    return torch.zeros_like(x)
+  next(run_lib.online_pair_batches(config, teacher, torch.device('cpu'), torch.Generator().manual_seed(0)))
+  assert asked[0] == {'guidance_scale': 2.0, 'guidance_interval': (0.5, 1.0)}
 
 
 def test_a_checkpoint_of_another_num_classes_names_the_setting_to_change(conditional_teacher):
@@ -339,6 +395,35 @@ def test_guided_sampling_without_labels_is_a_clear_error():
   with pytest.raises(ValueError, match='pass labels='):
     sample(flow_, noise=torch.randn(2, 1, 16, 16))
   assert sample(flow_, noise=torch.randn(2, 1, 16, 16), labels=torch.tensor([3, 4])).contributing_nfe == 4
+
+
+def test_sampling_guidance_interval_setting_guides_those_times_and_is_recorded_when_set():
+  import losses
+  import sampling
+
+  config = conditional_digits_config()
+  config.sampling.use_ode_sampler, config.sampling.sample_N = 'euler', 4
+  config.sampling.guidance_t_min = 0.5
+  torch.manual_seed(0)
+  flow_ = losses.build_rectified_flow(config, models.create_model(tiny_network_config(10))).eval()
+  noise, labels = torch.randn(3, 1, 16, 16), torch.tensor([3, 4, 5])
+  solution = sampling.get_sampling_fn(config, (3, 1, 16, 16))(flow_, noise=noise, labels=labels)
+  with torch.no_grad():  # The published Euler grid t_i = eps + i / 4: guided from t = 0.5 + eps on.
+    expected, _ = solvers.euler(lambda x, t: flow_.velocity(x, t, labels=labels, guidance_scale=2.0,
+                                                           guidance_interval=(0.5, 1.0)),
+                                noise, steps=4, t0=config.training.time_eps, t1=1.0, step_size=0.25)
+  assert torch.allclose(solution.x, expected, atol=1e-5) and solution.contributing_nfe == 8
+  config.sampling.guidance_t_min = 0.0
+  everywhere = sampling.get_sampling_fn(config, (3, 1, 16, 16))(flow_, noise=noise, labels=labels)
+  assert not torch.allclose(everywhere.x, expected, atol=1e-4)
+  # Manifests name the interval only when it is not all of [0, 1], so folders made before it stay valid.
+  assert 'guidance_t_min' not in sampling.sampler_settings(config)
+  config.sampling.guidance_t_min = 0.5
+  settings = sampling.sampler_settings(config)
+  assert settings['guidance_t_min'] == 0.5 and 'guidance_t_max' not in settings
+  config.sampling.guidance_t_max = 0.4
+  with pytest.raises(ValueError, match='--config.sampling.guidance_t_min'):
+    sampling.get_sampling_fn(config, (3, 1, 16, 16))
 
 
 def test_sampling_labels_follow_eval_labels_and_bad_lists_are_clear_errors():

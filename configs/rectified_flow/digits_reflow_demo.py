@@ -2,7 +2,7 @@
 
 Each stage is one command (see README); the stages read each other's outputs from these default paths. The
 class-conditional pipeline (``conditional=True``) starts from digits_conditional_demo.py: its pairs come from the
-teacher guided with w = 2, each stored with its digit (500 of each), and the students learn the guided flow per
+teacher guided with w = 2 where t >= 0.5, each stored with its digit (500 of each), and the students learn the guided flow per
 digit without label dropout, so that they are sampled without guidance (w = 1: one network evaluation per step).
 """
 from configs.rectified_flow.digits_conditional_demo import get_config as get_conditional_demo_config
@@ -25,7 +25,7 @@ def get_stage_config(stage, conditional=False):
                     (ONE_RF_CHECKPOINT, TWO_RF_CHECKPOINT))
   pairs = 'logs/digits_conditional_pairs' if conditional else 'logs/digits_pairs'
   if conditional and stage != 'pairs_1rf':  # Only the 1-RF teacher is guided; its students learn the guided flow.
-    config.sampling.guidance_scale = 1.0
+    config.sampling.guidance_scale, config.sampling.guidance_t_min = 1.0, 0.0
     config.training.label_dropout = 0.0
   if stage == 'pairs_1rf':
     r.reflow_type, r.last_flow_ckpt, r.data_root = 'generate_data_from_z0', one_rf, f'{pairs}/1rf'

@@ -8,8 +8,8 @@ For every checkpoint given (EMA weights) it samples the same 1,000 noises, noise
     (the measure of examples/digits_reflow_report.py, so its unconditional figures compare directly);
   - for adaptive RK45 samples (tolerance 1e-3) and for one-step samples x0 + v(x0, eps), with the NFE per sample
     (a guided step is one call on a doubled batch: two network evaluations per sample).
-The 1-rectified flow is measured at each guidance scale of --guidance; its students (2-RF, distillation) learned the
-flow guided at w = 2 and are sampled unguided. An unconditional checkpoint, if present, gives the FD to compare with.
+The 1-rectified flow is measured at each guidance setting of --guidance (w over all of t, or w where t >= t_min);
+its students (2-RF, distillation) learned the flow guided at w = 2 where t >= 0.5 and are sampled unguided. An unconditional checkpoint, if present, gives the FD to compare with.
 
   python examples/digits_conditional_report.py        # the checkpoints of the README's conditional pipeline
 """

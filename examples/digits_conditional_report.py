@@ -75,23 +75,23 @@ def report(args):
   eps = conditional_config().training.time_eps
   runs = []
   if os.path.isfile(args.unconditional):
-    runs.append(('unconditional 1-RF', unconditional_config(), args.unconditional, None, 1.0, None))
-  for w, t_min in args.guidance:
+    runs.append(('unconditional 1-RF', unconditional_config(), args.unconditional, None, (1.0, 0.0), False))
+  for setting in args.guidance:  # (w, t_min); only these 1-RF rows may be drawn in the grid.
+    w, t_min = setting
     name = f'conditional 1-RF, w={w:g}' + (f', t>={t_min:g}' if t_min else '')
-    interval = (t_min, 1.0) if t_min else None
-    runs.append((name, conditional_config(), args.one_rf, labels, w, interval))
-  runs.append(('conditional 2-RF', conditional_config(), args.two_rf, labels, 1.0, None))
-  runs.append(('2-RF + one-step distillation', conditional_config(), args.distilled, labels, 1.0, None))
+    runs.append((name, conditional_config(), args.one_rf, labels, setting, setting == args.grid_guidance))
+  runs.append(('conditional 2-RF', conditional_config(), args.two_rf, labels, (1.0, 0.0), False))
+  runs.append(('2-RF + one-step distillation', conditional_config(), args.distilled, labels, (1.0, 0.0), False))
   rows = []
-  grid_w, grid_t_min = args.grid_guidance
-  for name, config, path, run_labels, w, interval in runs:
+  for name, config, path, run_labels, (w, t_min), in_grid in runs:
+    interval = (t_min, 1.0) if t_min else None
     if not os.path.isfile(path):
       print(f'{name}: {path} not found, skipped')
       continue
     result = measure(load_flow(config, path), noise, run_labels, w, eps, classifier, real, args.straightness_num,
                      interval)
     rows.append((name, result))
-    if args.grid and run_labels is not None and (w, interval) == (grid_w, (grid_t_min, 1.0) if grid_t_min else None):
+    if args.grid and in_grid:
       grid, columns = sampling.per_class_grid(result['images'].add(1).div(2), labels, per_class=10)
       sampling.save_sample_grid(grid, args.grid, nrow=columns)
       print(f'{args.grid}: RK45 samples of {name}, one row per digit')

@@ -4,9 +4,15 @@ A file holds ``{'optimizer', 'model', 'ema', 'step'}`` as the released checkpoin
 DataParallel ``module.`` prefix, ``ema`` holds ``decay``, ``num_updates`` and ``shadow_params``) and, when written
 by this framework, ``rng``, ``config`` and ``nonfinite_steps`` (updates skipped for a non-finite loss) as well.
 Preemption checkpoints rotate: ``checkpoints-meta/checkpoint_{step}.pth``, the newest K kept.
+
+Every file is opened weights-only (``torch.load(weights_only=True)``): tensors, numbers, strings and containers,
+never an arbitrary object, so opening a file cannot run code from it. What this framework writes is of that kind
+(the RNG states as tensors and numbers, the config as JSON text). A file that holds anything else is refused
+(``CheckpointUnsafeError``) unless the caller opts in with ``allow_pickle=True`` (``config.allow_pickle_checkpoints``).
 """
 import logging
 import os
+import pickle
 import random
 import re
 
@@ -59,17 +65,18 @@ def save_preemption_checkpoint(workdir, state, config, data_generator=None, path
   return path
 
 
-def resume_from_preemption_checkpoint(workdir, state, device='cpu', architecture=''):
+def resume_from_preemption_checkpoint(workdir, state, device='cpu', architecture='', allow_pickle=False):
   """Restores ``state`` from the newest readable preemption checkpoint; returns (raw dict, path) or (None, None).
 
   A truncated or corrupt file is reported, renamed to ``*.corrupt`` (kept for inspection, never read again) and the
-  previous one is used. When files exist but none can be read, this is an error, never a silent fresh start.
+  previous one is used. When files exist but none can be read, this is an error, never a silent fresh start. A file
+  that holds objects other than tensors and plain data raises ``CheckpointUnsafeError`` and is left where it is.
   """
   candidates = preemption_checkpoints(workdir)
   failures = []
   for path in candidates:
     try:
-      return load_checkpoint(path, state, device=device, architecture=architecture), path
+      return load_checkpoint(path, state, device=device, architecture=architecture, allow_pickle=allow_pickle), path
     except CheckpointReadError as error:
       corrupt = f'{path}.corrupt'
       os.replace(path, corrupt)
@@ -132,8 +139,26 @@ def load_network_weights(net, state_dict, source='checkpoint', architecture=''):
   net.load_state_dict(state_dict, strict=True)
 
 
+def numpy_rng_state():
+  """numpy's global MT19937 state as a tensor and plain numbers (a weights-only load reads it)."""
+  name, key, position, has_gauss, cached_gaussian = np.random.get_state()
+  return {'bit_generator': name, 'key': torch.from_numpy(key.astype(np.int64)), 'pos': int(position),
+          'has_gauss': int(has_gauss), 'cached_gaussian': float(cached_gaussian)}
+
+
+def set_numpy_rng_state(state):
+  """Inverse of ``numpy_rng_state``; also takes the tuple of ``np.random.get_state()`` that earlier versions of
+  this framework stored."""
+  if isinstance(state, dict):
+    key = state['key'].cpu().numpy().astype(np.uint32)  # (624,) MT19937 key
+    state = (state['bit_generator'], key, state['pos'], state['has_gauss'], state['cached_gaussian'])
+  np.random.set_state(state)
+
+
 def capture_rng_state(data_generator=None, path_generator=None):
-  state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+  """Every RNG stream of the run as tensors and plain Python values: torch's as byte tensors, numpy's as
+  ``numpy_rng_state()``, Python's ``random.getstate()`` as the tuple of ints (and None or a float) it is."""
+  state = {'torch': torch.get_rng_state(), 'numpy': numpy_rng_state(), 'python': random.getstate()}
   if torch.cuda.is_initialized():  # Only where this process used CUDA (a CPU run on a GPU machine does not).
     state['cuda'] = torch.cuda.get_rng_state_all()
   if data_generator is not None:
@@ -147,7 +172,7 @@ def capture_rng_state(data_generator=None, path_generator=None):
 
 def restore_rng_state(state, data_generator=None, path_generator=None):
   torch.set_rng_state(state['torch'])
-  np.random.set_state(state['numpy'])
+  set_numpy_rng_state(state['numpy'])
   random.setstate(state['python'])
   if 'cuda' in state and torch.cuda.is_initialized() and len(state['cuda']) == torch.cuda.device_count():
     torch.cuda.set_rng_state_all(state['cuda'])
@@ -191,22 +216,65 @@ class CheckpointReadError(ValueError):
   """A checkpoint file that cannot be read (truncated or corrupt), as opposed to one of another architecture."""
 
 
-def read_checkpoint(path, device='cpu'):
+class CheckpointUnsafeError(ValueError):
+  """A checkpoint that holds objects other than tensors and plain data: opening it would run code from the file."""
+
+
+# What earlier versions of this framework stored besides tensors and plain data: numpy's RNG state, a tuple holding a
+# uint32 ndarray (the array, its reconstructor, its dtype and that dtype's class). Allowed only within
+# ``read_checkpoint``'s weights-only load, by the names a pickle refers to them by (numpy 2's ``numpy._core``, and
+# numpy 1's ``numpy.core`` for files pickled under numpy 1).
+_RECONSTRUCT = (getattr(np, '_core', None) or np.core).multiarray._reconstruct
+_UINT32_DTYPE_CLASS = type(np.dtype(np.uint32))  # numpy.dtypes.UInt32DType
+LEGACY_NUMPY_RNG_GLOBALS = {'numpy.ndarray': np.ndarray, 'numpy.dtype': np.dtype,
+                            f'{_UINT32_DTYPE_CLASS.__module__}.{_UINT32_DTYPE_CLASS.__qualname__}': _UINT32_DTYPE_CLASS,
+                            'numpy._core.multiarray._reconstruct': _RECONSTRUCT,
+                            'numpy.core.multiarray._reconstruct': _RECONSTRUCT}
+
+
+def unsafe_globals(path):
+  """The names of the classes and functions that unpickling ``path`` would call beyond what ``read_checkpoint``
+  allows (scanned from the pickle opcodes, nothing executed); None where the file cannot even be scanned."""
   try:
-    return torch.load(path, map_location=device, weights_only=False)
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+  except Exception:  # Not a readable zip or pickle: truncated or corrupt.
+    return None
+  return [name for name in names if name not in LEGACY_NUMPY_RNG_GLOBALS]
+
+
+def read_checkpoint(path, device='cpu', allow_pickle=False):
+  """The dict saved in ``path``, loaded weights-only (tensors and plain data; opening it runs no code from it).
+
+  Raises ``CheckpointUnsafeError`` for a file that holds other objects, unless ``allow_pickle`` (then it is fully
+  unpickled, with a warning), and ``CheckpointReadError`` for a truncated or corrupt one.
+  """
+  try:
+    if allow_pickle:
+      logging.warning('Opening %s with full unpickling (config.allow_pickle_checkpoints=True): any code in the file '
+                      'runs as you. Do this only for files you trust.', path)
+      return torch.load(path, map_location=device, weights_only=False)
+    with torch.serialization.safe_globals([(obj, name) for name, obj in LEGACY_NUMPY_RNG_GLOBALS.items()]):
+      return torch.load(path, map_location=device, weights_only=True)
   except FileNotFoundError:
     raise
-  except Exception as error:  # Truncated or corrupt file.
-    raise CheckpointReadError(f'Checkpoint {path!r} could not be read ({type(error).__name__}: {error}); it is '
-                              f'truncated or corrupt') from error
+  except Exception as error:
+    unsafe = None if allow_pickle or not isinstance(error, pickle.UnpicklingError) else unsafe_globals(path)
+    if unsafe:
+      raise CheckpointUnsafeError(
+          f'Checkpoint {path!r} holds objects other than tensors and plain data ({", ".join(unsafe)}); opening it '
+          f'would execute code from it, so it was not opened. If you trust the file and where it came from, pass '
+          f'--config.allow_pickle_checkpoints=True to open it fully.') from None
+    raise CheckpointReadError(f'Checkpoint {path!r} could not be read ({type(error).__name__}: '
+                              f'{str(error).splitlines()[0] if str(error) else ""}); it is truncated or '
+                              f'corrupt') from error
 
 
-def load_checkpoint(path, state, device='cpu', load_optimizer=True, architecture=''):
-  """Restores ``state`` in place from a published-format file; returns the raw dict read.
+def load_checkpoint(path, state, device='cpu', load_optimizer=True, architecture='', allow_pickle=False):
+  """Restores ``state`` in place from a published-format file; returns the raw dict read (``read_checkpoint``).
 
   RNG state is not touched: call ``restore_rng_state(checkpoint['rng'], ...)`` right before the loop resumes.
   """
-  checkpoint = read_checkpoint(path, device)
+  checkpoint = read_checkpoint(path, device, allow_pickle=allow_pickle)
   missing = [key for key in ('model', 'ema', 'step') if key not in checkpoint]
   if missing:
     raise ValueError(f'{path!r} is not a rectified-flow checkpoint: it lacks the keys {missing} '

@@ -39,6 +39,8 @@ class InceptionFeatures:
   def __init__(self, weights_path, device='cpu'):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+    # torch-fidelity unpickles the file fully; a file that loads weights-only holds nothing that could run code.
+    pretrained_weights.load_weights_only(weights_path, 'Inception weights', 'eval.inception_weights_path')
     self.model = FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'],
                                              feature_extractor_weights_path=weights_path).to(device)
     self.device = device
@@ -118,10 +120,11 @@ def load_reference_statistics(path):
                             f'config), or place the published file (e.g. cifar10_stats.npz) there, or set '
                             f'--config.eval.stats_path.')
   try:
-    stats = np.load(path)
+    with np.load(path, allow_pickle=False) as data:  # Arrays only: an object array is refused, never unpickled.
+      stats = {key: data[key] for key in data.files}
   except Exception as error:
-    raise ValueError(f'Reference statistics {path!r} could not be read as .npz ({error})') from error
-  keys = set(stats.files)
+    raise ValueError(f'Reference statistics {path!r} could not be read as an .npz of numeric arrays ({error})') from error
+  keys = set(stats)
   if 'mu' in keys and 'sigma' in keys:
     pool = stats['pool_3'] if 'pool_3' in keys else None
     return {'mu': stats['mu'], 'sigma': stats['sigma'], 'pool_3': pool}
@@ -185,7 +188,7 @@ class SampleRounds:
     if not os.path.exists(path):
       return None
     try:
-      with np.load(path) as data:
+      with np.load(path, allow_pickle=False) as data:
         return {key: data[key] for key in data.files}
     except Exception:  # A torn file cannot exist (atomic writes), but a damaged disk can.
       return None

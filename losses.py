@@ -106,8 +106,8 @@ def build_lpips(weights_path='', random_backbone=False):
   if not random_backbone:
     path = pretrained_weights.resolve_pretrained_weights(VGG16_WEIGHTS_URL, weights_path, 'VGG16 weights for LPIPS',
                                                          'reflow.lpips_weights_path')
-    features = {key[len('features.'):]: value for key, value in torch.load(path, map_location='cpu').items()
-                if key.startswith('features.')}
+    weights = pretrained_weights.load_weights_only(path, 'VGG16 weights for LPIPS', 'reflow.lpips_weights_path')
+    features = {key[len('features.'):]: value for key, value in weights.items() if key.startswith('features.')}
     for part in (model.net.slice1, model.net.slice2, model.net.slice3, model.net.slice4, model.net.slice5):
       part.load_state_dict({key: features[key] for key in part.state_dict()})
   return model.eval().requires_grad_(False)

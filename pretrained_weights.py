@@ -1,5 +1,6 @@
 """Pretrained weights that are fetched on request only: a local path, else a cache file, else one download."""
 import os
+import pickle
 import urllib.error
 
 import torch
@@ -29,3 +30,15 @@ def resolve_pretrained_weights(url, path='', what='weights', option='', download
   except (urllib.error.URLError, OSError) as error:
     raise ConnectionError(f'Downloading the {what} failed ({error}). {message}') from error
   return target
+
+
+def load_weights_only(path, what='weights', option=''):
+  """The tensors saved in ``path``, loaded weights-only: a file that holds other objects (opening it would run code
+  from it) is refused with an error that names it."""
+  try:
+    return torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as error:
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    raise ValueError(f'The {what} file {path!r}{f" ({option})" if option else ""} holds objects other than tensors '
+                     f'and plain data ({", ".join(unsafe) or str(error).splitlines()[0]}); opening it would execute '
+                     f'code from it, so it was not opened. Use a file that holds only the weights.') from None

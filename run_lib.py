@@ -237,7 +237,6 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
   main_process = distributed.is_main_process()
   if main_process:
     os.makedirs(workdir, exist_ok=True)
-    write_resolved_config(config, workdir)
   seed_everything(config.seed)
   state = build_training_state(config, device)
   net = state['model']
@@ -253,7 +252,10 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
 
   with distributed.main_process_first():  # Rank 0 sets corrupt files aside; the others then read what it read.
     resumed, resumed_path = checkpoints.resume_from_preemption_checkpoint(
-        workdir, state, device=device, architecture=model_config_summary(config))
+        workdir, state, device=device, architecture=model_config_summary(config),
+        allow_pickle=config.allow_pickle_checkpoints)
+  if main_process:  # Once the checkpoint to resume from (if any) was read: a refused one leaves the workdir as it was.
+    write_resolved_config(config, workdir)
   if resumed is not None:
     logging.info('Resumed from %s at step %d', resumed_path, state['step'])
   elif initialize is not None:
@@ -385,7 +387,7 @@ def load_teacher(config, device):
                             f'reflow from, e.g. --config.reflow.last_flow_ckpt=logs/1_rf/checkpoints/checkpoint_13.pth')
   teacher = build_training_state(config, device)
   checkpoints.load_checkpoint(path, teacher, device=device, load_optimizer=False,
-                              architecture=model_config_summary(config))
+                              architecture=model_config_summary(config), allow_pickle=config.allow_pickle_checkpoints)
   teacher['ema'].copy_to(teacher['model'].parameters())
   net = teacher['model'].eval().requires_grad_(False)
   return net, evaluation.file_sha256(path)
@@ -398,7 +400,7 @@ def initialize_student_from_teacher(config, device):
     path = config.reflow.last_flow_ckpt
     teacher = build_training_state(config, device)
     checkpoints.load_checkpoint(path, teacher, device=device, load_optimizer=False,
-                              architecture=model_config_summary(config))
+                              architecture=model_config_summary(config), allow_pickle=config.allow_pickle_checkpoints)
     if config.reflow.init_from_ema:
       teacher['ema'].copy_to(teacher['model'].parameters())
     state['model'].load_state_dict(teacher['model'].state_dict())
@@ -674,7 +676,8 @@ def evaluate(config, workdir, eval_folder):
       continue
     try:
       checkpoints.load_checkpoint(path, state, device=device, load_optimizer=False,
-                                  architecture=model_config_summary(config))
+                                  architecture=model_config_summary(config),
+                                  allow_pickle=config.allow_pickle_checkpoints)
     except checkpoints.CheckpointReadError as error:  # A damaged file is skipped; a wrong architecture is raised.
       logging.error('Checkpoint %s skipped: %s', path, error)
       continue

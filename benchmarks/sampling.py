@@ -67,7 +67,7 @@ def timed(device, fn, repeats=1):
 def build_network(config, checkpoint, device):
   net = models.create_model(config)
   if checkpoint:
-    state = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    state = checkpoints.read_checkpoint(checkpoint)
     checkpoints.load_network_weights(net, state['model'], source=checkpoint)
     ema = models.ExponentialMovingAverage(net.parameters(), decay=config.model.ema_rate)
     ema.load_state_dict(state['ema'])

@@ -136,5 +136,8 @@ def get_default_configs():
   optim.grad_clip = 1.0  # Gradient-norm clip (a negative value disables clipping).
 
   config.seed = 42  # Seeds parameters, data order, noise and times.
+  # Open checkpoints that hold objects other than tensors and plain data by full unpickling, which runs code from the
+  # file: only for files you trust (default: such files are refused; checkpoints.read_checkpoint).
+  config.allow_pickle_checkpoints = False
   config.device = 'auto'  # 'auto' (the LOCAL_RANK GPU when CUDA is present, else the CPU), 'cpu', 'cuda', 'cuda:N'.
   return config

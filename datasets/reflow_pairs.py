@@ -184,7 +184,7 @@ class PairShards(torch.utils.data.Dataset):
     if shard not in self._open:
       path = self.entries[shard][0]
       try:
-        self._open[shard] = np.load(path, mmap_mode='r')
+        self._open[shard] = np.load(path, mmap_mode='r', allow_pickle=False)
       except Exception as error:
         raise ValueError(f'Pair shard {path!r} is unreadable ({error}); delete it and rerun pair generation, which '
                          f'makes only the missing shards') from error
@@ -194,7 +194,7 @@ class PairShards(torch.utils.data.Dataset):
     if shard not in self._labels:
       path = self.entries[shard][6]
       try:
-        self._labels[shard] = np.load(path)
+        self._labels[shard] = np.load(path, allow_pickle=False)
       except Exception as error:
         raise ValueError(f'The labels {path!r} of a pair shard are missing or unreadable ({error}); delete the shard '
                          f'{self.entries[shard][0]!r} and rerun pair generation, which makes only the missing '

@@ -54,7 +54,7 @@ class CachedImages(torch.utils.data.Dataset):
 
   def __init__(self, path):
     self.path = path
-    self.shape = np.load(path, mmap_mode='r').shape
+    self.shape = np.load(path, mmap_mode='r', allow_pickle=False).shape
     self._images = None
 
   def __len__(self):
@@ -62,7 +62,7 @@ class CachedImages(torch.utils.data.Dataset):
 
   def __getitem__(self, index):
     if self._images is None:  # Mapped lazily, once per data-loader worker.
-      self._images = np.load(self.path, mmap_mode='r')
+      self._images = np.load(self.path, mmap_mode='r', allow_pickle=False)
     image = torch.from_numpy(np.array(self._images[index]))  # (H, W, C) uint8
     return image.permute(2, 0, 1).contiguous().float().div(255)  # The arithmetic of torchvision's ToTensor.
 
@@ -204,7 +204,7 @@ def tfds_cifar10(root, split, download=False, labels=False):
                        missing_hint=cifar10_missing_hint(root), labels=True)
   if not labels:
     return CachedImages(path)
-  return LabelledImages(CachedImages(path), np.load(labels_path_of(path)), CIFAR10_CLASSES)
+  return LabelledImages(CachedImages(path), np.load(labels_path_of(path), allow_pickle=False), CIFAR10_CLASSES)
 
 
 def tfds_image_folder(root, image_size, num_channels=3, labels=False):

@@ -131,7 +131,7 @@ def newest_checkpoint_step(workdir):
 
 
 def training_state(path):
-  checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+  checkpoint = torch.load(path, map_location='cpu', weights_only=True)
   tensors = {f'model.{k}': v for k, v in checkpoint['model'].items()}
   tensors.update({f'ema.{i}': v for i, v in enumerate(checkpoint['ema']['shadow_params'])})
   for index, values in checkpoint['optimizer']['state'].items():

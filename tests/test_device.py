@@ -175,5 +175,5 @@ def test_main_with_device_cpu_trains_on_the_cpu_and_records_it(tiny_run):
   assert 'parameters on cpu;' in (tiny_run.parent / 'run.log').read_text()
   assert json.loads((tiny_run / 'config.json').read_text())['device'] == 'cpu'
   for path in (tiny_run / 'checkpoints' / 'checkpoint_1.pth', *(tiny_run / 'checkpoints-meta').iterdir()):
-    checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     assert json.loads(checkpoint['config'])['device'] == 'cpu', path

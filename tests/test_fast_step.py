@@ -215,7 +215,7 @@ def test_a_checkpoint_of_a_captured_optimizer_stores_its_lr_and_capture_flag_as_
   for group in state['optimizer'].param_groups:  # What GraphedTrainStep sets at its capture.
     group['lr'], group['capturable'] = torch.tensor(float(group['lr'])), True
   checkpoints.save_checkpoint(str(tmp_path / 'c.pth'), state, config)
-  saved = torch.load(tmp_path / 'c.pth', weights_only=False)['optimizer']['param_groups']
+  saved = torch.load(tmp_path / 'c.pth', weights_only=True)['optimizer']['param_groups']
   assert saved == eager_groups and isinstance(saved[0]['lr'], float)
 
 

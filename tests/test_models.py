@@ -45,8 +45,8 @@ def test_full_size_cifar10_ddpmpp_has_the_published_state_dict():
 def load_fixture(name):
   net = models.create_model(fixture_config(name))
   checkpoint = torch.load(reference_path('official_fixtures', f'{name}_official_checkpoint.pth'),
-                          map_location='cpu', weights_only=False)
-  io = torch.load(reference_path('official_fixtures', f'{name}_io.pt'), map_location='cpu', weights_only=False)
+                          map_location='cpu', weights_only=True)
+  io = torch.load(reference_path('official_fixtures', f'{name}_io.pt'), map_location='cpu', weights_only=True)
   return net, checkpoint, io
 
 

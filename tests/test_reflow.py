@@ -149,7 +149,7 @@ def test_student_starts_from_the_teacher_with_fresh_optimiser_and_ema(teacher, t
   config = reflow_config(teacher, tmp_path / 'pairs', reflow_type='train_reflow', init_from_ema=init_from_ema)
   state = run_lib.build_training_state(config, torch.device('cpu'))
   run_lib.initialize_student_from_teacher(config, torch.device('cpu'))(state)
-  saved = torch.load(teacher, map_location='cpu', weights_only=False)
+  saved = torch.load(teacher, map_location='cpu', weights_only=True)
   params = [p for p in state['model'].parameters() if p.requires_grad]
   if init_from_ema:
     for p, shadow in zip(params, saved['ema']['shadow_params']):

@@ -115,7 +115,7 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(reference_run, tm
   assert process.returncode == 128 + signum, output[-3000:]
   assert 'Traceback' not in output and f'{signal.Signals(signum).name} received' in output
   stopped_at = checkpoints.preemption_checkpoints(str(workdir))[0]
-  step = torch.load(stopped_at, map_location='cpu', weights_only=False)['step']
+  step = torch.load(stopped_at, map_location='cpu', weights_only=True)['step']
   assert stopped_at.endswith(f'checkpoint_{step}.pth') and 3 <= step < N_ITERS
   assert max(fault_injection.logged_losses(workdir)) == step  # Nothing after the saved update was trained.
   if signum == signal.SIGTERM:
@@ -163,7 +163,7 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(tmp_path):
   clean = run_with_nans(config, tmp_path / 'clean', nan_steps=())
   state = run_with_nans(config, tmp_path / 'nan', nan_steps={4})
   assert state['step'] == 4 and state['nonfinite_steps'] == 1
-  saved = torch.load(tmp_path / 'nan' / 'checkpoints-meta' / 'checkpoint_4.pth', map_location='cpu', weights_only=False)
+  saved = torch.load(tmp_path / 'nan' / 'checkpoints-meta' / 'checkpoint_4.pth', map_location='cpu', weights_only=True)
   assert saved['nonfinite_steps'] == 1
   # Update 4 was skipped: weights, EMA and Adam equal those of a clean run of 3 updates.
   clean3 = run_with_nans(tiny_digits_config(n_iters=3, snapshot_freq=100, snapshot_freq_for_preemption=3),
@@ -179,7 +179,7 @@ def test_too_many_non_finite_losses_stop_the_run_with_its_last_good_checkpoint_i
   with pytest.raises(run_lib.NonFiniteLossError, match=r'2 updates had a non-finite loss.*step 5.*checkpoint_4\.pth'):
     run_with_nans(config, tmp_path, nan_steps={3, 5})
   assert checkpoints.preemption_checkpoints(str(tmp_path))[0].endswith('checkpoint_4.pth')
-  saved = torch.load(tmp_path / 'checkpoints-meta' / 'checkpoint_4.pth', map_location='cpu', weights_only=False)
+  saved = torch.load(tmp_path / 'checkpoints-meta' / 'checkpoint_4.pth', map_location='cpu', weights_only=True)
   assert saved['step'] == 4 and saved['nonfinite_steps'] == 1
   assert all(torch.isfinite(value).all() for value in saved['model'].values() if value.is_floating_point())
 

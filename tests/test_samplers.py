@@ -15,14 +15,14 @@ from tests.test_models import fixture_config
 def ema_velocity(request):
   net = models.create_model(fixture_config(request.param))
   checkpoint = torch.load(reference_path('official_fixtures', f'{request.param}_official_checkpoint.pth'),
-                          map_location='cpu', weights_only=False)
+                          map_location='cpu', weights_only=True)
   checkpoints.load_network_weights(net, checkpoint['model'])
   ema = models.ExponentialMovingAverage(net.parameters(), decay=0.5)
   ema.load_state_dict(checkpoint['ema'])
   ema.copy_to(net.parameters())
   net.eval()
   io = torch.load(reference_path('official_fixtures', f'{request.param}_io.pt'), map_location='cpu',
-                  weights_only=False)
+                  weights_only=True)
   return models.VelocityField(net), io
 
 

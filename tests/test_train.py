@@ -44,7 +44,7 @@ def test_main_trains_and_writes_both_checkpoint_kinds(tiny_run):
   assert snapshot.is_file()
   assert sorted(os.listdir(workdir / 'checkpoints-meta')) == [f'checkpoint_{steps - interval}.pth',
                                                               f'checkpoint_{steps}.pth']
-  checkpoint = torch.load(snapshot, map_location='cpu', weights_only=False)
+  checkpoint = torch.load(snapshot, map_location='cpu', weights_only=True)
   assert {'optimizer', 'model', 'ema', 'step', 'rng', 'config'} <= set(checkpoint)
   assert checkpoint['step'] == steps
   assert all(key.startswith('module.') for key in checkpoint['model'])
@@ -77,7 +77,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
   run_lib.train(tiny_digits_config(n_iters=2, snapshot_freq=100, snapshot_freq_for_preemption=2),
                 str(tmp_path / 'b'))
   first_half = torch.load(tmp_path / 'b' / 'checkpoints-meta' / 'checkpoint_2.pth', map_location='cpu',
-                          weights_only=False)
+                          weights_only=True)
   assert first_half['step'] == 2
   resumed = run_lib.train(tiny_digits_config(n_iters=4, snapshot_freq=100, snapshot_freq_for_preemption=2),
                           str(tmp_path / 'b'))
@@ -96,7 +96,7 @@ def test_resume_starts_from_the_saved_weights(tmp_path):
   workdir = str(tmp_path / 'c')
   run_lib.train(tiny_digits_config(n_iters=2, snapshot_freq=100, snapshot_freq_for_preemption=2), workdir)
   saved = torch.load(os.path.join(workdir, 'checkpoints-meta', 'checkpoint_2.pth'), map_location='cpu',
-                     weights_only=False)
+                     weights_only=True)
   # Same n_iters: the restarted run resumes at step 2, trains nothing and keeps the saved weights.
   state = run_lib.train(tiny_digits_config(n_iters=2, snapshot_freq=100, snapshot_freq_for_preemption=2), workdir)
   assert state['step'] == 2
@@ -117,7 +117,7 @@ def test_mixed_precision_trains_with_fp32_state_and_resumes_exactly(tmp_path, pr
   assert all(s.dtype == torch.float32 for s in uninterrupted['ema'].shadow_params)
   records = [json.loads(line) for line in (tmp_path / 'a' / 'metrics.jsonl').read_text().splitlines()]
   assert all(torch.isfinite(torch.tensor(r['training_loss'])) for r in records if 'training_loss' in r)
-  saved = torch.load(tmp_path / 'a' / 'checkpoints-meta' / 'checkpoint_4.pth', map_location='cpu', weights_only=False)
+  saved = torch.load(tmp_path / 'a' / 'checkpoints-meta' / 'checkpoint_4.pth', map_location='cpu', weights_only=True)
   assert ('grad_scaler' in saved) == (precision == 'fp16')
   run_lib.train(config(2), str(tmp_path / 'b'))
   resumed = run_lib.train(config(4), str(tmp_path / 'b'))

@@ -1,7 +1,7 @@
 PYTHON ?= python3
 DEMO_WORKDIR ?= logs/digits_demo
 
-.PHONY: install install-dev demo test benchmark
+.PHONY: install install-dev demo test benchmark mutation-check
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -19,3 +19,7 @@ test: install-dev
 benchmark: install
 	$(PYTHON) benchmarks/train_step.py
 	$(PYTHON) benchmarks/sampling.py --quick
+
+# Seeds known faults into copies of the tree and checks that the tests catch each (not part of `make test`).
+mutation-check: install-dev
+	$(PYTHON) -m tests.mutation_check

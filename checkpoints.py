@@ -197,8 +197,10 @@ def save_checkpoint(path, state, config=None, data_generator=None, path_generato
   extra = {'grad_scaler': scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
   optimizer_state = state['optimizer'].state_dict()
   for group in optimizer_state['param_groups']:  # As an eager run writes them (cuda_graphs.GraphedTrainStep).
+    scheduled_lr = group.pop('scheduled_lr', None)  # The exact lr of a graph-captured update's float32 device lr.
     if isinstance(group['lr'], torch.Tensor):  # A graph-captured update's device lr, with capture enabled.
-      group['lr'], group['capturable'] = float(group['lr']), False
+      group['lr'] = float(group['lr']) if scheduled_lr is None else scheduled_lr
+      group['capturable'] = False
   with atomic_files.atomic_open(path) as handle:
     torch.save({
         **extra,

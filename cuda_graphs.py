@@ -189,6 +189,7 @@ class GraphedTrainStep:
     # memory): warm-up updates and replays then use the same lr, bit for bit, also across a resume.
     for group in optimizer.param_groups:
       if not isinstance(group['lr'], torch.Tensor):
+        group['scheduled_lr'] = float(group['lr'])  # What checkpoints store (the tensor holds its float32 rounding).
         group['lr'] = torch.tensor(float(group['lr']), dtype=torch.float32, device=group['params'][0].device)
 
   def __call__(self, state, micro_batches):

@@ -144,19 +144,21 @@ def draw_noise_and_times(flow, x1, generator=None, global_batch=None, rows=slice
   return noise, times[rows], drops
 
 
-def get_loss_fn(config, flow, reflow=False, lpips_model=None):
+def get_loss_fn(config, flow, reflow=False, lpips_model=None, times_fn=None):
   """``loss_fn(x0, x1, generator=None, global_batch=None, rows=slice(None), labels=None, train=True) -> scalar``.
 
   x0 is None for 1-RF training (noise is drawn), a pair otherwise; ``labels`` (B,) condition a class-conditional
   flow, after label dropout when ``train``. The noise and times are drawn from ``generator``
   for a global batch of ``global_batch`` of which ``x1`` holds ``rows`` (``draw_noise_and_times``). Reflow stages
   take their time schedule and loss from ``config.reflow``: 'l2' is the flow's own loss on the pairs, 'lpips' the
-  LPIPS between the one-step estimate X1_hat = X_t + (1 - t) v and X1, 'lpips+l2' their sum.
+  LPIPS between the one-step estimate X1_hat = X_t + (1 - t) v and X1, 'lpips+l2' their sum. ``times_fn(size,
+  device, generator)``, where given, replaces the time distribution of 1-RF training (a seam for replaying given
+  times, as tests/test_training_parity.py does).
   """
   if not reflow:
 
     def flow_loss(x0, x1, generator=None, global_batch=None, rows=slice(None), labels=None, train=True):
-      noise, times, drops = draw_noise_and_times(flow, x1, generator, global_batch, rows, labels=labels, train=train)
+      noise, times, drops = draw_noise_and_times(flow, x1, generator, global_batch, rows, times_fn, labels, train)
       return flow(x1, noise=noise if x0 is None else x0, times=times, labels=labels, label_drops=drops)
 
     return flow_loss
@@ -231,6 +233,7 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.
     for group in optimizer.param_groups:
       if isinstance(group['lr'], torch.Tensor):
         group['lr'].fill_(lr)
+        group['scheduled_lr'] = lr  # The exact value, for checkpoints: the device lr is its float32 rounding.
       else:
         group['lr'] = lr
 

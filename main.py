@@ -27,8 +27,7 @@ def log_to_file(path):
   """Sends log records to ``path`` as well as to stderr."""
   handler = logging.StreamHandler(open(path, 'a', encoding='utf-8'))
   handler.setFormatter(logging.Formatter('%(levelname)s %(asctime)s %(filename)s:%(lineno)d] %(message)s'))
-  absl_logger = absl_logging.get_absl_logger()
-  absl_logger.addHandler(handler)
+  logging.getLogger().addHandler(handler)  # The root logger: the framework's records and absl's (which propagate).
 
 
 def main(argv):

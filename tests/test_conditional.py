@@ -165,8 +165,16 @@ def test_conditional_reflow_keeps_the_labels_of_the_guided_teacher_pairs():
   reflow = Reflow(teacher, batch_size=6, teacher_steps=4, teacher_guidance_scale=2.0)
   noise, labels = torch.randn(6, 2), torch.tensor([0, 1, 2, 2, 1, 0])
   x0, x1, pair_labels = reflow.generate_pairs(noise=noise, labels=labels)
-  expected = reflow.frozen_model.sample(noise=noise, labels=labels, guidance_scale=2.0, steps=4)
-  assert torch.equal(x0, noise) and torch.equal(pair_labels, labels) and torch.equal(x1, expected)
+  # The teacher's guided Euler solve written out: 4 steps of 1/4 from t = 0, v = v_null + 2 (v_cond - v_null) with
+  # v_null the exact velocity of the null class (label 3).
+  exact, null = ExactClassVelocity(), torch.full((6,), 3)
+  expected = noise.clone()
+  for i in range(4):
+    t = torch.full((6,), i / 4)
+    v_cond, v_null = exact(expected, t, labels), exact(expected, t, null)
+    expected = expected + (v_null + 2.0 * (v_cond - v_null)) / 4
+  assert torch.equal(x0, noise) and torch.equal(pair_labels, labels)
+  torch.testing.assert_close(x1, expected, atol=1e-5, rtol=0)
   _, _, drawn = reflow.generate_pairs(batch_size=300)
   assert drawn.shape == (300,) and set(drawn.tolist()) == {0, 1, 2}
   student = reflow.model.model

@@ -1,27 +1,37 @@
 """torchrun with 2 CPU processes (gloo) gives what 1 process gives: the same training, pairs and eval samples."""
+import contextlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
+import checkpoints
 from tests import fault_injection
 
 REPO_ROOT = fault_injection.REPO_ROOT
 STEPS = 3
 
 
+def torchrun_command(workdir, mode, overrides, processes, launcher_flags=()):
+  """main.py under torchrun (``processes`` >= 1) with --device=cpu (gloo), also where GPUs are visible: the
+  comparisons below are of CPU arithmetic."""
+  return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={processes}',
+          *launcher_flags, os.path.join(REPO_ROOT, 'main.py'), f'--config={fault_injection.DIGITS_CONFIG}',
+          f'--workdir={workdir}', f'--mode={mode}', '--device=cpu', *overrides]
+
+
 def launch(workdir, mode, overrides, processes, check=True):
-  """main.py under torchrun (``processes`` >= 1) with --device=cpu (gloo), one thread per process, also where GPUs
-  are visible: the comparisons below are of CPU arithmetic."""
-  command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={processes}',
-             os.path.join(REPO_ROOT, 'main.py'), f'--config={fault_injection.DIGITS_CONFIG}', f'--workdir={workdir}',
-             f'--mode={mode}', '--device=cpu', *overrides]
+  """Runs ``torchrun_command`` to its end, one thread per process."""
   environment = {**os.environ, 'OMP_NUM_THREADS': '1'}
-  result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=environment)
+  result = subprocess.run(torchrun_command(workdir, mode, overrides, processes), cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=600, env=environment)
   if check:
     assert result.returncode == 0, result.stderr[-4000:]
   return result
@@ -84,6 +94,80 @@ def test_an_uneven_split_is_a_clear_error(tmp_path):
                   processes=2, check=False)
   assert result.returncode != 0
   assert 'training.batch_size=6 must split evenly over 2 processes x training.grad_accum_steps=2' in result.stderr
+
+
+def worker_pids(launcher_pid):
+  """{rank: pid} of the processes that torchrun ``launcher_pid`` started, read from /proc (Linux)."""
+  pids = {}
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f'/proc/{entry}/stat', encoding='utf-8') as handle:
+        parent = int(handle.read().rsplit(')', 1)[1].split()[1])  # The field after the state.
+      if parent != launcher_pid:
+        continue
+      with open(f'/proc/{entry}/environ', 'rb') as handle:
+        environment = dict(item.split(b'=', 1) for item in handle.read().split(b'\0') if b'=' in item)
+    except OSError:  # A process that ended meanwhile.
+      continue
+    if b'RANK' in environment:
+      pids[int(environment[b'RANK'])] = int(entry)
+  return pids
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc'), reason="finds torchrun's workers in /proc")
+def test_sigterm_to_one_process_stops_every_process_after_the_same_update(tmp_path):
+  """README: SIGTERM stops all processes after the same update; they agree on it every training.log_freq updates.
+  SIGTERM reaches rank 1 alone, the extreme case of a signal that reaches the processes at different moments (torchrun
+  forwards its own SIGTERM to every rank, one after the other): rank 0, never signalled, stops after the same update,
+  a multiple of log_freq, and writes its checkpoint."""
+  log_freq, workdir, rank_logs = 2, tmp_path / 'run', tmp_path / 'rank_logs'
+  overrides = train_overrides(**{'training.n_iters': '1000', 'training.snapshot_freq': '1000',
+                                 'training.log_freq': str(log_freq)})
+  command = torchrun_command(workdir, 'train', overrides, processes=2,
+                             launcher_flags=[f'--log-dir={rank_logs}', '--redirects=3'])  # Each rank's own log.
+  with open(tmp_path / 'torchrun.log', 'w', encoding='utf-8') as log:
+    launcher = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    try:
+      deadline = time.monotonic() + 300
+      while not fault_injection.logged_losses(workdir):  # The training loop runs.
+        assert launcher.poll() is None, (tmp_path / 'torchrun.log').read_text()[-3000:]
+        assert time.monotonic() < deadline, 'timed out waiting for the first logged update'
+        time.sleep(0.01)
+      os.kill(worker_pids(launcher.pid)[1], signal.SIGTERM)
+      deadline = time.monotonic() + 120
+      while launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+      assert launcher.poll() is not None, 'the processes did not all stop within 120 s of the SIGTERM to rank 1'
+    finally:
+      if launcher.poll() is None:  # The workers first: each runs in its own session and would outlive torchrun.
+        for pid in worker_pids(launcher.pid).values():
+          with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        launcher.kill()
+        launcher.wait()
+  launcher_output = (tmp_path / 'torchrun.log').read_text()
+  stopped_after = {}
+  for rank in (0, 1):
+    (path,) = rank_logs.glob(f'*/attempt_0/{rank}/stderr.log')  # --redirects: the rank's stderr, i.e. its log.
+    output = path.read_text()
+    assert 'Traceback' not in output, output[-3000:]
+    stopped_after[rank] = [int(step) for step in re.findall(r'SIGTERM received: stopped after update (\d+)', output)]
+  assert len(stopped_after[0]) == 1 and stopped_after[0] == stopped_after[1], stopped_after
+  step = stopped_after[0][0]
+  assert step % log_freq == 0
+  newest = checkpoints.preemption_checkpoints(str(workdir))[0]
+  assert newest.endswith(f'checkpoint_{step}.pth')
+  assert torch.load(newest, map_location='cpu', weights_only=True)['step'] == step
+  assert max(fault_injection.logged_losses(workdir)) == step  # Nothing after the saved update was trained.
+  # torchrun reports the exit codes of its failed workers: rank 1 exited with 128 + SIGTERM. Rank 0 does too, unless
+  # torchrun, having seen rank 1 end first, sent it SIGTERM while it was exiting (after its checkpoint): then -15.
+  exit_codes = {int(rank): int(code) for rank, code in
+                re.findall(r'rank\s*: (\d+) \(local_rank: \d+\)\s*exitcode\s*: (-?\d+)', launcher_output)}
+  assert exit_codes[1] == 128 + signal.SIGTERM and exit_codes[0] in (128 + signal.SIGTERM, -signal.SIGTERM), exit_codes
+  assert launcher.returncode != 0  # A stopped run does not look finished to a scheduler.
 
 
 def pair_and_eval_overrides(teacher, data_root):

@@ -1,10 +1,13 @@
 """The GPU-first step, held on the CPU: no host read inside an update, bounded operators per update, device-resident
 data in the loader's order, EMA and Adam skips decided on the device, precision 'auto'."""
+import copy
+
 import pytest
 import torch
 
 import checkpoints
 import cuda_graphs
+import datasets
 import losses
 import run_lib
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as demo_config
@@ -20,8 +23,15 @@ from tests.test_train import tiny_digits_config
 DEMO_OPERATORS_PER_UPDATE = 1900
 
 
+def fixed_batch(config):
+  """The (B, 1, H, W) batch in [-1, 1] that every update of ``step_of`` trains on."""
+  size = config.data.image_size
+  return torch.rand(config.training.batch_size, 1, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
 def step_of(config, nan_data=False):
-  """(state, update) for one update of ``config``'s network on a fixed batch (all NaN with ``nan_data``)."""
+  """(state, update): ``update()`` makes one update of ``config``'s network on a fixed batch, ``update(nan=True)``
+  one on a batch of NaN."""
   device = torch.device('cpu')
   torch.manual_seed(0)
   state = run_lib.build_training_state(config, device)
@@ -29,13 +39,17 @@ def step_of(config, nan_data=False):
   step = losses.get_step_fn(config, losses.get_loss_fn(config, flow), list(state['model'].parameters()),
                             state['optimizer'], state['ema'], train=True, device=device,
                             generator=torch.Generator().manual_seed(0))
-  size = config.data.image_size
-  x1 = torch.rand(config.training.batch_size, 1, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+  x1 = fixed_batch(config)
   micro = config.training.batch_size // config.training.grad_accum_steps
   batches = [(None, x1[i * micro:(i + 1) * micro], slice(i * micro, (i + 1) * micro))
              for i in range(config.training.grad_accum_steps)]
   nan_batches = [(None, torch.full_like(x1, float('nan')), slice(None))]
-  return state, lambda nan=False: step(state, nan_batches if nan else batches)
+
+  def update(nan=False):
+    return step(state, nan_batches if nan else batches)
+
+  update.train_step = step  # The step function itself, for wrappers of it.
+  return state, update
 
 
 def census_of_one_update(config):
@@ -102,6 +116,48 @@ def test_a_skipped_update_leaves_weights_ema_and_adam_untouched_without_a_host_r
   assert state['ema'].num_updates == 2 and not torch.equal(params[0], next(state['model'].parameters()))
 
 
+def test_updates_are_adam_at_the_warm_up_lr_on_the_gradient_clipped_to_grad_clip():
+  """Three updates of the step function against the same updates computed here: the gradient of the per-sample mean
+  squared error against X1 - X0 at X_t = t X1 + (1 - t) X0 and network time 999 t, with the noise and times drawn
+  as the step draws them, scaled to global norm grad_clip (its norm is over 10 times that here), then Adam at the
+  warm-up lr of each update: 0, lr / 2, lr."""
+  config = tiny_digits_config()
+  config.model.dropout = 0.0  # No dropout draws to replay here.
+  config.optim.grad_clip = 0.1
+  assert config.optim.warmup == 2 and config.optim.weight_decay == 0.0
+  state, update = step_of(config)
+  net = copy.deepcopy(state['model']).train()
+  beta1, beta2, eps, clip = config.optim.beta1, 0.999, config.optim.eps, config.optim.grad_clip
+  x1, generator, time_eps = fixed_batch(config), torch.Generator().manual_seed(0), config.training.time_eps
+  # Float64 weights and Adam moments of two runs by hand: with the clip (the expectation) and without it (to show
+  # that the clip changes the result by far more than the tolerance).
+  weights = {clipped: [p.detach().double() for p in net.parameters()] for clipped in (True, False)}
+  moments = {clipped: [(torch.zeros_like(p), torch.zeros_like(p)) for p in weights[clipped]] for clipped in weights}
+  for k, lr in enumerate([0.0, config.optim.lr / 2, config.optim.lr], start=1):
+    update()
+    noise = torch.randn(x1.shape, generator=generator)  # (B, 1, H, W)
+    t = torch.rand(x1.shape[0], generator=generator) * (1.0 - time_eps) + time_eps  # (B,)
+    x_t = t[:, None, None, None] * x1 + (1.0 - t[:, None, None, None]) * noise
+    for clipped in (True, False):
+      with torch.no_grad():
+        for param, weight in zip(net.parameters(), weights[clipped]):
+          param.copy_(weight)
+      loss = (net(x_t, t * 999.0) - (x1 - noise)).square().flatten(1).mean(dim=1).mean()
+      grads = [g.double() for g in torch.autograd.grad(loss, list(net.parameters()))]
+      norm = torch.sqrt(sum(g.square().sum() for g in grads))
+      assert norm > 10 * clip
+      scale = min(1.0, clip / (float(norm) + 1e-6)) if clipped else 1.0
+      for index, g in enumerate(grads):
+        m, v = moments[clipped][index]
+        m, v = beta1 * m + (1 - beta1) * scale * g, beta2 * v + (1 - beta2) * (scale * g).square()
+        moments[clipped][index] = m, v
+        weights[clipped][index] = weights[clipped][index] - lr * (m / (1 - beta1 ** k)) / (
+            torch.sqrt(v / (1 - beta2 ** k)) + eps)
+  for actual, expected in zip(state['model'].parameters(), weights[True]):  # To float32 rounding (1.2e-7 at 1).
+    torch.testing.assert_close(actual.detach().double(), expected, rtol=torch.finfo(torch.float32).eps, atol=1e-7)
+  assert max(float((a - b).abs().max()) for a, b in zip(weights[True], weights[False])) > 1e-5
+
+
 def test_ema_update_flag_applies_or_skips_exactly():
   params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
   ema, reference = ExponentialMovingAverage(params, 0.9), ExponentialMovingAverage(params, 0.9)
@@ -157,13 +213,73 @@ def test_training_on_resident_data_equals_training_on_the_loader(tmp_path):
   assert all(torch.equal(a, b) for a, b in zip(final_weights(True), final_weights(False)))
 
 
-def test_precision_auto_is_bf16_exactly_where_the_cpu_has_native_bf16():
+def test_training_sets_past_device_resident_max_gb_fall_back_to_the_loader_and_train_the_same(tmp_path, monkeypatch,
+                                                                                             caplog):
+  """The 1,617 training digits (16x16, upscaled: float32 values, 4 bytes each) with data.device_resident_max_gb just
+  above their size are held on the device; just below it they are loaded, found too large as float32 and handed
+  to the loader; below their size at one byte per value they go to the loader before loading. Each fallback is
+  logged, and all three runs train the same weights."""
+  resident_runs = []
+
+  def recording_resident_batches(*args, **kwargs):
+    resident_runs.append(ResidentBatches(*args, **kwargs))
+    return resident_runs[-1]
+
+  monkeypatch.setattr(datasets, 'ResidentBatches', recording_resident_batches)
+  values = (1797 - 180) * 16 * 16  # Every tenth digit is held out.
+
+  def run(max_gb):
+    config = tiny_digits_config(n_iters=2, snapshot_freq=100, snapshot_freq_for_preemption=2, snapshot_sampling=False)
+    config.data.device_resident_max_gb = max_gb
+    caplog.clear()
+    with caplog.at_level('INFO'):
+      state = run_lib.train(config, str(tmp_path / str(max_gb)))
+    return [p.detach() for p in state['model'].parameters()], caplog.text
+
+  resident, log = run(4 * values * 1.01e-9)
+  assert len(resident_runs) == 1 and 'using the data loader' not in log
+  loaded_then_refused, log = run(4 * values * 0.99e-9)
+  assert len(resident_runs) == 1
+  assert f'as torch.float32) exceed data.device_resident_max_gb={4 * values * 0.99e-9:g}: using the data loader' in log
+  refused, log = run(values * 0.99e-9)
+  assert len(resident_runs) == 1
+  assert f'as uint8) exceed data.device_resident_max_gb={values * 0.99e-9:g}: using the data loader' in log
+  assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(resident, loaded_then_refused, refused))
+
+
+@pytest.mark.parametrize('avx512_bf16, amx, expected', [(False, False, 'fp32'), (True, False, 'bf16'),
+                                                       (False, True, 'bf16'), (True, True, 'bf16')])
+def test_precision_auto_is_bf16_exactly_on_cpus_with_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, expected):
+  """'auto' on CPUs with and without the instructions (faked): bf16 autocast where either is present, fp32 without;
+  an explicit precision is kept whatever the CPU."""
+  monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx512_bf16)
+  monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx)
   config = tiny_digits_config()
   config.training.precision = 'auto'
   cpu = torch.device('cpu')
-  assert losses.resolve_precision(config, cpu) == ('bf16' if losses.native_bf16(cpu) else 'fp32')
-  config.training.precision = 'fp32'
-  assert losses.resolve_precision(config, cpu) == 'fp32'
+  assert losses.resolve_precision(config, cpu) == expected
+  context = losses.autocast(config, cpu)
+  assert (isinstance(context, torch.autocast) and context.fast_dtype == torch.bfloat16) == (expected == 'bf16')
+  for explicit in ('fp32', 'bf16', 'fp16'):
+    config.training.precision = explicit
+    assert losses.resolve_precision(config, cpu) == explicit
+
+
+@pytest.mark.parametrize('capability, native', [((7, 0), False), ((8, 0), True), ((9, 0), True)])
+def test_precision_auto_is_fp32_on_every_cuda_gpu(monkeypatch, capability, native):
+  """'auto' stays fp32 on CUDA, also on GPUs with native bf16 (compute capability 8.0 on, faked here: no GPU is
+  touched), and on the CPU of such a machine when the CPU lacks native bf16."""
+  monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
+  monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)
+  monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False)
+  config = tiny_digits_config()
+  config.training.precision = 'auto'
+  cuda = torch.device('cuda', 0)
+  assert losses.native_bf16(cuda) is native
+  assert losses.resolve_precision(config, cuda) == 'fp32'
+  assert losses.resolve_precision(config, torch.device('cpu')) == 'fp32'
+  config.training.precision = 'bf16'
+  assert losses.resolve_precision(config, cuda) == 'bf16'
 
 
 def test_sample_grid_steps_write_an_early_grid(tmp_path):
@@ -208,15 +324,26 @@ def test_an_update_reading_its_lr_from_a_tensor_equals_one_with_a_float_lr():
 
 
 def test_a_checkpoint_of_a_captured_optimizer_stores_its_lr_and_capture_flag_as_an_eager_run(tmp_path):
+  """After two warm-up updates (lr 0, then lr / 2 > 0) the optimiser of a graph-captured run, whose lr is a device
+  tensor from GraphedTrainStep's construction on and whose groups are capturable from the capture on, is saved as
+  that of the eager run: the same lr, as a Python float, and capturable False."""
   config = tiny_digits_config()
-  state, update = step_of(config)
-  update()
-  eager_groups = state['optimizer'].state_dict()['param_groups']
-  for group in state['optimizer'].param_groups:  # What GraphedTrainStep sets at its capture.
-    group['lr'], group['capturable'] = torch.tensor(float(group['lr'])), True
-  checkpoints.save_checkpoint(str(tmp_path / 'c.pth'), state, config)
+  eager, update_eager = step_of(config)
+  captured, update = step_of(config)
+  cuda_graphs.GraphedTrainStep(update.train_step, captured['optimizer'])
+  assert isinstance(captured['optimizer'].param_groups[0]['lr'], torch.Tensor)
+  for run in (update_eager, update):  # The eager updates before a capture.
+    torch.manual_seed(5)  # Dropout draws from the global generator.
+    for _ in range(2):
+      run()
+  for group in captured['optimizer'].param_groups:  # What GraphedTrainStep sets at its capture.
+    group['capturable'] = True
+  eager_groups = eager['optimizer'].state_dict()['param_groups']
+  assert eager_groups[0]['lr'] == 0.0005 and config.optim.lr == 1e-3 and config.optim.warmup == 2
+  checkpoints.save_checkpoint(str(tmp_path / 'c.pth'), captured, config)
   saved = torch.load(tmp_path / 'c.pth', weights_only=True)['optimizer']['param_groups']
-  assert saved == eager_groups and isinstance(saved[0]['lr'], float)
+  assert isinstance(saved[0]['lr'], float) and saved[0]['lr'] == eager_groups[0]['lr']
+  assert saved == eager_groups
 
 
 def test_cuda_graph_on_the_cpu_trains_eagerly_and_says_why(tmp_path, caplog):

@@ -4,6 +4,9 @@ import torch
 from torch import nn
 
 import evaluation
+import losses
+from configs.default_cifar10_configs import get_default_configs
+from models import ExponentialMovingAverage
 from rectified_flow_pytorch import RectifiedFlow, flow, solvers
 
 
@@ -32,6 +35,68 @@ def test_loss_is_zero_for_the_oracle_velocity_of_a_straight_coupling():
   # A wrong velocity has a clearly non-zero loss (the test can fail).
   rf_wrong = RectifiedFlow(AffineCouplingOracle(2.0, b))
   assert rf_wrong(x1, noise=x0).item() > 1e-2
+
+
+class ConstantVelocity(nn.Module):
+  """v(x, t) = c for every x and t, c a learnable (1, C, H, W) tensor: the loss of a pair then needs no time."""
+
+  def __init__(self, c):
+    super().__init__()
+    self.c = nn.Parameter(c.clone())
+
+  def forward(self, x, times):
+    return self.c.expand_as(x)
+
+
+# Sample b's velocity X1 - X0 differs from c by +-AMPLITUDES[b] in each pixel: its squared error is a_b^2 in every one
+# of the PIXELS of a (2, 4, 4) sample, so the per-sample mean is a_b^2 and the sum PIXELS a_b^2.
+AMPLITUDES = (0.5, 1.0, 2.0, 3.0)
+PIXELS = 2 * 4 * 4
+MEAN_OF_SQUARES = (0.25 + 1.0 + 4.0 + 9.0) / 4
+
+
+def pairs_with_known_errors(c, dtype=torch.float64):
+  """(x0, x1, signs): X1 = X0 + c + signs * a_b, with random X0 and random signs in {-1, 1}."""
+  generator = torch.Generator().manual_seed(3)
+  x0 = torch.randn(len(AMPLITUDES), *c.shape[1:], generator=generator, dtype=dtype)
+  signs = torch.randint(0, 2, x0.shape, generator=generator).to(dtype) * 2 - 1
+  amplitudes = torch.tensor(AMPLITUDES, dtype=dtype).reshape(-1, 1, 1, 1)
+  return x0, x0 + c + signs * amplitudes, signs
+
+
+def test_mse_loss_is_the_batch_mean_of_each_samples_pixel_mean_or_sum():
+  c = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+  x0, x1, _ = pairs_with_known_errors(c)
+  times = torch.tensor([0.1, 0.4, 0.7, 1.0], dtype=torch.float64)
+  published = RectifiedFlow(ConstantVelocity(c))  # loss_reduction='mean' by default, as published.
+  torch.testing.assert_close(published.per_sample_loss(x1, noise=x0, times=times),
+                             torch.tensor([a * a for a in AMPLITUDES], dtype=torch.float64))
+  assert published(x1, noise=x0, times=times).item() == pytest.approx(MEAN_OF_SQUARES, rel=1e-12)
+  summed = RectifiedFlow(ConstantVelocity(c), loss_reduction='sum')
+  assert summed(x1, noise=x0, times=times).item() == pytest.approx(PIXELS * MEAN_OF_SQUARES, rel=1e-12)
+
+
+@pytest.mark.parametrize('reduce_mean, per_pixel', [(True, 1 / PIXELS), (False, 1.0)], ids=['mean', 'sum'])
+def test_the_training_steps_loss_and_gradient_follow_training_reduce_mean(reduce_mean, per_pixel):
+  """One update of losses.get_step_fn on pairs (two micro-batches of 2): the loss it returns is
+  mean_b mean_pixels (v - (X1 - X0))^2 with training.reduce_mean, mean_b sum_pixels without, and the gradient
+  of c is that of the same loss: d/dc = 2 mean_b (c - (X1 - X0)) per_pixel = -2 mean_b (signs a_b) per_pixel."""
+  config = get_default_configs()
+  config.training.reduce_mean, config.training.precision = reduce_mean, 'fp32'
+  config.training.batch_size, config.optim.grad_clip = len(AMPLITUDES), -1.0  # No clipping: the raw gradient.
+  c = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(2))
+  net = ConstantVelocity(c)
+  flow_ = losses.build_rectified_flow(config, net)
+  params = list(net.parameters())
+  step = losses.get_step_fn(config, losses.get_loss_fn(config, flow_), params, losses.get_optimizer(config, params),
+                            ExponentialMovingAverage(params, decay=config.model.ema_rate), train=True,
+                            generator=torch.Generator().manual_seed(0))
+  x0, x1, signs = pairs_with_known_errors(c, torch.float32)
+  micro_batches = [(x0[:2], x1[:2], slice(0, 2)), (x0[2:], x1[2:], slice(2, 4))]
+  loss = step({'model': net, 'step': 0}, micro_batches)
+  assert loss.item() == pytest.approx(MEAN_OF_SQUARES * PIXELS * per_pixel, rel=1e-5)
+  amplitudes = torch.tensor(AMPLITUDES).reshape(-1, 1, 1, 1)
+  torch.testing.assert_close(net.c.grad, -2 * (signs * amplitudes).mean(0, keepdim=True) * per_pixel)
 
 
 def test_interpolation_and_target_match_eq_1():

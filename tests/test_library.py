@@ -9,7 +9,43 @@ from rectified_flow_pytorch import RectifiedFlow, Reflow, flow, solvers
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The two usage snippets of the seed document, verbatim.
+# The two usage snippets of the seed document, verbatim, then checked against closed forms. The snippets' model, a
+# 1x1 convolution without a time input, is the linear field v(x) = W x + b on each pixel's 3 channels: N Euler steps
+# x <- (I + W/N) x + b/N take X0 to A X0 + c, and the loss of X_t = t X1 + (1 - t) X0 is quadratic in the noise.
+
+def conv_field(model):
+  """(W (3, 3), b (3,)) of a 1x1 convolution, in float64."""
+  return model.weight.detach()[:, :, 0, 0].double(), model.bias.detach().double()
+
+
+def euler_end_map(weight, bias, steps):
+  """(A, c): ``steps`` Euler steps of dx/dt = W x + b over [0, 1] take x0 to A x0 + c."""
+  step = torch.eye(len(bias), dtype=torch.float64) + weight / steps
+  a, c = torch.eye(len(bias), dtype=torch.float64), torch.zeros_like(bias)
+  for _ in range(steps):
+    a, c = step @ a, step @ c + bias / steps
+  return a, c
+
+
+def assert_pixels_are_gaussian(images, mean, covariance, standard_errors=5):
+  """The pixels of (B, C, H, W) ``images`` are B H W draws of N(mean, covariance) over the channels: their
+  empirical channel mean and covariance lie within ``standard_errors`` standard errors of the closed form."""
+  pixels = images.transpose(0, 1).flatten(1).double()  # (C, B H W)
+  count, variance = pixels.shape[1], covariance.diagonal()
+  assert ((pixels.mean(1) - mean).abs() <= standard_errors * (variance / count).sqrt()).all(), (pixels.mean(1), mean)
+  covariance_error = ((variance[:, None] * variance[None, :] + covariance ** 2) / count).sqrt()
+  assert ((torch.cov(pixels) - covariance).abs() <= standard_errors * covariance_error).all(), (
+      torch.cov(pixels), covariance)
+
+
+def range_over_times(loss_at, eps=1e-3):
+  """(min, max) of ``loss_at(t)`` over the training times t in [eps, 1]."""
+  values = [loss_at(t) for t in torch.linspace(eps, 1.0, 1001, dtype=torch.float64).tolist()]
+  return min(values), max(values)
+
+
+LOSS_NOISE = 0.03  # Over 3 x 256 x 256 values per sample, a loss strays up to about 1% from its expectation.
+
 
 def test_seed_snippet_rectified_flow():
   model = nn.Conv2d(3, 3, 1)
@@ -19,6 +55,23 @@ def test_seed_snippet_rectified_flow():
   loss.backward()
   sampled = rectified_flow.sample()
   assert sampled.shape[1:] == images.shape[1:]
+  # The loss is the mean over pixels and channels of |v(X_t) - (X1 - X0)|^2 at one t, X0 ~ N(0, I): the residual
+  # (t W - I) X1 + b + ((1 - t) W + I) X0 has expectation |(t W - I) X1 + b|^2 + ||(1 - t) W + I||_F^2 per pixel.
+  weight, bias = conv_field(model)
+  x1 = images[0].flatten(1).double()  # (3, 256 256)
+  second_moment, first_moment, identity = x1 @ x1.T / x1.shape[1], x1.mean(1), torch.eye(3, dtype=torch.float64)
+
+  def expected_loss(t):
+    data_part, noise_part = t * weight - identity, (1 - t) * weight + identity
+    return ((data_part @ second_moment @ data_part.T).trace() + 2 * bias @ data_part @ first_moment + bias @ bias
+            + noise_part.square().sum()).item() / 3
+
+  low, high = range_over_times(expected_loss)
+  assert low * (1 - LOSS_NOISE) <= loss.item() <= high * (1 + LOSS_NOISE), (loss.item(), low, high)
+  assert model.weight.grad is not None and model.weight.grad.abs().sum() > 0
+  # sample() takes 16 Euler steps (its default) from X0 ~ N(0, I): each pixel is N(c, A A^T).
+  end, offset = euler_end_map(weight, bias, steps=16)
+  assert_pixels_are_gaussian(sampled, offset, end @ end.T)
 
 
 def test_seed_snippet_reflow():
@@ -37,6 +90,31 @@ def test_seed_snippet_reflow():
   assert all(p.grad is None and not p.requires_grad for p in reflow.frozen_model.parameters())
   again = Reflow(reflow.model)
   again().backward()
+  # The teacher's pairs are its 20 Euler steps (Reflow's default) from X0: X1 = A X0 + c on each pixel.
+  weight, bias = conv_field(model)
+  end, offset = euler_end_map(weight, bias, steps=20)
+  x0, x1 = reflow.generate_pairs(batch_size=2)
+  expected = torch.einsum('ij,bjhw->bihw', end, x0.double()) + offset[None, :, None, None]
+  torch.testing.assert_close(x1.double(), expected, rtol=1e-5, atol=1e-5)
+  # The reflow loss: the student (still the teacher's weights) on those pairs, X_t = (t A + (1 - t) I) X0 + t c, has
+  # the residual (W (t A + (1 - t) I) - (A - I)) X0 + t W c + b - c: its expectation per pixel is the squared
+  # Frobenius norm of that matrix plus the square of that vector. Each of the 16 pairs has its own t.
+  identity = torch.eye(3, dtype=torch.float64)
+
+  def expected_loss(t):
+    noise_part = weight @ (t * end + (1 - t) * identity) - (end - identity)
+    constant = t * weight @ offset + bias - offset
+    return (noise_part.square().sum() + constant @ constant).item() / 3
+
+  low, high = range_over_times(expected_loss)
+  assert low * (1 - LOSS_NOISE) <= reflow_loss.item() <= high * (1 + LOSS_NOISE), (reflow_loss.item(), low, high)
+  # sample() is the student's: 16 Euler steps of the same field.
+  end16, offset16 = euler_end_map(weight, bias, steps=16)
+  assert_pixels_are_gaussian(sampled, offset16, end16 @ end16.T)
+  # The teacher is a copy: changing the student leaves its pairs as they were.
+  with torch.no_grad():
+    model.weight.mul_(-1.0)
+  torch.testing.assert_close(reflow.generate_pairs(noise=x0)[1], x1)
 
 
 def test_reflow_pairs_are_the_teachers_ode_solutions():

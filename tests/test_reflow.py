@@ -180,34 +180,95 @@ def test_reflow_training_runs_in_the_shared_loop_and_resumes(teacher, tmp_path, 
 # ---------------------------------------------------------------------------------------------------------------
 # LPIPS.
 
-def test_reflow_lpips_loss_is_the_lpips_package_on_the_one_step_estimate():
+def test_reflow_lpips_losses_are_the_lpips_package_on_the_one_step_estimate_plus_the_l2_term():
   import lpips
   import torch.nn.functional as F
 
   torch.manual_seed(0)
   lpips_model = losses.build_lpips(random_backbone=True)
   config = tiny_digits_config()
+  config.model.init_scale = 1.0  # Not the published near-zero output layer: v enters both terms visibly.
   config.reflow.reflow_t_schedule = 't0'
-  config.reflow.reflow_loss = 'lpips'
-  net = run_lib.create_model(config)
+  net = run_lib.create_model(config).eval()  # No dropout: the loss and the reference see the same network.
   flow = losses.build_rectified_flow(config, net)
-  loss_fn = losses.get_loss_fn(config, flow, reflow=True, lpips_model=lpips_model)
   z0, z1 = torch.randn(2, 1, 16, 16), torch.rand(2, 1, 16, 16) * 2 - 1
+  ours = {}
   with torch.no_grad():
-    ours = loss_fn(z0, z1)
+    for name in ('lpips', 'lpips+l2'):
+      config.reflow.reflow_loss = name
+      ours[name] = losses.get_loss_fn(config, flow, reflow=True, lpips_model=lpips_model)(z0, z1)
+    # t = eps for every pair ('t0'): X_t = t z1 + (1 - t) z0, the network sees t * 999, and the one-step estimate
+    # of the data is X1_hat = X_t + (1 - t) v.
     eps = config.training.time_eps
-    t = torch.full((2,), eps)
-    x_t = flow_math.interpolate(z0, z1, t)
-    estimate = x_t + (1 - eps) * flow.velocity(x_t, t)
+    x_t = eps * z1 + (1 - eps) * z0
+    v = net(x_t, torch.full((2,), eps) * 999)
+    estimate = x_t + (1 - eps) * v
 
     def up(x):
       return F.interpolate(x.repeat(1, 3, 1, 1), size=(224, 224), mode='bilinear', align_corners=False)
 
     reference = lpips.LPIPS(net='vgg', pnet_rand=True, verbose=False)
     reference.net.load_state_dict(lpips_model.net.state_dict())  # The same random backbone.
-    expected = reference(up(estimate), up(z1)).mean()
-  torch.testing.assert_close(ours, expected)
-  assert ours > 0
+    perceptual = reference(up(estimate), up(z1)).reshape(-1)  # (2,)
+    l2 = (v - (z1 - z0)).square().flatten(1).mean(1)  # (2,) the per-sample mean squared error (reduce_mean)
+  torch.testing.assert_close(ours['lpips'], perceptual.mean())
+  torch.testing.assert_close(ours['lpips+l2'], (perceptual + l2).mean())
+  assert perceptual.min() > 0 and l2.min() > 0
+
+
+class RecordingField(torch.nn.Module):
+  """v = a x + s / 999 of the network time s; records the time inputs."""
+
+  def __init__(self):
+    super().__init__()
+    self.a = torch.nn.Parameter(torch.tensor(0.3))
+    self.times = []
+
+  def forward(self, x, times):
+    self.times.append(times.detach().clone())
+    return self.a * x + (times / 999.0).reshape(-1, 1, 1, 1)
+
+
+def test_t1_schedule_trains_every_pair_at_t_1_the_inversion():
+  config = tiny_digits_config()
+  config.reflow.reflow_t_schedule, config.reflow.reflow_loss = 't1', 'l2'
+  field = RecordingField()
+  loss_fn = losses.get_loss_fn(config, losses.build_rectified_flow(config, field), reflow=True)
+  z0, z1 = torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16)
+  with torch.no_grad():
+    loss = loss_fn(z0, z1, generator=torch.Generator().manual_seed(0), global_batch=4)
+  assert len(field.times) == 1 and torch.equal(field.times[0], torch.full((4,), 999.0))  # t = 1 for every pair.
+  # At t = 1, X_t = z1: the flow learns the velocity z1 - z0 at the data, which one Euler step back inverts.
+  expected = (0.3 * z1 + 1.0 - (z1 - z0)).square().flatten(1).mean(1).mean()
+  torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize('pair_format', ['float32', 'compact'])
+def test_pair_shards_are_memory_mapped_and_items_are_their_rows(tmp_path, pair_format):
+  shape, seed = (1, 4, 4), 3
+  settings = {'pair_format': pair_format, 'image_shape': list(shape), 'init_noise_scale': 1.0}
+  writer = reflow_pairs.PairShardWriter(str(tmp_path), seed, settings, total_pairs=5, pairs_per_shard=3)
+  for index in range(writer.num_shards):
+    first, count = writer.shard_range(index)
+    writer.write_shard(index, flow_math.indexed_noise(seed, first, count, shape), torch.randn(count, *shape), nfe=1)
+  pairs = reflow_pairs.PairShards(str(tmp_path), shape)
+  assert len(pairs) == 5
+  for i in range(5):  # Item i is row i % 3 of shard i // 3, as np.load reads it.
+    shard, row = divmod(i, 3)
+    array = np.load(writer.shard_path(shard))
+    z0, z1 = pairs[i]
+    if pair_format == 'float32':  # (2, N, C, H, W)
+      assert torch.equal(z0, torch.from_numpy(array[0, row])) and torch.equal(z1, torch.from_numpy(array[1, row]))
+    else:  # (N, C, H, W) float16 z1; z0 from the seed of pair i.
+      assert torch.equal(z1, torch.from_numpy(array[row].astype(np.float32)))
+      assert torch.equal(z0, flow_math.indexed_noise(seed, i, 1, shape)[0])
+  # Memory-mapped: shard 0 is open, yet a row changed on disk since is read as it is now, not from a copy loaded
+  # when the shard was opened.
+  on_disk = np.load(writer.shard_path(0), mmap_mode='r+')
+  on_disk[(1, 2) if pair_format == 'float32' else 2] = 7.0
+  on_disk.flush()
+  del on_disk
+  assert torch.all(pairs[2][1] == 7.0)
 
 
 def test_lpips_weights_offline_is_a_clear_error(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """Runs survive kills, signals, corrupt checkpoints and non-finite losses, and bad input is a clear error."""
+import functools
 import os
 import random
 import signal
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import checkpoints
+import losses
 import models
 import run_lib
 from tests import fault_injection
@@ -123,6 +125,47 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(reference_run, tm
     fault_injection.assert_same_state(final_checkpoint(workdir), final_checkpoint(reference_run))
 
 
+def test_a_second_ctrl_c_stops_at_once_without_finishing_the_update(tmp_path, caplog):
+  """README: after a first Ctrl-C the current update finishes and its checkpoint is written; a second one stops at
+  once (interruption.StopRequests raises KeyboardInterrupt). Real SIGINTs to this process, sent from the network's
+  forward pass: the first in update 2's first micro-batch, the second in its second micro-batch, after the first was
+  handled. Stopping at once is KeyboardInterrupt there: update 2 is not applied and not saved, where a graceful stop
+  would finish it, save checkpoint_2.pth and raise TrainingInterrupted."""
+  config = tiny_digits_config(n_iters=4, snapshot_freq=100, snapshot_freq_for_preemption=1, eval_freq=100,
+                              grad_accum_steps=2)
+  handled = 'SIGINT received: stopping after the current update'
+  run = {'forwards': 0}
+
+  def send_sigint(module, inputs):
+    if not module.training:
+      return
+    run['forwards'] += 1  # Micro-batches of update u: forwards 2u - 1 and 2u.
+    if run['forwards'] == 3:
+      run['after_update_1'] = flat_state(run['state'])
+      os.kill(os.getpid(), signal.SIGINT)
+    elif run['forwards'] == 4:
+      run['first_handled'] = handled in caplog.text  # The training went on after it, as it should.
+      os.kill(os.getpid(), signal.SIGINT)
+
+  def initialize(state):
+    run['state'] = state
+    state['model'].register_forward_pre_hook(send_sigint)
+
+  default_handler = signal.getsignal(signal.SIGINT)
+  with caplog.at_level('WARNING'), pytest.raises(KeyboardInterrupt):
+    run_lib.run_training(config, str(tmp_path), train_batches=functools.partial(run_lib.data_batches, config),
+                         eval_batches=lambda start, device: run_lib.held_out_data_batches(config, start, device),
+                         initialize=initialize)
+  assert signal.getsignal(signal.SIGINT) is default_handler
+  assert run['forwards'] == 4 and run['first_handled'] and caplog.text.count(handled) == 1
+  state = run['state']
+  assert state['step'] == 1  # Update 2 was not finished: nothing of it was applied ...
+  after_update_1, now = run['after_update_1'], flat_state(state)
+  assert all(torch.equal(after_update_1[key], now[key]) for key in after_update_1)
+  assert [os.path.basename(path) for path in checkpoints.preemption_checkpoints(str(tmp_path))] == [
+      'checkpoint_1.pth']  # ... nor saved.
+
+
 def test_fault_injection_loses_nothing(tmp_path):
   """A small run of tests/fault_injection.py (the full one is `python -m tests.fault_injection --kills 50`).
 
@@ -182,6 +225,43 @@ def test_too_many_non_finite_losses_stop_the_run_with_its_last_good_checkpoint_i
   saved = torch.load(tmp_path / 'checkpoints-meta' / 'checkpoint_4.pth', map_location='cpu', weights_only=True)
   assert saved['step'] == 4 and saved['nonfinite_steps'] == 1
   assert all(torch.isfinite(value).all() for value in saved['model'].values() if value.is_floating_point())
+
+
+@pytest.mark.parametrize('fused', [True, False], ids=['fused_adam', 'adam'])
+def test_a_finite_loss_with_a_non_finite_gradient_skips_the_update_and_is_counted(fused):
+  """The gradient-norm half of the check: the loss of the update is finite, one parameter's gradient is not (a hook
+  replaces it by inf). Both Adam paths: fused (the skip decided on the device) and the default (a host read)."""
+  config = tiny_digits_config(n_iters=3)
+  config.optim.fused = fused
+  device = torch.device('cpu')
+  state = run_lib.build_training_state(config, device)
+  params = [p for p in state['model'].parameters() if p.requires_grad]
+  flow = losses.build_rectified_flow(config, state['model'])
+  train_step = losses.get_step_fn(config, losses.get_loss_fn(config, flow), params, state['optimizer'],
+                                  state['ema'], train=True, device=device,
+                                  generator=torch.Generator().manual_seed(0))
+  assert losses.skips_updates_on_device(state['optimizer']) == fused
+  shape = (config.training.batch_size, config.data.num_channels, config.data.image_size, config.data.image_size)
+  x1 = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 2.0 - 1.0  # (B, C, H, W) in model space.
+  micro_batches = [(None, x1, slice(0, shape[0]))]
+  assert torch.isfinite(train_step(state, micro_batches))  # A good update first: Adam and the EMA have state.
+  before, ema_updates = flat_state(state), state['ema'].num_updates
+
+  hook = params[0].register_hook(lambda grad: torch.full_like(grad, float('inf')))
+  loss = train_step(state, micro_batches)
+  hook.remove()
+  assert torch.isfinite(loss) and state['step'] == 2
+  after = flat_state(state)
+  assert after.keys() == before.keys() and any(key.startswith('adam.') for key in after)
+  changed = [key for key in before if not torch.equal(before[key], after[key])]
+  assert not changed, f'the skipped update changed {len(changed)} tensors, e.g. {changed[:3]}'
+  assert state['ema'].num_updates == ema_updates
+  skipped = run_lib.count_skipped_updates(state, limit=20, last_good_checkpoint=None, since_step=1)
+  assert skipped == 1 and state['nonfinite_steps'] == 1, 'the skipped update was not counted'
+
+  train_step(state, micro_batches)  # The next finite update is made again.
+  assert not torch.equal(flat_state(state)['param.0'], before['param.0'])
+  assert run_lib.count_skipped_updates(state, limit=20, last_good_checkpoint=None, since_step=2) == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,16 @@
-"""The samplers reproduce the published sampler outputs on the tiny DDPM++ fixture (EMA weights)."""
+"""The samplers reproduce the published sampler outputs on the tiny DDPM++ fixture (EMA weights), and the stochastic
+Euler sampler the published loop."""
 import math
 
 import pytest
 import torch
+from torch import nn
 
 import checkpoints
+import losses
 import models
+import sampling
+from configs.default_cifar10_configs import get_default_configs
 from rectified_flow_pytorch import flow, solvers
 from tests.reference_data import reference_path
 from tests.test_models import fixture_config
@@ -79,3 +84,47 @@ def test_rk45_reads_the_host_once_per_sync_every_attempts_and_nowhere_else(monke
   assert len(reads) == solution.host_reads == math.ceil(attempts / sync_every) + 1
   assert reads[:-1] == [1] * (len(reads) - 1)  # The running flag; the last read brings the counts.
   assert meter.value(solution.x).shape == (4,)
+
+
+class TimedField(nn.Module):
+  """A smooth velocity of x and the network time s = t * 999: v = a x + sin(s / 999)."""
+
+  def __init__(self):
+    super().__init__()
+    self.a = nn.Parameter(torch.tensor(-0.7))
+
+  def forward(self, x, times):
+    return self.a * x + torch.sin(times / 999.0).reshape(-1, 1, 1, 1)
+
+
+def test_stochastic_euler_is_the_published_loop_and_sigma_variance_0_is_plain_euler():
+  steps, eps, noise_std, sigma_variance = 5, 1e-3, 1.5, 0.8
+  field, z = TimedField(), torch.randn(3, 2, 4, 4)
+
+  def sampled(sigma):
+    config = get_default_configs()
+    config.sampling.use_ode_sampler, config.sampling.sample_N = 'euler', steps
+    config.sampling.sigma_variance, config.sampling.init_noise_scale = sigma, noise_std
+    flow_ = losses.build_rectified_flow(config, field)
+    return sampling.get_sampling_fn(config, z.shape)(flow_, noise=z, generator=torch.Generator().manual_seed(5))
+
+  # The published stochastic Euler step at t_i = eps + i (1 - eps) / N with dt = 1/N: sigma_t = (1 - t) sigma_variance,
+  # x += (v + sigma_t^2 / (2 noise_std^2 (1 - t)^2) (t (1 - t) v / 2 - (2 - t) x / 2)) dt + sigma_t sqrt(dt) n with
+  # n ~ N(0, I) drawn, step by step, from the generator given to the sampler.
+  generator = torch.Generator().manual_seed(5)
+  stochastic, plain = z.clone(), z.clone()
+  with torch.no_grad():
+    for i in range(steps):
+      t = eps + i / steps * (1 - eps)
+      v = field(stochastic, torch.full((3,), t) * 999)
+      sigma_t = (1 - t) * sigma_variance
+      correction = sigma_t ** 2 / (2 * noise_std ** 2 * (1 - t) ** 2) * (
+          0.5 * t * (1 - t) * v - 0.5 * (2 - t) * stochastic)
+      stochastic = stochastic + (v + correction) / steps + sigma_t * math.sqrt(1 / steps) * torch.randn(
+          z.shape, generator=generator)
+      plain = plain + field(plain, torch.full((3,), t) * 999) / steps
+  solution = sampled(sigma_variance)
+  assert solution.nfe == steps
+  torch.testing.assert_close(solution.x, stochastic, atol=1e-5, rtol=0)
+  torch.testing.assert_close(sampled(0.0).x, plain, atol=1e-6, rtol=0)
+  assert (stochastic - plain).abs().max() > 0.1

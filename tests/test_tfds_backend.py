@@ -1,6 +1,7 @@
 """data.backend='tfds' gives the torchvision backend's images, bit for bit, from local files (no network).
 
-Every test that builds a cache starts one TensorFlow child process (about 5-10 s of start-up each).
+Every test that builds a cache starts one TensorFlow child process (about 5-10 s of start-up each); those tests skip
+where TensorFlow and tensorflow-datasets are not installed, the others run everywhere.
 """
 import io
 import os
@@ -20,8 +21,8 @@ from datasets import tfds_backend
 from datasets.cifar10 import CIFAR10_CLASSES
 from tests.test_datasets import unchecked_torchvision_cifar10, write_python_cifar10  # noqa: F401  (a fixture)
 
-if not tfds_backend.tfds_available():
-  pytest.skip('data.backend=tfds needs `pip install -r requirements-tf.txt`', allow_module_level=True)
+needs_tfds = pytest.mark.skipif(not tfds_backend.tfds_available(),
+                                reason='data.backend=tfds needs `pip install -r requirements-tf.txt`')
 
 CIFAR10_TRAIN_BATCHES = 5
 CIFAR10_PER_BATCH = 3  # Images per fake data_batch_i (the real one holds 10,000).
@@ -58,9 +59,9 @@ def write_cifar10_archives(root, train, test, labels_train, labels_test):
 
 
 @pytest.fixture(scope='module')
-def fake_cifar10(tmp_path_factory):
-  """A tiny CIFAR-10 in both formats, the tfds one prepared; returns (root, train, test, train_labels, test_labels),
-  the images uint8 (N, 3, 32, 32), the labels uint8 (N,)."""
+def fake_cifar10_archives(tmp_path_factory):
+  """A tiny CIFAR-10 in both formats (no TensorFlow); returns (root, train, test, train_labels, test_labels), the
+  images uint8 (N, 3, 32, 32), the labels uint8 (N,)."""
   root = tmp_path_factory.mktemp('cifar10')
   rng = np.random.RandomState(0)
   train = rng.randint(0, 256, (CIFAR10_TRAIN_BATCHES * CIFAR10_PER_BATCH, 3, 32, 32)).astype(np.uint8)
@@ -68,9 +69,16 @@ def fake_cifar10(tmp_path_factory):
   train_labels = rng.randint(0, 10, len(train)).astype(np.uint8)
   test_labels = rng.randint(0, 10, len(test)).astype(np.uint8)
   write_cifar10_archives(str(root), train, test, train_labels, test_labels)
-  subprocess.run([sys.executable, '-c', PREPARE_UNCHECKED_CIFAR10, str(root)], check=True, capture_output=True,
-                 cwd=str(root), timeout=300)
   return str(root), train, test, train_labels, test_labels
+
+
+@pytest.fixture(scope='module')
+def fake_cifar10(fake_cifar10_archives):
+  """``fake_cifar10_archives`` with the tfds cifar10 prepared from its binary archive (a TensorFlow child)."""
+  root = fake_cifar10_archives[0]
+  subprocess.run([sys.executable, '-c', PREPARE_UNCHECKED_CIFAR10, root], check=True, capture_output=True, cwd=root,
+                 timeout=300)
+  return fake_cifar10_archives
 
 
 def all_items(dataset):
@@ -81,6 +89,7 @@ def all_images(dataset):
   return torch.stack(all_items(dataset))
 
 
+@needs_tfds
 def test_cifar10_tfds_equals_torchvision_in_images_and_order(fake_cifar10, unchecked_torchvision_cifar10,
                                                               monkeypatch):
   root, train, test = fake_cifar10[:3]
@@ -100,6 +109,7 @@ def test_cifar10_tfds_equals_torchvision_in_images_and_order(fake_cifar10, unche
   assert sorted(os.listdir(os.path.join(root, 'tfds_cache')))[0].startswith('cifar10_test_32px_3ch_')
 
 
+@needs_tfds
 def test_cifar10_tfds_labels_equal_torchvision_and_live_beside_the_cache(fake_cifar10, unchecked_torchvision_cifar10,
                                                                        monkeypatch):
   root, _, test, _, test_labels = fake_cifar10
@@ -158,6 +168,7 @@ def folder_config(root, backend, num_channels=3):
   return config
 
 
+@needs_tfds
 def test_image_folder_tfds_equals_torchvision_and_serves_workers(tmp_path):
   write_folder_images(tmp_path)
   torchvision_dataset = datasets.get_dataset(folder_config(tmp_path, 'torchvision'))
@@ -169,6 +180,7 @@ def test_image_folder_tfds_equals_torchvision_and_serves_workers(tmp_path):
   assert torch.equal(next(datasets.endless_batches(tfds_dataset, 4, seed=3, num_workers=2)), reference)
 
 
+@needs_tfds
 def test_image_folder_tfds_labels_are_the_class_sub_folders(tmp_path):
   write_folder_images(tmp_path)
   labelled = {}
@@ -191,6 +203,7 @@ def test_image_folder_tfds_labels_are_the_class_sub_folders(tmp_path):
     datasets.get_dataset(config)
 
 
+@needs_tfds
 def test_image_folder_cache_follows_the_files(tmp_path):
   write_folder_images(tmp_path)
   datasets.get_dataset(folder_config(tmp_path, 'tfds'))
@@ -203,6 +216,7 @@ def test_image_folder_cache_follows_the_files(tmp_path):
   assert len(second_cache) == 1 and second_cache != first_cache  # Rebuilt; the stale cache is gone.
 
 
+@needs_tfds
 def test_image_folder_grayscale_matches(tmp_path):
   write_folder_images(tmp_path)
   tfds_images = all_images(datasets.get_dataset(folder_config(tmp_path, 'tfds', num_channels=1)))
@@ -210,6 +224,7 @@ def test_image_folder_grayscale_matches(tmp_path):
   assert torch.equal(tfds_images, all_images(datasets.get_dataset(folder_config(tmp_path, 'torchvision', 1))))
 
 
+@needs_tfds
 def test_unreadable_image_is_named(tmp_path):
   write_folder_images(tmp_path)
   (tmp_path / 'part1' / 'broken.png').write_bytes(b'not a png')
@@ -218,6 +233,7 @@ def test_unreadable_image_is_named(tmp_path):
   assert not [name for name in os.listdir(tmp_path / 'tfds_cache') if name.endswith('.npy')]
 
 
+@needs_tfds
 def test_missing_sources_say_how_to_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match='is not a folder'):
     datasets.get_dataset(folder_config(tmp_path / 'missing', 'tfds'))
@@ -231,6 +247,7 @@ def test_missing_sources_say_how_to_fix(tmp_path):
   assert str(tmp_path) in str(error.value)
 
 
+@needs_tfds
 def test_an_unofficial_cifar10_archive_is_refused(tmp_path):
   rng = np.random.RandomState(2)
   write_cifar10_archives(str(tmp_path), rng.randint(0, 256, (15, 3, 32, 32)).astype(np.uint8),
@@ -261,8 +278,8 @@ def test_backend_errors_list_the_valid_choices(tmp_path, monkeypatch):
     datasets.get_dataset(folder_config(tmp_path, 'tfds'))
 
 
-def test_torchvision_cifar10_yields_images_not_pairs(fake_cifar10, unchecked_torchvision_cifar10):
+def test_torchvision_cifar10_yields_images_not_pairs(fake_cifar10_archives, unchecked_torchvision_cifar10):
   config = cifar10_config()
-  config.data.root = fake_cifar10[0]
+  config.data.root = fake_cifar10_archives[0]
   batch = next(datasets.endless_batches(datasets.get_dataset(config), 4, seed=0))
   assert isinstance(batch, torch.Tensor) and batch.shape == (4, 3, 32, 32)

@@ -123,7 +123,8 @@ def load_reference_statistics(path):
     with np.load(path, allow_pickle=False) as data:  # Arrays only: an object array is refused, never unpickled.
       stats = {key: data[key] for key in data.files}
   except Exception as error:
-    raise ValueError(f'Reference statistics {path!r} could not be read as an .npz of numeric arrays ({error})') from error
+    raise ValueError(f'Reference statistics {path!r} could not be read as an .npz of numeric arrays '
+                     f'({error})') from error
   keys = set(stats)
   if 'mu' in keys and 'sigma' in keys:
     pool = stats['pool_3'] if 'pool_3' in keys else None

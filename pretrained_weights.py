@@ -37,8 +37,14 @@ def load_weights_only(path, what='weights', option=''):
   from it) is refused with an error that names it."""
   try:
     return torch.load(path, map_location='cpu', weights_only=True)
-  except pickle.UnpicklingError as error:
-    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+  except Exception as error:
+    try:
+      unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # Not even a readable zip or pickle.
+      unsafe = []
+    if not isinstance(error, pickle.UnpicklingError) or not unsafe:
+      raise ValueError(f'The {what} file {path!r}{f" ({option})" if option else ""} could not be read '
+                       f'({type(error).__name__}); it is truncated or corrupt: download it again.') from error
     raise ValueError(f'The {what} file {path!r}{f" ({option})" if option else ""} holds objects other than tensors '
-                     f'and plain data ({", ".join(unsafe) or str(error).splitlines()[0]}); opening it would execute '
-                     f'code from it, so it was not opened. Use a file that holds only the weights.') from None
+                     f'and plain data ({", ".join(unsafe)}); opening it would execute code from it, so it was not '
+                     f'opened. Use a file that holds only the weights.') from None

@@ -210,3 +210,11 @@ def test_arrays_from_files_are_read_without_pickle(tmp_path):
   with pytest.raises(ValueError):
     tfds_backend.CachedImages(str(tmp_path / 'cache.npy'))
   assert not marker.exists()
+
+
+def test_a_truncated_weights_file_is_named_as_corrupt_not_unsafe(tmp_path):
+  path = tmp_path / 'weights.pth'
+  torch.save({'features.0.weight': torch.zeros(64, 3, 3, 3)}, path)
+  path.write_bytes(path.read_bytes()[:500])
+  with pytest.raises(ValueError, match='reflow.lpips_weights_path.*truncated or corrupt'):
+    pretrained_weights.load_weights_only(str(path), 'VGG16 weights for LPIPS', 'reflow.lpips_weights_path')

@@ -14,10 +14,17 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import atomic_files
+import datasets
+import distributed
+import evaluation_tf
 import pretrained_weights
-from rectified_flow_pytorch import solvers
+import sampling
+from datasets.streams import split_labels
+from rectified_flow_pytorch import flow as flow_math
+from rectified_flow_pytorch import likelihood, solvers
 
 INCEPTION_WEIGHTS_URL = ('https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/'
                          'weights-inception-2015-12-05-6726825d.pth')
@@ -248,3 +255,161 @@ def write_sweep_table(eval_dir):
     figure.savefig(os.path.join(eval_dir, 'fid.png'), dpi=100)
     plt.close(figure)
   return reports
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation of a checkpoint: held-out loss, bits/dim, sampling rounds, class agreement.
+
+def held_out_batches(config, split, limit=0):
+  """Batches of a split in a fixed order, as [0, 1] images (no augmentation)."""
+  dataset = datasets.get_dataset(config, train=split == 'train')
+  if limit:
+    dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+  return torch.utils.data.DataLoader(dataset, batch_size=config.eval.batch_size, shuffle=False,
+                                     num_workers=config.data.num_workers)
+
+
+@torch.no_grad()
+def held_out_loss(config, flow, device):
+  """Mean training loss of the current weights over the held-out split (fixed noise and times)."""
+  scaler = datasets.get_data_scaler(config)
+  generator = torch.Generator().manual_seed(config.seed)
+  total, count = 0.0, 0
+  for batch in held_out_batches(config, 'test'):
+    batch, labels = split_labels(batch)
+    x1 = scaler(batch).to(device)
+    noise = (torch.randn(x1.shape, generator=generator) * flow.noise_std).to(device)
+    times = flow_math.sample_times(x1.shape[0], 'uniform', eps=flow.time_eps, generator=generator).to(device)
+    labels = None if labels is None else labels.to(device)
+    total += flow.per_sample_loss(x1, noise=noise, times=times, labels=labels).sum().item()
+    count += x1.shape[0]
+  return total / count
+
+
+def bits_per_dim(config, flow, device):
+  """Mean bits/dim of the bpd split under the flow, with uniform dequantisation, and the mean NFE (class-conditional:
+  log p(x | its label), without guidance)."""
+  scaler = datasets.get_data_scaler(config)
+  generator = torch.Generator().manual_seed(config.seed)
+  # Model space spans 2^-7 (centred, [-1, 1)) or 2^-8 ([0, 1)) of the 8-bit range per dimension.
+  offset = 7.0 if config.data.centered else 8.0
+  values, nfes = [], []
+  for batch in held_out_batches(config, config.eval.bpd_dataset, config.eval.bpd_num_images):
+    batch, labels = split_labels(batch)
+    x1 = scaler(datasets.augment(batch, random_flip=False, uniform_dequantization=True, generator=generator))
+    labels = None if labels is None else labels.to(device)
+    log_p, nfe = likelihood.log_likelihood(
+        lambda x, t, labels=labels: flow.velocity(x, t, labels=labels), x1.to(device), t_data=1.0, t_noise=config.training.time_eps, noise_std=flow.noise_std,
+        divergence=config.eval.bpd_divergence, solver='rk45', rtol=config.sampling.ode_tol,
+        atol=config.sampling.ode_tol, generator=generator)
+    values.append(likelihood.bits_per_dim(log_p.cpu(), x1[0].numel(), offset))
+    nfes.append(nfe)
+  return float(torch.cat(values).mean()), float(np.mean(nfes))
+
+
+def sample_checkpoint(config, flow, rounds, inception, device):
+  """Makes (or reuses) every round of eval.num_samples samples; returns their arrays concatenated.
+
+  Under torchrun each process makes the rounds r = rank, rank + world, ...; a sample's noise comes from its own
+  seed, so the samples do not depend on the number of processes. Rank 0 returns the arrays, the others None.
+  """
+  data, e = config.data, config.eval
+  shape = (data.num_channels, data.image_size, data.image_size)
+  sample_fn = sampling.get_sampling_fn(config, (e.batch_size, *shape))
+  inverse_scaler = datasets.get_data_inverse_scaler(config)
+  num_rounds = -(-e.num_samples // e.batch_size)
+  parts = {}
+  for index in tqdm(distributed.shard_indices(num_rounds), desc='sampling rounds', dynamic_ncols=True,
+                    disable=not distributed.is_main_process()):
+    part = rounds.read(index)
+    if part is None:
+      first = index * e.batch_size
+      count = min(e.batch_size, e.num_samples - first)
+      noise = flow_math.indexed_noise(config.seed, first, count, shape, flow.noise_std).to(device)
+      labels = sampling.sample_labels(config, first, count)
+      meter = solvers.StraightnessMeter(noise)
+      generator = torch.Generator().manual_seed(config.seed * 2**32 + first)
+      solution = sample_fn(flow, noise=noise, on_step=meter.on_step, generator=generator,
+                           labels=None if labels is None else labels.to(device))
+      samples = solution.x
+      images = InceptionFeatures.to_uint8(inverse_scaler(samples).clamp(0.0, 1.0)).cpu()
+      pool_3, logits = inception(images) if inception is not None else (np.zeros((count, 0)), np.zeros((count, 0)))
+      part = {'images': images.numpy(), 'pool_3': np.asarray(pool_3), 'logits': np.asarray(logits),
+              'nfe': np.full(count, solution.contributing_nfe), 'network_calls': np.full(count, solution.nfe),
+              'straightness': meter.value(samples).cpu().numpy()}
+      if labels is not None:
+        part['labels'] = labels.numpy()
+      rounds.write(index, **part)
+    parts[index] = part
+  distributed.barrier()
+  if not distributed.is_main_process():
+    return None
+  for index in range(num_rounds):
+    if index not in parts:
+      parts[index] = rounds.read(index)
+      if parts[index] is None:
+        raise RuntimeError(f'Sampling round {rounds.path(index)} of another process is missing or unreadable')
+  return {key: np.concatenate([parts[i][key] for i in range(num_rounds)])[:e.num_samples] for key in parts[0]}
+
+
+def class_agreement(config, images, labels):
+  """{'class_accuracy', 'class_accuracy_per_class'}: the fraction of samples that a classifier of the dataset
+  assigns to the class they were sampled for (the digits: ``evaluation_digits``' CNN); {} for datasets without one.
+
+  ``images`` (N, C, H, W) uint8 samples as saved, ``labels`` (N,).
+  """
+  import evaluation_digits  # Here: it builds on this module's Frechet distance.
+
+  if config.data.dataset != 'DIGITS' or config.data.image_size != evaluation_digits.IMAGE_SIZE:
+    return {}
+  classifier = evaluation_digits.digit_classifier()
+  model_space = torch.from_numpy(images).float() / 127.5 - 1.0  # The classifier's input: digits in [-1, 1].
+  labels = torch.as_tensor(labels)
+  per_class = evaluation_digits.per_class_accuracy(classifier, model_space, labels)
+  return {'class_accuracy': evaluation_digits.class_accuracy(classifier, model_space, labels),
+          'class_accuracy_per_class': {str(c): float(v) for c, v in per_class.items()}}
+
+
+def metrics_backend(config, device):
+  """(reference statistics, Inception network, its name) of ``eval.metrics_backend`` when the sweep computes FID /
+  IS / KID (``eval.enable_sampling`` without ``enable_figures_only``), else (None, None, None): 'torch' is
+  torch-fidelity's Inception, 'tfgan' TF-GAN's functions on TF-Hub's Inception (torch-fidelity's if TF-Hub's is
+  unavailable). Reads the statistics and the weights now, so that a missing file fails before any sampling."""
+  e = config.eval
+  if e.metrics_backend not in ('torch', 'tfgan'):
+    raise ValueError(f"Unknown eval.metrics_backend {e.metrics_backend!r}; valid: 'torch', 'tfgan'")
+  reference, inception, inception_name = None, None, None
+  if e.enable_sampling and not e.enable_figures_only:
+    reference = load_reference_statistics(e.stats_path)
+    if e.metrics_backend == 'tfgan':
+      evaluation_tf.require_tfgan()
+      inception = evaluation_tf.tfhub_inception_or_none()
+      inception_name = evaluation_tf.TFHUB_INCEPTION if inception is not None else None
+    if inception is None:
+      inception = InceptionFeatures(resolve_inception_weights(e.inception_weights_path), device)
+      inception_name = INCEPTION_WEIGHTS_FILE
+  return reference, inception, inception_name
+
+
+def sample_quality(config, results, reference):
+  """FID, Inception Scores and KID of ``results`` (``sample_checkpoint``'s pool_3 and logits) against the
+  ``reference`` statistics, by ``eval.metrics_backend``."""
+  e = config.eval
+  if e.metrics_backend == 'tfgan':
+    report = evaluation_tf.tfgan_metrics(results['logits'], results['pool_3'], reference['pool_3'],
+                                         (reference['mu'], reference['sigma']))
+    report['metrics_backend'] = 'tfgan'
+    return report
+  report = {}
+  mu, sigma = gaussian_statistics(results['pool_3'])
+  report['fid'] = frechet_distance(mu, sigma, reference['mu'], reference['sigma'])
+  report['inception_score'] = inception_score(results['logits'], splits=1)[0]
+  report['inception_score_split_mean'], report['inception_score_split_std'] = inception_score(
+      results['logits'], splits=e.inception_score_splits)
+  if reference['pool_3'] is not None:
+    report['kid'], report['kid_std'] = kernel_inception_distance(
+        results['pool_3'], reference['pool_3'], subsets=e.kid_subsets, subset_size=e.kid_subset_size,
+        seed=config.seed)
+  else:
+    report['kid'] = None  # The stats file has mu/sigma only, not the raw features KID needs.
+  return report

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import pretrained_weights
-from models import VelocityField, num_classes
+from models import ExponentialMovingAverage, VelocityField, create_model, num_classes
 from rectified_flow_pytorch import RectifiedFlow
 from rectified_flow_pytorch import flow as flow_math
 
@@ -66,6 +66,16 @@ def autocast(config, device):
   """The ``training.precision`` autocast context: fp32 (off), bf16 or fp16 (weights and optimiser stay fp32)."""
   dtype = PRECISIONS[resolve_precision(config, device)]
   return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def build_training_state(config, device):
+  """Network, EMA, optimiser and step, as one dict (the unit that checkpoints save and restore)."""
+  net = create_model(config).to(device)
+  if config.training.channels_last:
+    net = net.to(memory_format=torch.channels_last)
+  ema = ExponentialMovingAverage(net.parameters(), decay=config.model.ema_rate)
+  optimizer = get_optimizer(config, net.parameters(), device)
+  return {'model': net, 'ema': ema, 'optimizer': optimizer, 'step': 0}
 
 
 def learning_rate(config, step):

@@ -1,5 +1,6 @@
-"""Training orchestration: one loop shared by every stage (1-RF training now; reflow and distillation reuse it)."""
-import functools
+"""The stages (train, reflow, evaluate, stats) and run_training, the one training loop that every training stage
+shares (1-RF, reflow, distillation); reflow.py makes the pairs, datasets/streams.py the batches, evaluation.py the
+measures."""
 import logging
 import os
 import random
@@ -15,16 +16,14 @@ import cuda_graphs
 import datasets
 import distributed
 import evaluation
-import evaluation_digits
-import evaluation_tf
 import interruption
-from datasets import reflow_pairs
 import losses
 import sampling
+from datasets.streams import (data_batches, data_generator_for, held_out_data_batches, held_out_pair_batches,
+                              micro_batches_of, pair_batches, split_labels)
 from metrics_log import MetricsLog
-from models import ExponentialMovingAverage, create_model, model_config_summary, num_classes
-from rectified_flow_pytorch import flow as flow_math
-from rectified_flow_pytorch import likelihood, solvers
+from models import model_config_summary, num_classes
+from reflow import generate_reflow_pairs, initialize_student_from_teacher, load_teacher, online_pair_batches
 
 
 def select_device(config):
@@ -59,78 +58,6 @@ def sample_dir(workdir, step):
   return os.path.join(workdir, 'samples', f'iter_{step}')
 
 
-def build_training_state(config, device):
-  """Network, EMA, optimiser and step, as one dict (the unit that checkpoints save and restore)."""
-  net = create_model(config).to(device)
-  if config.training.channels_last:
-    net = net.to(memory_format=torch.channels_last)
-  ema = ExponentialMovingAverage(net.parameters(), decay=config.model.ema_rate)
-  optimizer = losses.get_optimizer(config, net.parameters(), device)
-  return {'model': net, 'ema': ema, 'optimizer': optimizer, 'step': 0}
-
-
-def micro_batches_of(config):
-  """(rows per micro-batch, micro-batches per update) of this process (``distributed.batch_split``)."""
-  micro_batch = distributed.batch_split(config.training.batch_size, config.training.grad_accum_steps)
-  return micro_batch, config.training.grad_accum_steps
-
-
-def rows_of(micro_step, micro_batch):
-  first = distributed.chunk_offset(micro_step, micro_batch)
-  return slice(first, first + micro_batch)
-
-
-def split_labels(batch):
-  """(images, labels) of a batch of a labelled dataset ((images, labels) or [images, labels]); (images, None) of
-  a batch of images."""
-  if isinstance(batch, (tuple, list)):
-    return batch[0], batch[1]
-  return batch, None
-
-
-def resident_training_images(config, dataset, device):
-  """(images, labels or None) on ``device`` when ``data.device_resident`` and the images fit in
-  ``data.device_resident_max_gb`` (as uint8 for 8-bit images: CIFAR-10 takes 150 MB), else None (the loader path)."""
-  data = config.data
-  if not data.device_resident:
-    return None
-  nbytes = len(dataset) * split_labels(dataset[0])[0].numel()  # At one byte per value; float images take 4.
-  if nbytes > data.device_resident_max_gb * 1e9:
-    logging.info('Training images (%.1f GB as uint8) exceed data.device_resident_max_gb=%g: using the data loader',
-                 nbytes / 1e9, data.device_resident_max_gb)
-    return None
-  started = time.time()
-  images, labels = split_labels(datasets.dataset_tensor(dataset, num_workers=data.num_workers))
-  images, labels = images.to(device), None if labels is None else labels.to(device)
-  if images.element_size() * images.numel() > data.device_resident_max_gb * 1e9:
-    logging.info('Training images (%.1f GB as %s) exceed data.device_resident_max_gb=%g: using the data loader',
-                 images.element_size() * images.numel() / 1e9, images.dtype, data.device_resident_max_gb)
-    return None
-  logging.info('Training images on %s: %s %s, %.2f GB, loaded in %.1fs', device, tuple(images.shape), images.dtype,
-               images.element_size() * images.numel() / 1e9, time.time() - started)
-  return images, labels
-
-
-def training_stream(config, dataset, start_batch, device, seed, resident=False):
-  """This process's micro-batches of every global batch from ``start_batch`` on, with their rows: (batch, rows).
-
-  With ``resident`` (an image dataset) the images may be held on the device (``data.device_resident``); the
-  batches are the same images in the same order either way.
-  """
-  micro_batch, micro_steps = micro_batches_of(config)
-  on_device = resident_training_images(config, dataset, device) if resident else None
-  order = dict(batch_size=config.training.batch_size, seed=seed, start_batch=start_batch, micro_batch=micro_batch,
-               rank=distributed.rank(), world=distributed.world_size())
-  if on_device is not None:
-    images, labels = on_device
-    batches = iter(datasets.ResidentBatches(images, labels=labels, **order))
-  else:
-    batches = datasets.endless_batches(dataset, num_workers=config.data.num_workers,
-                                       pin_memory=device.type == 'cuda', **order)
-  for index, batch in enumerate(batches):
-    yield batch, rows_of(index % micro_steps, micro_batch)
-
-
 def snapshot_grid_layout(config, device=None):
   """(images, labels, columns) of the snapshot sample grids: ``sampling.snapshot_batch_size`` unlabelled images in
   a square grid, or for a class-conditional model one row per class of snapshot_batch_size // num_classes images
@@ -141,49 +68,6 @@ def snapshot_grid_layout(config, device=None):
   per_class = max(1, size // classes)
   labels = sampling.grid_labels(config, per_class)[:size * per_class]
   return len(labels), labels if device is None else labels.to(device), per_class
-
-
-def data_generator_for(config, device):
-  """The generator of the training augmentations: on the device with device-resident data (no host draws)."""
-  return torch.Generator(device if config.data.device_resident else 'cpu').manual_seed(config.seed)
-
-
-def data_batches(config, start_batch, device, generator=None):
-  """Training micro-batches (None, x1, rows) of the configured dataset, augmented, in model space; (None, x1,
-  rows, labels) for a class-conditional model."""
-  data = config.data
-  dataset = datasets.get_dataset(config, train=True)
-  scaler = datasets.get_data_scaler(config)
-  micro_steps = config.training.grad_accum_steps
-  replay = None
-  stream = training_stream(config, dataset, start_batch, device, config.seed, resident=True)
-  for index, (batch, rows) in enumerate(stream):
-    if generator is not None and micro_steps > 1:  # Each micro-batch slices the same global-batch draws.
-      if index % micro_steps == 0:
-        replay = generator.get_state()
-      else:
-        generator.set_state(replay)
-    batch, labels = split_labels(batch)
-    batch = batch.to(device, non_blocking=True)
-    batch = datasets.augment(batch, random_flip=data.random_flip, uniform_dequantization=data.uniform_dequantization,
-                             generator=generator, global_batch=config.training.batch_size, rows=rows)
-    if labels is None:
-      yield None, scaler(batch), rows
-    else:
-      yield None, scaler(batch), rows, labels.to(device, non_blocking=True)
-
-
-def held_out_data_batches(config, start_batch, device):
-  """(None, x1) batches of the held-out split in model space, not augmented (for the evaluation loss); (None, x1,
-  labels) for a class-conditional model."""
-  dataset = datasets.get_dataset(config, train=False)
-  batches = datasets.endless_batches(dataset, min(config.training.batch_size, len(dataset)), seed=config.seed + 1,
-                                     start_batch=start_batch)
-  scaler = datasets.get_data_scaler(config)
-  for batch in batches:
-    batch, labels = split_labels(batch)
-    x1 = scaler(batch.to(device, non_blocking=True))
-    yield (None, x1) if labels is None else (None, x1, labels.to(device, non_blocking=True))
 
 
 def train(config, workdir):
@@ -238,7 +122,7 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
   if main_process:
     os.makedirs(workdir, exist_ok=True)
   seed_everything(config.seed)
-  state = build_training_state(config, device)
+  state = losses.build_training_state(config, device)
   net = state['model']
   training, data = config.training, config.data
   micro_batch, micro_steps = micro_batches_of(config)
@@ -379,130 +263,6 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
 # ----------------------------------------------------------------------------------------------------------------
 # Reflow: pair generation, reflow training and distillation.
 
-def load_teacher(config, device):
-  """The network of ``reflow.last_flow_ckpt`` with its EMA weights, frozen; also returns the file's sha256."""
-  path = config.reflow.last_flow_ckpt
-  if not path or not os.path.isfile(path):
-    raise FileNotFoundError(f'reflow.last_flow_ckpt={path!r} does not exist: pass the checkpoint of the flow to '
-                            f'reflow from, e.g. --config.reflow.last_flow_ckpt=logs/1_rf/checkpoints/checkpoint_13.pth')
-  teacher = build_training_state(config, device)
-  checkpoints.load_checkpoint(path, teacher, device=device, load_optimizer=False,
-                              architecture=model_config_summary(config), allow_pickle=config.allow_pickle_checkpoints)
-  teacher['ema'].copy_to(teacher['model'].parameters())
-  net = teacher['model'].eval().requires_grad_(False)
-  return net, evaluation.file_sha256(path)
-
-
-def initialize_student_from_teacher(config, device):
-  """``initialize(state)``: the teacher's raw weights (published) or its EMA weights; fresh optimiser and EMA."""
-
-  def initialize(state):
-    path = config.reflow.last_flow_ckpt
-    teacher = build_training_state(config, device)
-    checkpoints.load_checkpoint(path, teacher, device=device, load_optimizer=False,
-                              architecture=model_config_summary(config), allow_pickle=config.allow_pickle_checkpoints)
-    if config.reflow.init_from_ema:
-      teacher['ema'].copy_to(teacher['model'].parameters())
-    state['model'].load_state_dict(teacher['model'].state_dict())
-    state['ema'] = ExponentialMovingAverage(state['model'].parameters(), decay=config.model.ema_rate)
-    logging.info('Student initialised from the %s weights of %s', 'EMA' if config.reflow.init_from_ema else 'raw',
-                 path)
-
-  return initialize
-
-
-def pair_batches(config, start_batch, device, generator=None):
-  """Training micro-batches (z0, z1, rows) read lazily from the pair shards under ``reflow.data_root``; (z0, z1,
-  rows, labels) for pairs of a class-conditional teacher."""
-  del generator  # Pairs are not augmented.
-  shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
-  pairs = reflow_pairs.PairShards(config.reflow.data_root, shape, num_classes(config))
-  for batch, rows in training_stream(config, pairs, start_batch, device, config.seed):
-    yield tuple(part.to(device, non_blocking=True) for part in batch[:2]) + (rows,) + tuple(
-        part.to(device, non_blocking=True) for part in batch[2:])
-
-
-def held_out_pair_batches(config, start_batch, device):
-  """(z0, z1[, labels]) batches of the pairs in another order, for the evaluation loss."""
-  shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
-  pairs = reflow_pairs.PairShards(config.reflow.data_root, shape, num_classes(config))
-  for batch in datasets.endless_batches(pairs, config.training.batch_size, seed=config.seed + 1,
-                                        start_batch=start_batch):
-    yield tuple(part.to(device, non_blocking=True) for part in batch)
-
-
-def online_pair_batches(config, teacher_velocity, device, generator, training=True):
-  """(z0, z1[, rows]) with z1 from the teacher's N-step Euler solve of fresh noise (published online reflow: N = 20).
-
-  For training, the noise of each global batch is drawn whole from ``generator`` (saved with checkpoints) and each
-  process solves its micro-batches' rows; held-out batches (``training=False``) are whole batches. A
-  class-conditional teacher (``teacher_velocity(x, t, labels=None)``) solves for labels drawn uniformly with the
-  noise, guided with ``reflow.teacher_guidance_scale`` over ``reflow.teacher_guidance_t_min/_t_max``
-  (``sampling.guidance_scale`` guides the student's own samples), and the labels come last: (z0, z1[, rows], labels).
-  """
-  size = config.training.batch_size
-  shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
-  steps, eps = config.reflow.online_teacher_steps, config.training.time_eps
-  micro_batch, micro_steps = micro_batches_of(config) if training else (size, 1)
-  classes = num_classes(config)
-  while True:
-    z0_global = torch.randn((size, *shape), generator=generator) * config.sampling.init_noise_scale
-    labels_global = torch.randint(classes, (size,), generator=generator) if classes else None
-    for micro_step in range(micro_steps):
-      rows = rows_of(micro_step, micro_batch) if training else slice(None)
-      z0 = z0_global[rows].to(device)
-      velocity, labels = teacher_velocity, None
-      if classes:
-        labels = labels_global[rows].to(device)
-        velocity = functools.partial(teacher_velocity, labels=labels,
-                                     guidance_scale=config.reflow.get('teacher_guidance_scale', 1.0),
-                                     guidance_interval=sampling.teacher_guidance_interval(config))
-      z1, _ = solvers.euler(velocity, z0, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps)
-      yield ((z0, z1, rows) if training else (z0, z1)) + (() if labels is None else (labels,))
-
-
-def generate_reflow_pairs(config, workdir):
-  """Pairs (z0, z1 = ODE(z0)) from the teacher's EMA weights, in atomic shards under reflow.data_root/seed_{seed}.
-
-  Under torchrun each process makes the shards i = rank, rank + world, ... of those missing; a pair's noise comes
-  from its own seed, so the pairs do not depend on the number of processes.
-  """
-  device = select_device(config)
-  r = config.reflow
-  if not r.data_root:
-    raise ValueError('reflow.data_root is empty: pass the folder for the pairs, e.g. '
-                     '--config.reflow.data_root=assets/reflow_data/1_rectified_flow')
-  net, teacher_sha256 = load_teacher(config, device)
-  flow = losses.build_rectified_flow(config, net)
-  shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
-  settings = {'teacher': os.path.abspath(r.last_flow_ckpt), 'teacher_sha256': teacher_sha256,
-              'weights': 'ema', 'pair_format': r.pair_format, 'image_shape': list(shape),
-              **sampling.sampler_settings(config)}
-  main_process = distributed.is_main_process()
-  with distributed.main_process_first():  # Rank 0 removes the half-written files of a killed run first.
-    writer = reflow_pairs.PairShardWriter(r.data_root, config.seed, settings, r.total_number_of_samples,
-                                          r.pairs_per_shard, clean_temporary=main_process)
-    needed = writer.check_free_disk()
-    missing = writer.missing_shards()
-  mine = [missing[i] for i in distributed.shard_indices(len(missing))]
-  logging.info('Generating %d of %d shards (%d by this process; %.2f GB, %d bytes per pair, format %s) into %s',
-               len(missing), writer.num_shards, len(mine), needed / 1e9,
-               reflow_pairs.bytes_per_pair(r.pair_format, shape), r.pair_format, writer.folder)
-  sample_fn = sampling.get_sampling_fn(config, (r.pairs_per_shard, *shape))
-  for index in tqdm(mine, desc='pair shards', dynamic_ncols=True, disable=not main_process):
-    first, count = writer.shard_range(index)
-    z0 = flow_math.indexed_noise(config.seed, first, count, shape, flow.noise_std).to(device)
-    labels = sampling.sample_labels(config, first, count)
-    generator = torch.Generator().manual_seed(config.seed * 2**32 + first)
-    solution = sample_fn(flow, noise=z0, generator=generator, labels=None if labels is None else labels.to(device))
-    writer.write_shard(index, z0, solution.x, solution.contributing_nfe, labels)
-  distributed.barrier()
-  if main_process:
-    writer.refresh_manifest()
-  logging.info('%s: %d pairs, NFE %s', writer.folder, writer.manifest.get('count', 0), writer.manifest.get('nfe'))
-  return writer.manifest
-
-
 def reflow(config, workdir):
   """--mode reflow: ``reflow.reflow_type`` generate_data_from_z0, train_reflow or train_online_reflow."""
   r = config.reflow
@@ -535,114 +295,6 @@ def reflow(config, workdir):
                       initialize=initialize, lpips_model=lpips_model, reflow=True)
 
 
-def _held_out_batches(config, split, limit=0):
-  """Batches of a split in a fixed order, as [0, 1] images (no augmentation)."""
-  dataset = datasets.get_dataset(config, train=split == 'train')
-  if limit:
-    dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-  return torch.utils.data.DataLoader(dataset, batch_size=config.eval.batch_size, shuffle=False,
-                                     num_workers=config.data.num_workers)
-
-
-@torch.no_grad()
-def held_out_loss(config, flow, device):
-  """Mean training loss of the current weights over the held-out split (fixed noise and times)."""
-  scaler = datasets.get_data_scaler(config)
-  generator = torch.Generator().manual_seed(config.seed)
-  total, count = 0.0, 0
-  for batch in _held_out_batches(config, 'test'):
-    batch, labels = split_labels(batch)
-    x1 = scaler(batch).to(device)
-    noise = (torch.randn(x1.shape, generator=generator) * flow.noise_std).to(device)
-    times = flow_math.sample_times(x1.shape[0], 'uniform', eps=flow.time_eps, generator=generator).to(device)
-    labels = None if labels is None else labels.to(device)
-    total += flow.per_sample_loss(x1, noise=noise, times=times, labels=labels).sum().item()
-    count += x1.shape[0]
-  return total / count
-
-
-def bits_per_dim(config, flow, device):
-  """Mean bits/dim of the bpd split under the flow, with uniform dequantisation, and the mean NFE (class-conditional:
-  log p(x | its label), without guidance)."""
-  scaler = datasets.get_data_scaler(config)
-  generator = torch.Generator().manual_seed(config.seed)
-  # Model space spans 2^-7 (centred, [-1, 1)) or 2^-8 ([0, 1)) of the 8-bit range per dimension.
-  offset = 7.0 if config.data.centered else 8.0
-  values, nfes = [], []
-  for batch in _held_out_batches(config, config.eval.bpd_dataset, config.eval.bpd_num_images):
-    batch, labels = split_labels(batch)
-    x1 = scaler(datasets.augment(batch, random_flip=False, uniform_dequantization=True, generator=generator))
-    labels = None if labels is None else labels.to(device)
-    log_p, nfe = likelihood.log_likelihood(
-        lambda x, t, labels=labels: flow.velocity(x, t, labels=labels), x1.to(device), t_data=1.0, t_noise=config.training.time_eps, noise_std=flow.noise_std,
-        divergence=config.eval.bpd_divergence, solver='rk45', rtol=config.sampling.ode_tol,
-        atol=config.sampling.ode_tol, generator=generator)
-    values.append(likelihood.bits_per_dim(log_p.cpu(), x1[0].numel(), offset))
-    nfes.append(nfe)
-  return float(torch.cat(values).mean()), float(np.mean(nfes))
-
-
-def sample_checkpoint(config, flow, rounds, inception, device):
-  """Makes (or reuses) every round of eval.num_samples samples; returns their arrays concatenated.
-
-  Under torchrun each process makes the rounds r = rank, rank + world, ...; a sample's noise comes from its own
-  seed, so the samples do not depend on the number of processes. Rank 0 returns the arrays, the others None.
-  """
-  data, e = config.data, config.eval
-  shape = (data.num_channels, data.image_size, data.image_size)
-  sample_fn = sampling.get_sampling_fn(config, (e.batch_size, *shape))
-  inverse_scaler = datasets.get_data_inverse_scaler(config)
-  num_rounds = -(-e.num_samples // e.batch_size)
-  parts = {}
-  for index in tqdm(distributed.shard_indices(num_rounds), desc='sampling rounds', dynamic_ncols=True,
-                    disable=not distributed.is_main_process()):
-    part = rounds.read(index)
-    if part is None:
-      first = index * e.batch_size
-      count = min(e.batch_size, e.num_samples - first)
-      noise = flow_math.indexed_noise(config.seed, first, count, shape, flow.noise_std).to(device)
-      labels = sampling.sample_labels(config, first, count)
-      meter = solvers.StraightnessMeter(noise)
-      generator = torch.Generator().manual_seed(config.seed * 2**32 + first)
-      solution = sample_fn(flow, noise=noise, on_step=meter.on_step, generator=generator,
-                           labels=None if labels is None else labels.to(device))
-      samples = solution.x
-      images = evaluation.InceptionFeatures.to_uint8(inverse_scaler(samples).clamp(0.0, 1.0)).cpu()
-      pool_3, logits = inception(images) if inception is not None else (np.zeros((count, 0)), np.zeros((count, 0)))
-      part = {'images': images.numpy(), 'pool_3': np.asarray(pool_3), 'logits': np.asarray(logits),
-              'nfe': np.full(count, solution.contributing_nfe), 'network_calls': np.full(count, solution.nfe),
-              'straightness': meter.value(samples).cpu().numpy()}
-      if labels is not None:
-        part['labels'] = labels.numpy()
-      rounds.write(index, **part)
-    parts[index] = part
-  distributed.barrier()
-  if not distributed.is_main_process():
-    return None
-  for index in range(num_rounds):
-    if index not in parts:
-      parts[index] = rounds.read(index)
-      if parts[index] is None:
-        raise RuntimeError(f'Sampling round {rounds.path(index)} of another process is missing or unreadable')
-  return {key: np.concatenate([parts[i][key] for i in range(num_rounds)])[:e.num_samples] for key in parts[0]}
-
-
-def class_agreement(config, images, labels):
-  """{'class_accuracy', 'class_accuracy_per_class'}: the fraction of samples that a classifier of the dataset
-  assigns to the class they were sampled for (the digits: ``evaluation_digits``' CNN); {} for datasets without one.
-
-  ``images`` (N, C, H, W) uint8 samples as saved, ``labels`` (N,).
-  """
-  if config.data.dataset != 'DIGITS' or config.data.image_size != evaluation_digits.IMAGE_SIZE:
-    return {}
-  classifier = evaluation_digits.digit_classifier()
-  model_space = torch.from_numpy(images).float() / 127.5 - 1.0  # The classifier's input: digits in [-1, 1].
-  labels = torch.as_tensor(labels)
-  per_class = evaluation_digits.per_class_accuracy(classifier, model_space, labels)
-  return {'class_accuracy': evaluation_digits.class_accuracy(classifier, model_space, labels),
-          'class_accuracy_per_class': {str(c): float(v) for c, v in per_class.items()}}
-
-
 def evaluate(config, workdir, eval_folder):
   """Sweeps checkpoints eval.begin_ckpt..eval.end_ckpt: loss, bpd, samples, FID / IS / KID, straightness, NFE."""
   device = select_device(config)
@@ -652,19 +304,9 @@ def evaluate(config, workdir, eval_folder):
   if main_process:
     os.makedirs(eval_dir, exist_ok=True)
     write_resolved_config(config, eval_dir)
-  if e.metrics_backend not in ('torch', 'tfgan'):
-    raise ValueError(f"Unknown eval.metrics_backend {e.metrics_backend!r}; valid: 'torch', 'tfgan'")
-  reference, inception, inception_name = None, None, None
-  if e.enable_sampling and not e.enable_figures_only:  # Fail before any sampling, not after hours of it.
-    reference = evaluation.load_reference_statistics(e.stats_path)
-    if e.metrics_backend == 'tfgan':
-      evaluation_tf.require_tfgan()
-      inception = evaluation_tf.tfhub_inception_or_none()
-      inception_name = evaluation_tf.TFHUB_INCEPTION if inception is not None else None
-    if inception is None:
-      inception = evaluation.InceptionFeatures(evaluation.resolve_inception_weights(e.inception_weights_path), device)
-      inception_name = evaluation.INCEPTION_WEIGHTS_FILE
-  state = build_training_state(config, device)
+  # Fails before any sampling, not after hours of it.
+  reference, inception, inception_name = evaluation.metrics_backend(config, device)
+  state = losses.build_training_state(config, device)
   flow = losses.build_rectified_flow(config, state['model'])
   params = [p for p in state['model'].parameters() if p.requires_grad]
 
@@ -686,9 +328,9 @@ def evaluate(config, workdir, eval_folder):
     flow.eval()
     with state['ema'].average_parameters(params):
       if e.enable_loss and main_process:
-        report['eval_loss'] = held_out_loss(config, flow, device)
+        report['eval_loss'] = evaluation.held_out_loss(config, flow, device)
       if e.enable_bpd and main_process:
-        report['bpd'], report['bpd_nfe_mean'] = bits_per_dim(config, flow, device)
+        report['bpd'], report['bpd_nfe_mean'] = evaluation.bits_per_dim(config, flow, device)
       if e.enable_sampling or e.enable_figures_only:
         manifest = {'checkpoint_sha256': report['checkpoint_sha256'], 'seed': config.seed,
                     'round_size': e.batch_size, 'image_shape': [config.data.num_channels, config.data.image_size,
@@ -700,9 +342,9 @@ def evaluate(config, workdir, eval_folder):
         if e.enable_figures_only:
           config_one_round = config.copy_and_resolve_references()
           config_one_round.eval.num_samples = min(e.batch_size, 64)
-          results = sample_checkpoint(config_one_round, flow, rounds, None, device)
+          results = evaluation.sample_checkpoint(config_one_round, flow, rounds, None, device)
         else:
-          results = sample_checkpoint(config, flow, rounds, inception, device)
+          results = evaluation.sample_checkpoint(config, flow, rounds, inception, device)
         if not main_process:
           continue
         if 'labels' in results:  # One row per class.
@@ -717,23 +359,9 @@ def evaluate(config, workdir, eval_folder):
           report['guidance_scale'] = sampling.guidance_scale(config)
           if sampling.guidance_interval(config) is not None:
             report['guidance_interval'] = list(sampling.guidance_interval(config))
-          report.update(class_agreement(config, results['images'], results['labels']))
-        if inception is not None and e.metrics_backend == 'tfgan':
-          report.update(evaluation_tf.tfgan_metrics(results['logits'], results['pool_3'], reference['pool_3'],
-                                                    (reference['mu'], reference['sigma'])))
-          report['metrics_backend'] = 'tfgan'
-        elif inception is not None:
-          mu, sigma = evaluation.gaussian_statistics(results['pool_3'])
-          report['fid'] = evaluation.frechet_distance(mu, sigma, reference['mu'], reference['sigma'])
-          report['inception_score'] = evaluation.inception_score(results['logits'], splits=1)[0]
-          report['inception_score_split_mean'], report['inception_score_split_std'] = evaluation.inception_score(
-              results['logits'], splits=e.inception_score_splits)
-          if reference['pool_3'] is not None:
-            report['kid'], report['kid_std'] = evaluation.kernel_inception_distance(
-                results['pool_3'], reference['pool_3'], subsets=e.kid_subsets, subset_size=e.kid_subset_size,
-                seed=config.seed)
-          else:
-            report['kid'] = None  # The stats file has mu/sigma only, not the raw features KID needs.
+          report.update(evaluation.class_agreement(config, results['images'], results['labels']))
+        if inception is not None:
+          report.update(evaluation.sample_quality(config, results, reference))
     if not main_process:
       continue
     report['seconds'] = time.time() - started
@@ -747,7 +375,7 @@ def compute_reference_stats(config, workdir):
   device = select_device(config)
   inception = evaluation.InceptionFeatures(
       evaluation.resolve_inception_weights(config.eval.inception_weights_path), device)
-  batches = _held_out_batches(config, 'train', config.eval.stats_num_images)
+  batches = evaluation.held_out_batches(config, 'train', config.eval.stats_num_images)
   features = [inception(split_labels(batch)[0])[0] for batch in tqdm(batches, desc='reference stats')]
   pool_3 = torch.cat(features).numpy()
   evaluation.save_reference_statistics(config.eval.stats_path, pool_3)

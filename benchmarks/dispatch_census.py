@@ -38,7 +38,7 @@ def census_of_one_update(model, batch, device_setting, precision, fused):
   device = run_lib.select_device(config)
   run_lib.configure_backends(config, device)
   torch.manual_seed(0)
-  state = run_lib.build_training_state(config, device)
+  state = losses.build_training_state(config, device)
   flow = losses.build_rectified_flow(config, state['model'])
   step = losses.get_step_fn(config, losses.get_loss_fn(config, flow), list(state['model'].parameters()),
                             state['optimizer'], state['ema'], train=True, device=device,

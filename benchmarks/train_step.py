@@ -71,7 +71,7 @@ def benchmark(model, batch, steps, matmul_size, precision='fp32', channels_last=
   config.training.channels_last = channels_last
   run_lib.configure_backends(config, device)
   torch.manual_seed(0)
-  state = run_lib.build_training_state(config, device)
+  state = losses.build_training_state(config, device)
   module = torch.compile(state['model']) if compile_model else state['model']
   flow = losses.build_rectified_flow(config, module)
   params = list(state['model'].parameters())

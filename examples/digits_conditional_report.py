@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluation  # noqa: E402
 import evaluation_digits  # noqa: E402
 import losses  # noqa: E402
-import run_lib  # noqa: E402
+import reflow  # noqa: E402
 import sampling  # noqa: E402
 from configs.rectified_flow.digits_conditional_demo import get_config as conditional_config  # noqa: E402
 from configs.rectified_flow.digits_reflow_demo import (CONDITIONAL_ONE_RF_CHECKPOINT,  # noqa: E402
@@ -38,7 +38,7 @@ DISTILLED_CHECKPOINT = 'logs/digits_conditional_2rf_distill/checkpoints/checkpoi
 
 def load_flow(config, path):
   config.reflow.last_flow_ckpt = path
-  net, _ = run_lib.load_teacher(config, torch.device('cpu'))
+  net, _ = reflow.load_teacher(config, torch.device('cpu'))
   return losses.build_rectified_flow(config, net).eval()
 
 

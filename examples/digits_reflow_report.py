@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluation  # noqa: E402
 import evaluation_digits  # noqa: E402
 import losses  # noqa: E402
-import run_lib  # noqa: E402
+import reflow  # noqa: E402
 from configs.rectified_flow.digits_reflow_demo import ONE_RF_CHECKPOINT, TWO_RF_CHECKPOINT  # noqa: E402
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config  # noqa: E402
 from rectified_flow_pytorch import flow as flow_math  # noqa: E402
@@ -44,7 +44,7 @@ def report(checkpoints, num=1000, seed=12345):
       print(f'{name}: {path} not found, skipped')
       continue
     config.reflow.last_flow_ckpt = path
-    net, _ = run_lib.load_teacher(config, device)
+    net, _ = reflow.load_teacher(config, device)
     flow = losses.build_rectified_flow(config, net)
     straightness = evaluation.straightness(flow.velocity, noise, steps=100, eps=eps).mean().item()
     one_step, _ = solvers.euler(flow.velocity, noise, steps=1, t0=eps, step_size=1.0)

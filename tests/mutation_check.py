@@ -27,11 +27,11 @@ Fault = collections.namedtuple('Fault', 'name file old new tests why')
 
 FAULTS = [
     # The faults named by the issue "Every test can fail", each with the tests written to catch it.
-    Fault('fid_against_itself', 'run_lib.py',
-          "report['fid'] = evaluation.frechet_distance(mu, sigma, reference['mu'], reference['sigma'])",
-          "report['fid'] = evaluation.frechet_distance(*[reference['mu'], reference['sigma']] * 2)",
+    Fault('fid_against_itself', 'evaluation.py',
+          "report['fid'] = frechet_distance(mu, sigma, reference['mu'], reference['sigma'])",
+          "report['fid'] = frechet_distance(*[reference['mu'], reference['sigma']] * 2)",
           ['tests/test_evaluation.py', '-k', 'eval_sweep_writes'], 'FID of the reference statistics with themselves'),
-    Fault('bpd_without_8_bit_offset', 'run_lib.py',
+    Fault('bpd_without_8_bit_offset', 'evaluation.py',
           'offset = 7.0 if config.data.centered else 8.0', 'offset = 0.0',
           ['tests/test_evaluation.py', '-k', 'bits_per_dim'], 'bits/dim without the offset of the 8-bit range'),
     Fault('stats_written_as_zeros', 'run_lib.py',
@@ -56,7 +56,7 @@ FAULTS = [
           ['tests/test_fast_step.py', '-k', 'captured_optimizer'], "a graph-captured run saves the float32 lr"),
     Fault('ema_shadows_not_loaded', 'models/ema.py', 'mine.copy_(theirs)', 'pass',
           ['tests/test_high_resolution.py', '-k', 'resumes_training'], "a checkpoint's EMA shadows ignored on load"),
-    Fault('teacher_raw_weights', 'run_lib.py',
+    Fault('teacher_raw_weights', 'reflow.py',
           "  teacher['ema'].copy_to(teacher['model'].parameters())\n  net = teacher['model']",
           "  net = teacher['model']",
           ['tests/test_high_resolution.py', '-k', 'reflow_teacher'], 'pairs from the raw instead of the EMA weights'),
@@ -99,7 +99,7 @@ FAULTS = [
     Fault('pair_shards_read_whole', 'datasets/reflow_pairs.py',
           "np.load(path, mmap_mode='r', allow_pickle=False)", 'np.load(path, allow_pickle=False)',
           ['tests/test_reflow.py', '-k', 'memory_mapped'], 'pair shards read whole instead of memory-mapped'),
-    Fault('resident_data_limit_ignored', 'run_lib.py',
+    Fault('resident_data_limit_ignored', 'datasets/streams.py',
           'if nbytes > data.device_resident_max_gb * 1e9:', 'if False:',
           ['tests/test_fast_step.py', '-k', 'device_resident_max_gb'], 'data.device_resident_max_gb ignored'),
     Fault('compile_ignored', 'run_lib.py', 'if training.compile:', 'if False:',

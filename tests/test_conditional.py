@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import models
+import reflow
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_config
 from rectified_flow_pytorch import RectifiedFlow, Reflow, flow, solvers
 
@@ -337,14 +338,14 @@ def test_pairs_of_a_guided_teacher_carry_their_labels(conditional_teacher, tmp_p
   config.reflow.total_number_of_samples, config.reflow.pairs_per_shard = 12, 5
   config.reflow.pair_format = pair_format
   config.sampling.sample_N = 3
-  manifest = run_lib.generate_reflow_pairs(config, str(tmp_path / 'gen'))
+  manifest = reflow.generate_reflow_pairs(config, str(tmp_path / 'gen'))
   assert manifest['count'] == 12 and manifest['num_classes'] == 10 and manifest['guidance_scale'] == 2.0
   assert manifest['nfe']['mean'] == 6  # 3 Euler steps, each one call on the doubled batch: 2 evaluations.
 
   pairs = reflow_pairs.PairShards(str(tmp_path / 'pairs'), (1, 16, 16), num_classes=10)
   z0, z1, labels = (torch.stack([torch.as_tensor(pairs[i][k]) for i in range(12)]) for k in range(3))
   assert torch.equal(labels, torch.arange(12) % 10)  # eval.labels='all': pair i is made for digit i mod 10.
-  net, _ = run_lib.load_teacher(config, torch.device('cpu'))
+  net, _ = reflow.load_teacher(config, torch.device('cpu'))
   expected = sampling.get_sampling_fn(config, z0.shape)(losses.build_rectified_flow(config, net), noise=z0,
                                                          labels=labels)
   assert expected.contributing_nfe == 6
@@ -378,18 +379,17 @@ def test_online_reflow_of_a_guided_teacher_trains_a_conditional_student(conditio
   def teacher(x, t, labels=None, **guidance):
     asked.append(guidance)
     return torch.zeros_like(x)
-  next(run_lib.online_pair_batches(config, teacher, torch.device('cpu'), torch.Generator().manual_seed(0)))
+  next(reflow.online_pair_batches(config, teacher, torch.device('cpu'), torch.Generator().manual_seed(0)))
   assert asked[0] == {'guidance_scale': 2.0, 'guidance_interval': (0.5, 1.0)}
 
 
 def test_a_checkpoint_of_another_num_classes_names_the_setting_to_change(conditional_teacher):
-  import run_lib
 
   config = conditional_digits_config()
   config.model.num_classes, config.sampling.guidance_scale = 0, 1.0
   config.reflow.last_flow_ckpt = str(conditional_teacher / 'checkpoints' / 'checkpoint_1.pth')
   with pytest.raises(ValueError, match='set --config.model.num_classes=10'):
-    run_lib.load_teacher(config, torch.device('cpu'))
+    reflow.load_teacher(config, torch.device('cpu'))
 
 
 def test_guided_sampling_without_labels_is_a_clear_error():

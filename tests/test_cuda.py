@@ -18,6 +18,7 @@ import datasets
 import distributed
 import losses
 import models
+from datasets import streams
 import run_lib
 import sampling
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as demo_config
@@ -124,7 +125,7 @@ def test_the_fused_step_equals_the_unfused_fp32_step(tmp_path, deterministic_cud
   assert fused['step'] == unfused['step'] == 3 and fused['ema'].num_updates == unfused['ema'].num_updates == 3
   assert_states_close(flat_state(unfused), flat_state(fused), rtol=1e-5)
   run_lib.seed_everything(cuda_config().seed)
-  initial = flat_state(run_lib.build_training_state(cuda_config(), torch.device('cpu')))
+  initial = flat_state(losses.build_training_state(cuda_config(), torch.device('cpu')))
   assert not torch.equal(initial['param.0'], flat_state(fused)['param.0'].cpu())  # It trained.
 
 
@@ -210,12 +211,12 @@ def cuda_update(config):
   device = run_lib.select_device(config)
   run_lib.configure_backends(config, device)
   run_lib.seed_everything(config.seed)
-  state = run_lib.build_training_state(config, device)
+  state = losses.build_training_state(config, device)
   flow = losses.build_rectified_flow(config, state['model'])
   step = losses.get_step_fn(config, losses.get_loss_fn(config, flow), list(state['model'].parameters()),
                             state['optimizer'], state['ema'], train=True, device=device,
                             generator=torch.Generator(device).manual_seed(config.seed + 2))
-  batches = run_lib.data_batches(config, 0, device, run_lib.data_generator_for(config, device))
+  batches = streams.data_batches(config, 0, device, streams.data_generator_for(config, device))
   return lambda: step(state, [next(batches) for _ in range(config.training.grad_accum_steps)])
 
 
@@ -352,14 +353,14 @@ def test_rk45_on_cuda_matches_the_cpu(rk45_on_the_cpu, cuda_graph):
 
 @pytest.mark.parametrize('start_batch', [0, 24])
 def test_the_training_stream_on_cuda_yields_the_loaders_batches(start_batch):
-  """run_lib.training_stream with data.device_resident on CUDA against the data loader on the CPU: the digits demo's
+  """streams.training_stream with data.device_resident on CUDA against the data loader on the CPU: the digits demo's
   1,617 training images (float: resized), global batch 64, over an epoch boundary (after 25.3 batches)."""
   resident_config, loader_config = demo_config(), demo_config()
   loader_config.data.device_resident = False
   dataset = datasets.get_dataset(resident_config, train=True)
-  resident = run_lib.training_stream(resident_config, dataset, start_batch, torch.device('cuda'),
+  resident = streams.training_stream(resident_config, dataset, start_batch, torch.device('cuda'),
                                      resident_config.seed, resident=True)
-  loader = run_lib.training_stream(loader_config, dataset, start_batch, torch.device('cpu'), loader_config.seed,
+  loader = streams.training_stream(loader_config, dataset, start_batch, torch.device('cpu'), loader_config.seed,
                                    resident=True)
   for _ in range(30):
     (on_cuda, cuda_rows), (on_cpu, cpu_rows) = next(resident), next(loader)

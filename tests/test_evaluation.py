@@ -287,7 +287,7 @@ def test_bits_per_dim_of_a_gaussian_flow_on_digits_has_its_closed_form():
   grid = torch.linspace(0.0, 1.0, 256, dtype=torch.float64).reshape(1, 16, 16)
   mean, std = 0.3 * torch.cos(6.0 * grid), 0.7 + 0.4 * grid  # Per pixel, (1, 16, 16).
   flow = RectifiedFlow(GaussianToGaussianVelocity(mean, std, noise_std), noise_std=noise_std, time_eps=eps)
-  bpd, nfe = run_lib.bits_per_dim(config, flow, torch.device('cpu'))
+  bpd, nfe = evaluation.bits_per_dim(config, flow, torch.device('cpu'))
 
   # The framework integrates from the data at t = 1 to t = eps and scores x_eps under N(0, s0^2 I), so
   # log p(x1) = sum_pixels log N(x_eps; 0, s0^2) + log(sigma_eps / sigma_1), x_eps = eps m + (sigma_eps / s)(x1 - m).

@@ -34,7 +34,7 @@ def step_of(config, nan_data=False):
   one on a batch of NaN."""
   device = torch.device('cpu')
   torch.manual_seed(0)
-  state = run_lib.build_training_state(config, device)
+  state = losses.build_training_state(config, device)
   flow = losses.build_rectified_flow(config, state['model'])
   step = losses.get_step_fn(config, losses.get_loss_fn(config, flow), list(state['model'].parameters()),
                             state['optimizer'], state['ema'], train=True, device=device,

@@ -10,6 +10,9 @@ from PIL import Image
 
 import checkpoints
 import datasets
+import reflow
+import losses
+import models
 import run_lib
 from configs.default_lsun_configs import get_default_configs
 from tests.reference_data import reference_path
@@ -119,7 +122,7 @@ def published_ncsnpp_run(tmp_path):
 def ema_network(config, checkpoint):
   """The network of a published checkpoint with its EMA weights, loaded here with plain torch: the ``model`` state
   dict without its ``module.`` prefix, then the EMA shadows copied over the trainable parameters in their order."""
-  net = run_lib.create_model(config)
+  net = models.create_model(config)
   net.load_state_dict({key[len('module.'):]: value for key, value in checkpoint['model'].items()}, strict=True)
   trainable = [p for p in net.parameters() if p.requires_grad]
   with torch.no_grad():
@@ -202,7 +205,7 @@ def test_published_checkpoint_is_evaluated_and_used_as_a_reflow_teacher(publishe
   config.reflow.data_root = str(tmp_path / 'pairs')
   config.reflow.total_number_of_samples = 3
   config.reflow.pairs_per_shard = 2
-  manifest = run_lib.generate_reflow_pairs(config, str(tmp_path / 'gen'))
+  manifest = reflow.generate_reflow_pairs(config, str(tmp_path / 'gen'))
   assert manifest['count'] == 3
   # The pairs are the published Euler sampler of the EMA weights, solved here from the z0 stored in the shards:
   # N steps of size 1/N at t_i = eps + i (1 - eps) / N, the network seeing t_i * 999.
@@ -221,7 +224,7 @@ def test_published_checkpoint_is_evaluated_and_used_as_a_reflow_teacher(publishe
 def test_a_published_checkpoint_of_another_architecture_names_keys_and_config(published_ncsnpp_run):
   config, published, tmp_path = published_ncsnpp_run
   config.model.num_res_blocks = 2
-  state = run_lib.build_training_state(config, torch.device('cpu'))
+  state = losses.build_training_state(config, torch.device('cpu'))
   with pytest.raises(ValueError, match=r'Missing keys: .*Unexpected keys: .*The config expects model.name=ncsnpp, '
                                        r'.*num_res_blocks=2'):
-    checkpoints.load_checkpoint(published, state, architecture=run_lib.model_config_summary(config))
+    checkpoints.load_checkpoint(published, state, architecture=models.model_config_summary(config))

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 import losses
+import reflow
+import evaluation
+import models
 import run_lib
 import sampling
 from datasets import reflow_pairs
@@ -58,9 +61,9 @@ def test_reflow_time_schedules():
 
 def test_pairs_are_the_teachers_ode_solutions_with_a_complete_manifest(teacher, tmp_path):
   config = reflow_config(teacher, tmp_path / 'pairs')
-  manifest = run_lib.generate_reflow_pairs(config, str(tmp_path / 'run'))
+  manifest = reflow.generate_reflow_pairs(config, str(tmp_path / 'run'))
   assert manifest['count'] == 10 and sorted(manifest['shards']) == ['0', '1', '2']
-  assert manifest['teacher_sha256'] == run_lib.evaluation.file_sha256(teacher)
+  assert manifest['teacher_sha256'] == evaluation.file_sha256(teacher)
   assert manifest['sampler'] == 'euler' and manifest['sample_N'] == 3 and manifest['nfe']['mean'] == 3
   assert manifest['pair_format'] == 'float32' and manifest['bytes_per_pair'] == 2 * 4 * 256
 
@@ -69,7 +72,7 @@ def test_pairs_are_the_teachers_ode_solutions_with_a_complete_manifest(teacher, 
   z0 = torch.stack([pairs[i][0] for i in range(10)])
   z1 = torch.stack([pairs[i][1] for i in range(10)])
   torch.testing.assert_close(z0, flow_math.indexed_noise(config.seed, 0, 10, (1, 16, 16)))
-  net, _ = run_lib.load_teacher(config, torch.device('cpu'))
+  net, _ = reflow.load_teacher(config, torch.device('cpu'))
   flow = losses.build_rectified_flow(config, net)
   expected, _ = sampling.get_sampling_fn(config, z0.shape)(flow, noise=z0)
   torch.testing.assert_close(z1, expected, atol=1e-5, rtol=0)
@@ -77,13 +80,13 @@ def test_pairs_are_the_teachers_ode_solutions_with_a_complete_manifest(teacher, 
 
 def test_a_killed_generation_resumes_without_duplicated_or_missing_pairs(teacher, tmp_path):
   config = reflow_config(teacher, tmp_path / 'pairs')
-  run_lib.generate_reflow_pairs(config, str(tmp_path / 'run'))
+  reflow.generate_reflow_pairs(config, str(tmp_path / 'run'))
   folder = tmp_path / 'pairs' / f'seed_{config.seed}'
   complete = read_shards(folder)
   # Simulate a kill while shard 1 was being written: its file is gone, a half-written temporary is left.
   os.remove(folder / 'shard_000001.npy')
   (folder / 'shard_000001.npy.tmp-999.npy').write_bytes(b'partial')
-  run_lib.generate_reflow_pairs(config, str(tmp_path / 'run'))
+  reflow.generate_reflow_pairs(config, str(tmp_path / 'run'))
   resumed = read_shards(folder)
   assert resumed.keys() == complete.keys()
   for name in complete:
@@ -94,8 +97,8 @@ def test_a_killed_generation_resumes_without_duplicated_or_missing_pairs(teacher
 
 
 def test_compact_layout_regenerates_z0_and_is_four_times_smaller(teacher, tmp_path):
-  run_lib.generate_reflow_pairs(reflow_config(teacher, tmp_path / 'full'), str(tmp_path / 'run'))
-  compact = run_lib.generate_reflow_pairs(reflow_config(teacher, tmp_path / 'compact', pair_format='compact'),
+  reflow.generate_reflow_pairs(reflow_config(teacher, tmp_path / 'full'), str(tmp_path / 'run'))
+  compact = reflow.generate_reflow_pairs(reflow_config(teacher, tmp_path / 'compact', pair_format='compact'),
                                           str(tmp_path / 'run'))
   full_pairs = reflow_pairs.PairShards(str(tmp_path / 'full'))
   compact_pairs = reflow_pairs.PairShards(str(tmp_path / 'compact'))
@@ -109,11 +112,11 @@ def test_compact_layout_regenerates_z0_and_is_four_times_smaller(teacher, tmp_pa
 
 
 def test_pairs_from_other_settings_are_refused(teacher, tmp_path):
-  run_lib.generate_reflow_pairs(reflow_config(teacher, tmp_path / 'pairs'), str(tmp_path / 'run'))
+  reflow.generate_reflow_pairs(reflow_config(teacher, tmp_path / 'pairs'), str(tmp_path / 'run'))
   other = reflow_config(teacher, tmp_path / 'pairs')
   other.sampling.sample_N = 5
   with pytest.raises(ValueError, match='sample_N: 3 there, 5 now'):
-    run_lib.generate_reflow_pairs(other, str(tmp_path / 'run'))
+    reflow.generate_reflow_pairs(other, str(tmp_path / 'run'))
 
 
 def test_too_little_disk_is_refused_before_generating(teacher, tmp_path, monkeypatch):
@@ -121,12 +124,12 @@ def test_too_little_disk_is_refused_before_generating(teacher, tmp_path, monkeyp
   monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(10**9, 10**9 - 1000, 1000))
   config = reflow_config(teacher, tmp_path / 'pairs', total_number_of_samples=100000)
   with pytest.raises(OSError, match=r"GB but .* free.*'compact'"):
-    run_lib.generate_reflow_pairs(config, str(tmp_path / 'run'))
+    reflow.generate_reflow_pairs(config, str(tmp_path / 'run'))
   assert not list((tmp_path / 'pairs').rglob('*.npy'))
 
 
 def test_a_broken_shard_is_a_clear_error(teacher, tmp_path):
-  run_lib.generate_reflow_pairs(reflow_config(teacher, tmp_path / 'pairs'), str(tmp_path / 'run'))
+  reflow.generate_reflow_pairs(reflow_config(teacher, tmp_path / 'pairs'), str(tmp_path / 'run'))
   (tmp_path / 'pairs' / 'seed_42' / 'shard_000002.npy').write_bytes(b'not a numpy file')
   pairs = reflow_pairs.PairShards(str(tmp_path / 'pairs'))
   with pytest.raises(ValueError, match='shard_000002.npy.*unreadable.*delete it'):
@@ -147,8 +150,8 @@ def test_missing_teacher_and_missing_pairs_are_clear_errors(tmp_path):
 @pytest.mark.parametrize('init_from_ema', [False, True])
 def test_student_starts_from_the_teacher_with_fresh_optimiser_and_ema(teacher, tmp_path, init_from_ema):
   config = reflow_config(teacher, tmp_path / 'pairs', reflow_type='train_reflow', init_from_ema=init_from_ema)
-  state = run_lib.build_training_state(config, torch.device('cpu'))
-  run_lib.initialize_student_from_teacher(config, torch.device('cpu'))(state)
+  state = losses.build_training_state(config, torch.device('cpu'))
+  reflow.initialize_student_from_teacher(config, torch.device('cpu'))(state)
   saved = torch.load(teacher, map_location='cpu', weights_only=True)
   params = [p for p in state['model'].parameters() if p.requires_grad]
   if init_from_ema:
@@ -164,7 +167,7 @@ def test_student_starts_from_the_teacher_with_fresh_optimiser_and_ema(teacher, t
 @pytest.mark.parametrize('reflow_type,schedule', [('train_reflow', 'uniform'), ('train_reflow', 't0'),
                                                   ('train_reflow', '2'), ('train_online_reflow', 'uniform')])
 def test_reflow_training_runs_in_the_shared_loop_and_resumes(teacher, tmp_path, reflow_type, schedule):
-  run_lib.generate_reflow_pairs(reflow_config(teacher, tmp_path / 'pairs'), str(tmp_path / 'gen'))
+  reflow.generate_reflow_pairs(reflow_config(teacher, tmp_path / 'pairs'), str(tmp_path / 'gen'))
   config = reflow_config(teacher, tmp_path / 'pairs', reflow_type=reflow_type, reflow_t_schedule=schedule,
                          online_teacher_steps=2)
   workdir = tmp_path / 'student'
@@ -189,7 +192,7 @@ def test_reflow_lpips_losses_are_the_lpips_package_on_the_one_step_estimate_plus
   config = tiny_digits_config()
   config.model.init_scale = 1.0  # Not the published near-zero output layer: v enters both terms visibly.
   config.reflow.reflow_t_schedule = 't0'
-  net = run_lib.create_model(config).eval()  # No dropout: the loss and the reference see the same network.
+  net = models.create_model(config).eval()  # No dropout: the loss and the reference see the same network.
   flow = losses.build_rectified_flow(config, net)
   z0, z1 = torch.randn(2, 1, 16, 16), torch.rand(2, 1, 16, 16) * 2 - 1
   ours = {}

@@ -12,6 +12,7 @@ import torch
 import checkpoints
 import losses
 import models
+from datasets import streams
 import run_lib
 from tests import fault_injection
 from tests.conftest import TINY_RUN_UPDATES
@@ -153,8 +154,8 @@ def test_a_second_ctrl_c_stops_at_once_without_finishing_the_update(tmp_path, ca
 
   default_handler = signal.getsignal(signal.SIGINT)
   with caplog.at_level('WARNING'), pytest.raises(KeyboardInterrupt):
-    run_lib.run_training(config, str(tmp_path), train_batches=functools.partial(run_lib.data_batches, config),
-                         eval_batches=lambda start, device: run_lib.held_out_data_batches(config, start, device),
+    run_lib.run_training(config, str(tmp_path), train_batches=functools.partial(streams.data_batches, config),
+                         eval_batches=lambda start, device: streams.held_out_data_batches(config, start, device),
                          initialize=initialize)
   assert signal.getsignal(signal.SIGINT) is default_handler
   assert run['forwards'] == 4 and run['first_handled'] and caplog.text.count(handled) == 1
@@ -187,7 +188,7 @@ def batches_with_nan_at(config, nan_steps):
   """Training batches of the config where the batches of the given (1-based) updates hold a NaN pixel."""
 
   def train_batches(start, device, generator):
-    for step, (x0, x1, rows) in enumerate(run_lib.data_batches(config, start, device, generator), start=start + 1):
+    for step, (x0, x1, rows) in enumerate(streams.data_batches(config, start, device, generator), start=start + 1):
       if step in nan_steps:
         x1 = x1.clone()
         x1[0, 0, 0, 0] = float('nan')
@@ -198,7 +199,7 @@ def batches_with_nan_at(config, nan_steps):
 
 def run_with_nans(config, workdir, nan_steps):
   return run_lib.run_training(config, str(workdir), train_batches=batches_with_nan_at(config, nan_steps),
-                              eval_batches=lambda start, device: run_lib.held_out_data_batches(config, start, device))
+                              eval_batches=lambda start, device: streams.held_out_data_batches(config, start, device))
 
 
 def test_a_non_finite_loss_skips_the_update_and_is_counted(tmp_path):
@@ -234,7 +235,7 @@ def test_a_finite_loss_with_a_non_finite_gradient_skips_the_update_and_is_counte
   config = tiny_digits_config(n_iters=3)
   config.optim.fused = fused
   device = torch.device('cpu')
-  state = run_lib.build_training_state(config, device)
+  state = losses.build_training_state(config, device)
   params = [p for p in state['model'].parameters() if p.requires_grad]
   flow = losses.build_rectified_flow(config, state['model'])
   train_step = losses.get_step_fn(config, losses.get_loss_fn(config, flow), params, state['optimizer'],

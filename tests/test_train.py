@@ -223,7 +223,7 @@ def test_mixed_precision_trains_with_fp32_state_and_resumes_exactly(tmp_path, pr
   expected, actual = flat_state(uninterrupted), flat_state(resumed)
   assert all(torch.equal(expected[key], actual[key]) for key in expected)
   run_lib.seed_everything(config(4).seed)
-  fresh = flat_state(run_lib.build_training_state(config(4), torch.device('cpu')))
+  fresh = flat_state(losses.build_training_state(config(4), torch.device('cpu')))
   assert not torch.equal(fresh['param.0'], actual['param.0'])  # It trained.
 
 

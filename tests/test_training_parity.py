@@ -12,7 +12,7 @@ import torch
 
 import checkpoints
 import losses
-import run_lib
+import models
 from configs.rectified_flow.cifar10_rf_gaussian_ddpmpp import get_config as cifar10_config
 from tests.reference_data import reference_path
 
@@ -50,9 +50,9 @@ def fixture_training_config(fixture, fused):
 def replay(fixture, config):
   """Runs the fixture's updates through the framework's step; returns (state, losses)."""
   device = torch.device('cpu')
-  state = run_lib.build_training_state(config, device)
+  state = losses.build_training_state(config, device)
   checkpoints.load_network_weights(state['model'], fixture['init_model'])
-  state['ema'] = run_lib.ExponentialMovingAverage(state['model'].parameters(), decay=config.model.ema_rate)
+  state['ema'] = models.ExponentialMovingAverage(state['model'].parameters(), decay=config.model.ema_rate)
   times = {}
   flow = losses.build_rectified_flow(config, state['model'])
   loss_fn = losses.get_loss_fn(config, flow, times_fn=lambda size, device, generator: times['now'])

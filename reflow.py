@@ -1,0 +1,123 @@
+"""Reflow: the teacher, the student's initial weights, online pairs from the teacher's Euler solve, and the
+generation of (z0, z1) pair shards (Liu et al. 2022, Sec. 3.3); ``run_lib.reflow`` runs the stages."""
+import functools
+import logging
+import os
+
+import torch
+from tqdm import tqdm
+
+import checkpoints
+import distributed
+import evaluation
+import losses
+import sampling
+from datasets import reflow_pairs
+from datasets.streams import micro_batches_of, rows_of
+from models import ExponentialMovingAverage, model_config_summary, num_classes
+from rectified_flow_pytorch import flow as flow_math
+from rectified_flow_pytorch import solvers
+
+
+def load_teacher(config, device):
+  """The network of ``reflow.last_flow_ckpt`` with its EMA weights, frozen; also returns the file's sha256."""
+  path = config.reflow.last_flow_ckpt
+  if not path or not os.path.isfile(path):
+    raise FileNotFoundError(f'reflow.last_flow_ckpt={path!r} does not exist: pass the checkpoint of the flow to '
+                            f'reflow from, e.g. --config.reflow.last_flow_ckpt=logs/1_rf/checkpoints/checkpoint_13.pth')
+  teacher = losses.build_training_state(config, device)
+  checkpoints.load_checkpoint(path, teacher, device=device, load_optimizer=False,
+                              architecture=model_config_summary(config), allow_pickle=config.allow_pickle_checkpoints)
+  teacher['ema'].copy_to(teacher['model'].parameters())
+  net = teacher['model'].eval().requires_grad_(False)
+  return net, evaluation.file_sha256(path)
+
+
+def initialize_student_from_teacher(config, device):
+  """``initialize(state)``: the teacher's raw weights (published) or its EMA weights; fresh optimiser and EMA."""
+
+  def initialize(state):
+    path = config.reflow.last_flow_ckpt
+    teacher = losses.build_training_state(config, device)
+    checkpoints.load_checkpoint(path, teacher, device=device, load_optimizer=False,
+                              architecture=model_config_summary(config), allow_pickle=config.allow_pickle_checkpoints)
+    if config.reflow.init_from_ema:
+      teacher['ema'].copy_to(teacher['model'].parameters())
+    state['model'].load_state_dict(teacher['model'].state_dict())
+    state['ema'] = ExponentialMovingAverage(state['model'].parameters(), decay=config.model.ema_rate)
+    logging.info('Student initialised from the %s weights of %s', 'EMA' if config.reflow.init_from_ema else 'raw',
+                 path)
+
+  return initialize
+
+
+def online_pair_batches(config, teacher_velocity, device, generator, training=True):
+  """(z0, z1[, rows]) with z1 from the teacher's N-step Euler solve of fresh noise (published online reflow: N = 20).
+
+  For training, the noise of each global batch is drawn whole from ``generator`` (saved with checkpoints) and each
+  process solves its micro-batches' rows; held-out batches (``training=False``) are whole batches. A
+  class-conditional teacher (``teacher_velocity(x, t, labels=None)``) solves for labels drawn uniformly with the
+  noise, guided with ``reflow.teacher_guidance_scale`` over ``reflow.teacher_guidance_t_min/_t_max``
+  (``sampling.guidance_scale`` guides the student's own samples), and the labels come last: (z0, z1[, rows], labels).
+  """
+  size = config.training.batch_size
+  shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
+  steps, eps = config.reflow.online_teacher_steps, config.training.time_eps
+  micro_batch, micro_steps = micro_batches_of(config) if training else (size, 1)
+  classes = num_classes(config)
+  while True:
+    z0_global = torch.randn((size, *shape), generator=generator) * config.sampling.init_noise_scale
+    labels_global = torch.randint(classes, (size,), generator=generator) if classes else None
+    for micro_step in range(micro_steps):
+      rows = rows_of(micro_step, micro_batch) if training else slice(None)
+      z0 = z0_global[rows].to(device)
+      velocity, labels = teacher_velocity, None
+      if classes:
+        labels = labels_global[rows].to(device)
+        velocity = functools.partial(teacher_velocity, labels=labels,
+                                     guidance_scale=config.reflow.get('teacher_guidance_scale', 1.0),
+                                     guidance_interval=sampling.teacher_guidance_interval(config))
+      z1, _ = solvers.euler(velocity, z0, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps)
+      yield ((z0, z1, rows) if training else (z0, z1)) + (() if labels is None else (labels,))
+
+
+def generate_reflow_pairs(config, workdir):
+  """Pairs (z0, z1 = ODE(z0)) from the teacher's EMA weights, in atomic shards under reflow.data_root/seed_{seed}.
+
+  Under torchrun each process makes the shards i = rank, rank + world, ... of those missing; a pair's noise comes
+  from its own seed, so the pairs do not depend on the number of processes.
+  """
+  device = distributed.initialize(config.device)
+  r = config.reflow
+  if not r.data_root:
+    raise ValueError('reflow.data_root is empty: pass the folder for the pairs, e.g. '
+                     '--config.reflow.data_root=assets/reflow_data/1_rectified_flow')
+  net, teacher_sha256 = load_teacher(config, device)
+  flow = losses.build_rectified_flow(config, net)
+  shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
+  settings = {'teacher': os.path.abspath(r.last_flow_ckpt), 'teacher_sha256': teacher_sha256,
+              'weights': 'ema', 'pair_format': r.pair_format, 'image_shape': list(shape),
+              **sampling.sampler_settings(config)}
+  main_process = distributed.is_main_process()
+  with distributed.main_process_first():  # Rank 0 removes the half-written files of a killed run first.
+    writer = reflow_pairs.PairShardWriter(r.data_root, config.seed, settings, r.total_number_of_samples,
+                                          r.pairs_per_shard, clean_temporary=main_process)
+    needed = writer.check_free_disk()
+    missing = writer.missing_shards()
+  mine = [missing[i] for i in distributed.shard_indices(len(missing))]
+  logging.info('Generating %d of %d shards (%d by this process; %.2f GB, %d bytes per pair, format %s) into %s',
+               len(missing), writer.num_shards, len(mine), needed / 1e9,
+               reflow_pairs.bytes_per_pair(r.pair_format, shape), r.pair_format, writer.folder)
+  sample_fn = sampling.get_sampling_fn(config, (r.pairs_per_shard, *shape))
+  for index in tqdm(mine, desc='pair shards', dynamic_ncols=True, disable=not main_process):
+    first, count = writer.shard_range(index)
+    z0 = flow_math.indexed_noise(config.seed, first, count, shape, flow.noise_std).to(device)
+    labels = sampling.sample_labels(config, first, count)
+    generator = torch.Generator().manual_seed(config.seed * 2**32 + first)
+    solution = sample_fn(flow, noise=z0, generator=generator, labels=None if labels is None else labels.to(device))
+    writer.write_shard(index, z0, solution.x, solution.contributing_nfe, labels)
+  distributed.barrier()
+  if main_process:
+    writer.refresh_manifest()
+  logging.info('%s: %d pairs, NFE %s', writer.folder, writer.manifest.get('count', 0), writer.manifest.get('nfe'))
+  return writer.manifest

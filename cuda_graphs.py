@@ -11,6 +11,8 @@ import itertools
 
 import torch
 
+from datasets.batch import Batch
+
 
 class _CapturedCall:
   """One captured call: the graph and the static tensors it reads (x, t, extras) and writes (out)."""
@@ -198,8 +200,7 @@ class GraphedTrainStep:
                        f'(set training.cuda_graph=False for gradient accumulation)')
     if self.graph is None and self.eager_updates < self.warmup_updates:
       return self._eager(state, micro_batches)
-    (x0, x1, rows, *labels), = micro_batches  # (x0, x1, rows[, labels]).
-    labels = labels[0] if labels else None
+    (x0, x1, rows, labels), = micro_batches  # One datasets.Batch.
     with torch.cuda.device(x1.device):
       if self.graph is None:
         self._capture(state, x0, x1, rows, labels)
@@ -217,7 +218,7 @@ class GraphedTrainStep:
       return self._loss.clone()  # The next replay overwrites the static loss.
 
   def _eager(self, state, micro_batches):
-    with torch.cuda.device(micro_batches[0][1].device):
+    with torch.cuda.device(micro_batches[0].x1.device):
       current = torch.cuda.current_stream()
       side = torch.cuda.Stream()
       side.wait_stream(current)
@@ -256,8 +257,7 @@ class GraphedTrainStep:
     try:
       # thread_local: CUDA calls of other threads (a loader's pinning thread) do not break the capture.
       with torch.cuda.graph(graph, capture_error_mode='thread_local'):
-        batch = (self._x0, self._x1, self._rows) + (() if self._labels is None else (self._labels,))
-        self._loss = self.train_step.update(state, [batch])
+        self._loss = self.train_step.update(state, [Batch(self._x0, self._x1, self._rows, self._labels)])
     except RuntimeError as error:
       # The error that ends the capture is often a consequence ("capture invalidated") of the one before it.
       cause = f'{error}' if error.__context__ is None else f'{error}; first: {error.__context__}'

@@ -22,7 +22,6 @@ import distributed
 import evaluation_tf
 import pretrained_weights
 import sampling
-from datasets.streams import split_labels
 from rectified_flow_pytorch import flow as flow_math
 from rectified_flow_pytorch import likelihood, solvers
 
@@ -266,7 +265,7 @@ def held_out_batches(config, split, limit=0):
   if limit:
     dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
   return torch.utils.data.DataLoader(dataset, batch_size=config.eval.batch_size, shuffle=False,
-                                     num_workers=config.data.num_workers)
+                                     num_workers=config.data.num_workers, collate_fn=datasets.collate)
 
 
 @torch.no_grad()
@@ -276,8 +275,7 @@ def held_out_loss(config, flow, device):
   generator = torch.Generator().manual_seed(config.seed)
   total, count = 0.0, 0
   for batch in held_out_batches(config, 'test'):
-    batch, labels = split_labels(batch)
-    x1 = scaler(batch).to(device)
+    x1, labels = scaler(batch.x1).to(device), batch.labels
     noise = (torch.randn(x1.shape, generator=generator) * flow.noise_std).to(device)
     times = flow_math.sample_times(x1.shape[0], 'uniform', eps=flow.time_eps, generator=generator).to(device)
     labels = None if labels is None else labels.to(device)
@@ -295,9 +293,8 @@ def bits_per_dim(config, flow, device):
   offset = 7.0 if config.data.centered else 8.0
   values, nfes = [], []
   for batch in held_out_batches(config, config.eval.bpd_dataset, config.eval.bpd_num_images):
-    batch, labels = split_labels(batch)
-    x1 = scaler(datasets.augment(batch, random_flip=False, uniform_dequantization=True, generator=generator))
-    labels = None if labels is None else labels.to(device)
+    x1 = scaler(datasets.augment(batch.x1, random_flip=False, uniform_dequantization=True, generator=generator))
+    labels = None if batch.labels is None else batch.labels.to(device)
     log_p, nfe = likelihood.log_likelihood(
         lambda x, t, labels=labels: flow.velocity(x, t, labels=labels), x1.to(device), t_data=1.0, t_noise=config.training.time_eps, noise_std=flow.noise_std,
         divergence=config.eval.bpd_divergence, solver='rk45', rtol=config.sampling.ode_tol,

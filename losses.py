@@ -196,13 +196,6 @@ def get_loss_fn(config, flow, reflow=False, lpips_model=None, times_fn=None):
   return loss_fn
 
 
-def unpack_micro_batch(micro_batch):
-  """(x0 or None, x1, rows, labels or None) of a micro-batch (x0, x1, rows) or, class-conditional,
-  (x0, x1, rows, labels)."""
-  x0, x1, rows, *labels = micro_batch
-  return x0, x1, rows, labels[0] if labels else None
-
-
 def skips_updates_on_device(optimizer):
   """Whether ``optimizer`` can skip an update on a device flag (fused Adam reads ``found_inf``, as AMP's grad scaler
   uses it): then a non-finite update is dropped without the host reading the flag."""
@@ -214,8 +207,8 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.
   """One update (``train=True``) or one held-out loss on the EMA weights (``train=False``).
 
   ``train_step(state, micro_batches)`` takes ``state = {'model', 'ema', 'optimizer', 'step'}`` and this process's
-  micro-batches of one global batch, a list of (x0 or None, x1, rows[, labels]) in model space (``rows``: their
-  slice of the global batch of ``training.batch_size``; ``labels`` for a class-conditional model). Gradients are accumulated over the micro-batches (``ddp_module``
+  micro-batches of one global batch, a list of ``datasets.Batch`` in model space (``rows``: their slice of the
+  global batch of ``training.batch_size``). Gradients are accumulated over the micro-batches (``ddp_module``
   all-reduces them once, at the last) and averaged, so the update is that of the whole global batch. Noise and
   times come from ``generator``. Returns this process's mean loss (a detached device tensor).
 
@@ -223,7 +216,7 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.
   ``state['nonfinite_pending']`` (a device tensor: ``count_skipped_updates`` moves it to ``state['nonfinite_steps']``
   when the loop reads it). With fused Adam (``optim.fused``) this decision stays on the device: the update makes no
   host read at all. With fp16 an overflow of the scaled gradients is the ``grad_scaler``'s to handle (it skips the
-  update and lowers its scale; not counted). ``eval_step(state, x0, x1, labels=None)`` returns the loss of a batch
+  update and lowers its scale; not counted). ``eval_step(state, batch)`` returns the loss of a ``Batch``
   on the EMA weights (no label dropout).
 
   ``train_step`` is ``set_learning_rate(state['step'])``, then ``update(state, micro_batches)`` (the device work),
@@ -256,13 +249,13 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.
     # Every micro-batch draws (and slices) the global batch's noise and times: the same draws, from the same state.
     replay = generator.get_state() if generator is not None and len(micro_batches) > 1 else None
     for index, micro_batch in enumerate(micro_batches):
-      x0, x1, rows, labels = unpack_micro_batch(micro_batch)
       last = index == len(micro_batches) - 1
       if replay is not None and index > 0:
         generator.set_state(replay)
       with contextlib.nullcontext() if ddp_module is None or last else ddp_module.no_sync():
         with autocast(config, device):
-          loss = loss_fn(x0, x1, generator=generator, global_batch=global_batch, rows=rows, labels=labels)
+          loss = loss_fn(micro_batch.x0, micro_batch.x1, generator=generator, global_batch=global_batch,
+                         rows=micro_batch.rows, labels=micro_batch.labels)
         scaler.scale(loss / len(micro_batches)).backward()
       total = total + loss.detach().float()
     loss = total / len(micro_batches)
@@ -299,10 +292,10 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.
   train_step.set_learning_rate, train_step.update = set_learning_rate, update
 
   @torch.no_grad()
-  def eval_step(state, x0, x1, labels=None):
+  def eval_step(state, batch):
     state['model'].eval()
     with ema.average_parameters(params), autocast(config, device):
-      loss = loss_fn(x0, x1, labels=labels, train=False)
+      loss = loss_fn(batch.x0, batch.x1, labels=batch.labels, train=False)
     return loss.detach().float()
 
   return train_step if train else eval_step

@@ -12,7 +12,7 @@ import distributed
 import evaluation
 import losses
 import sampling
-from datasets import reflow_pairs
+from datasets import Batch, reflow_pairs
 from datasets.streams import micro_batches_of, rows_of
 from models import ExponentialMovingAverage, model_config_summary, num_classes
 from rectified_flow_pytorch import flow as flow_math
@@ -52,13 +52,13 @@ def initialize_student_from_teacher(config, device):
 
 
 def online_pair_batches(config, teacher_velocity, device, generator, training=True):
-  """(z0, z1[, rows]) with z1 from the teacher's N-step Euler solve of fresh noise (published online reflow: N = 20).
+  """``Batch(z0, z1, rows, labels)`` with z1 from the teacher's N-step Euler solve of fresh noise (published online reflow: N = 20).
 
   For training, the noise of each global batch is drawn whole from ``generator`` (saved with checkpoints) and each
   process solves its micro-batches' rows; held-out batches (``training=False``) are whole batches. A
   class-conditional teacher (``teacher_velocity(x, t, labels=None)``) solves for labels drawn uniformly with the
   noise, guided with ``reflow.teacher_guidance_scale`` over ``reflow.teacher_guidance_t_min/_t_max``
-  (``sampling.guidance_scale`` guides the student's own samples), and the labels come last: (z0, z1[, rows], labels).
+  (``sampling.guidance_scale`` guides the student's own samples); unconditional batches have labels None.
   """
   size = config.training.batch_size
   shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
@@ -78,7 +78,7 @@ def online_pair_batches(config, teacher_velocity, device, generator, training=Tr
                                      guidance_scale=config.reflow.get('teacher_guidance_scale', 1.0),
                                      guidance_interval=sampling.teacher_guidance_interval(config))
       z1, _ = solvers.euler(velocity, z0, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps)
-      yield ((z0, z1, rows) if training else (z0, z1)) + (() if labels is None else (labels,))
+      yield Batch(z0, z1, rows, labels)
 
 
 def generate_reflow_pairs(config, workdir):

@@ -20,7 +20,7 @@ import interruption
 import losses
 import sampling
 from datasets.streams import (data_batches, data_generator_for, held_out_data_batches, held_out_pair_batches,
-                              micro_batches_of, pair_batches, split_labels)
+                              micro_batches_of, pair_batches)
 from metrics_log import MetricsLog
 from models import model_config_summary, num_classes
 from reflow import generate_reflow_pairs, initialize_student_from_teacher, load_teacher, online_pair_batches
@@ -110,9 +110,9 @@ def count_skipped_updates(state, limit, last_good_checkpoint, since_step):
 def run_training(config, workdir, train_batches, eval_batches, initialize=None, lpips_model=None, reflow=False):
   """The one training loop of every stage; stages differ only in these arguments.
 
-  ``train_batches(start_batch, device, generator)`` yields this process's micro-batches (x0 or None, x1, rows) of
+  ``train_batches(start_batch, device, generator)`` yields this process's micro-batches (``datasets.Batch``) of
   every global batch from ``start_batch`` on (``rows``: their slice of the global batch), and
-  ``eval_batches(start_batch, device)`` held-out (x0 or None, x1) batches, all in model space; ``initialize(state)``
+  ``eval_batches(start_batch, device)`` held-out ``Batch`` es, all in model space; ``initialize(state)``
   sets the initial weights of a fresh run (e.g. the teacher's); ``reflow`` selects the reflow time schedule and
   loss of ``config.reflow``. Under torchrun every process trains its rows (DDP); only rank 0 writes files.
   """
@@ -233,7 +233,7 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
             raise interruption.TrainingInterrupted(signum, step, path)
 
         if main_process and step % training.eval_freq == 0:
-          eval_loss = eval_step(state, *next(held_out)).item()
+          eval_loss = eval_step(state, next(held_out)).item()
           metrics.log(step, eval_loss=eval_loss)
           logging.info('step: %d, eval_loss: %.5e', step, eval_loss)
 
@@ -376,7 +376,7 @@ def compute_reference_stats(config, workdir):
   inception = evaluation.InceptionFeatures(
       evaluation.resolve_inception_weights(config.eval.inception_weights_path), device)
   batches = evaluation.held_out_batches(config, 'train', config.eval.stats_num_images)
-  features = [inception(split_labels(batch)[0])[0] for batch in tqdm(batches, desc='reference stats')]
+  features = [inception(batch.x1)[0] for batch in tqdm(batches, desc='reference stats')]
   pool_3 = torch.cat(features).numpy()
   evaluation.save_reference_statistics(config.eval.stats_path, pool_3)
   logging.info('Wrote %s: pool_3 of %d images of %s', config.eval.stats_path, len(pool_3), config.data.dataset)

@@ -44,6 +44,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import losses  # noqa: E402
+from datasets import Batch  # noqa: E402
 import run_lib  # noqa: E402
 import sampling  # noqa: E402
 from benchmarks import sampling as sampling_benchmark  # noqa: E402
@@ -183,7 +184,7 @@ class MeasuredUpdates:
     del start_batch, device, generator  # One fixed batch in model space; the loop's generators stay unused.
     for done in itertools.count():
       self.between_updates(done)
-      yield None, self.x1, slice(None)
+      yield Batch(None, self.x1, slice(None))
 
   def between_updates(self, done):
     """Called when ``done`` updates are complete, before the next one starts."""

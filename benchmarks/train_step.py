@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import losses  # noqa: E402
+from datasets import Batch  # noqa: E402
 import run_lib  # noqa: E402
 from configs.rectified_flow.celeba_hq_pytorch_rf_gaussian import get_config as ncsnpp256_config  # noqa: E402
 from configs.rectified_flow.cifar10_rf_gaussian_ddpmpp import get_config as ddpmpp_config  # noqa: E402
@@ -82,7 +83,7 @@ def benchmark(model, batch, steps, matmul_size, precision='fp32', channels_last=
   size = config.data.image_size
   batch_data = torch.rand(batch, config.data.num_channels, size, size, device=device,
                           generator=torch.Generator(device).manual_seed(1)) * 2 - 1
-  micro_batches = [(None, batch_data, slice(None))]
+  micro_batches = [Batch(None, batch_data, slice(None))]
   rss_before = peak_rss_bytes()
   if device.type == 'cuda':
     torch.cuda.reset_peak_memory_stats()

@@ -4,6 +4,8 @@ import signal
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from datasets.batch import Batch, collate
+
 
 def ignore_stop_signals(worker_id):
   """Data-loader workers leave SIGTERM / SIGINT to the main process, which saves a checkpoint before it stops them
@@ -54,8 +56,9 @@ class EndlessShuffledSampler(Sampler):
 
 def endless_batches(dataset, batch_size, *, seed, start_batch=0, num_workers=0, pin_memory=False, micro_batch=None,
                     rank=0, world=1):
-  """Iterator over (m, C, H, W) micro-batches ([images, (m,) int64 labels] of a labelled dataset, as DataLoader
-  collates (image, label) items); batch k of a run is the same whether or not the run was resumed.
+  """Iterator over micro-batches of m items as ``Batch`` (``datasets.batch.collate``: x1 (m, C, H, W) images, with
+  (m,) int64 labels of a labelled dataset; z0 and z1 of pair shards); batch k of a run is the same whether or not
+  the run was resumed.
 
   The stream is the concatenation of seeded per-epoch permutations, cut into global batches of ``batch_size``, so a
   run resumed at update ``start_batch`` continues exactly where the interrupted one stopped. Under torchrun each
@@ -66,7 +69,7 @@ def endless_batches(dataset, batch_size, *, seed, start_batch=0, num_workers=0, 
   sampler = EndlessShuffledSampler(len(dataset), seed, global_batch=batch_size, start_batch=start_batch,
                                    micro_batch=micro_batch, rank=rank, world=world)
   loader = DataLoader(dataset, batch_size=sampler.micro_batch, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
+                      collate_fn=collate, pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
                       prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals,
                       # Its own generator, so creating the loader never draws from the global RNG.
                       generator=torch.Generator().manual_seed(seed))
@@ -74,23 +77,22 @@ def endless_batches(dataset, batch_size, *, seed, start_batch=0, num_workers=0, 
 
 
 def dataset_tensor(dataset, num_workers=0, batch_size=500):
-  """Every image of ``dataset`` in one (N, C, H, W) CPU tensor: uint8 when all values are 8-bit levels k / 255 (as
-  ToTensor makes them; 4x smaller, converted back exactly), float32 otherwise (e.g. resized digits). Of a labelled
-  dataset ((image, label) items): (images, labels), labels an (N,) int64 CPU tensor."""
+  """(images, labels): every image of ``dataset`` in one (N, C, H, W) CPU tensor, uint8 when all values are 8-bit
+  levels k / 255 (as ToTensor makes them; 4x smaller, converted back exactly), float32 otherwise (e.g. resized
+  digits); labels an (N,) int64 CPU tensor for a labelled dataset ((image, label) items), else None."""
   parts, label_parts = [], []
   # Its own generator: a loader draws a seed for its workers, which must not come from the global RNG (dropout).
   for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                          generator=torch.Generator().manual_seed(0)):
-    if isinstance(batch, (tuple, list)):  # [images, labels]
-      batch, labels = batch
-      label_parts.append(labels.long())
-    levels = (batch * 255.0).round()
-    parts.append(levels.to(torch.uint8) if torch.equal(levels / 255.0, batch) else batch.float())
+                          collate_fn=collate, generator=torch.Generator().manual_seed(0)):
+    if batch.labels is not None:
+      label_parts.append(batch.labels.long())
+    levels = (batch.x1 * 255.0).round()
+    parts.append(levels.to(torch.uint8) if torch.equal(levels / 255.0, batch.x1) else batch.x1.float())
   if all(part.dtype == torch.uint8 for part in parts):
     images = torch.cat(parts)
   else:
     images = torch.cat([part.float() / 255.0 if part.dtype == torch.uint8 else part for part in parts])
-  return (images, torch.cat(label_parts)) if label_parts else images
+  return images, torch.cat(label_parts) if label_parts else None
 
 
 class ResidentBatches:
@@ -99,8 +101,8 @@ class ResidentBatches:
   Same stream (seeded per-epoch permutations cut into global batches, this process's rows of each), so a run
   resumed at ``start_batch`` and the loader path see the same images in the same order; the gather runs on the
   device from a permutation kept there, so a batch costs no loader, worker or host-to-device copy. With ``labels``
-  ((N,) integers, those of ``dataset_tensor`` of a labelled dataset) it yields (images, labels) micro-batches, the
-  labels int64 on the images' device, as ``endless_batches`` yields [images, labels] of that dataset.
+  ((N,) integers, those of ``dataset_tensor`` of a labelled dataset) its ``Batch`` es carry the labels, int64 on
+  the images' device, as ``endless_batches`` does for that dataset.
   """
 
   def __init__(self, images, batch_size, *, seed, start_batch=0, micro_batch=None, rank=0, world=1, labels=None):
@@ -139,5 +141,5 @@ class ResidentBatches:
         indices = self._indices(first, s.micro_batch)
         images = self.images[indices]
         images = images.float() / 255.0 if images.dtype == torch.uint8 else images
-        yield images if self.labels is None else (images, self.labels[indices])
+        yield Batch(None, images, labels=None if self.labels is None else self.labels[indices])
       batch += 1

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import atomic_files
+from datasets.batch import Batch
 from rectified_flow_pytorch import flow
 
 PAIR_FORMATS = ('float32', 'compact')
@@ -126,8 +127,8 @@ class PairShardWriter:
 
 
 class PairShards(torch.utils.data.Dataset):
-  """Every finished shard under ``data_root`` (all seed folders) as one dataset of (z0, z1) float32 pairs, or of
-  (z0, z1, label) when the pairs come from a class-conditional teacher.
+  """Every finished shard under ``data_root`` (all seed folders) as one dataset of float32 pairs, each a
+  ``Batch(z0, z1, labels=label)`` whose label (an int) is that of a class-conditional teacher's pair, else None.
 
   ``num_classes``: that of the model to be trained on them (None: not checked); pairs with labels need a
   class-conditional model of at least their number of classes, and a class-conditional model needs labels.
@@ -211,6 +212,4 @@ class PairShards(torch.utils.data.Dataset):
     else:
       z1 = torch.from_numpy(np.array(array[offset], dtype=np.float32))
       z0 = flow.indexed_noise(seed, first_pair + offset, 1, self.shape, noise_scale)[0]
-    if labels is not None:
-      return z0, z1, int(self._shard_labels(shard)[offset])
-    return z0, z1
+    return Batch(z0, z1, labels=None if labels is None else int(self._shard_labels(shard)[offset]))

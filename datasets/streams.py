@@ -23,27 +23,19 @@ def rows_of(micro_step, micro_batch):
   return slice(first, first + micro_batch)
 
 
-def split_labels(batch):
-  """(images, labels) of a batch of a labelled dataset ((images, labels) or [images, labels]); (images, None) of
-  a batch of images."""
-  if isinstance(batch, (tuple, list)):
-    return batch[0], batch[1]
-  return batch, None
-
-
 def resident_training_images(config, dataset, device):
   """(images, labels or None) on ``device`` when ``data.device_resident`` and the images fit in
   ``data.device_resident_max_gb`` (as uint8 for 8-bit images: CIFAR-10 takes 150 MB), else None (the loader path)."""
   data = config.data
   if not data.device_resident:
     return None
-  nbytes = len(dataset) * split_labels(dataset[0])[0].numel()  # At one byte per value; float images take 4.
+  nbytes = len(dataset) * datasets.collate([dataset[0]]).x1.numel()  # At one byte per value; float images take 4.
   if nbytes > data.device_resident_max_gb * 1e9:
     logging.info('Training images (%.1f GB as uint8) exceed data.device_resident_max_gb=%g: using the data loader',
                  nbytes / 1e9, data.device_resident_max_gb)
     return None
   started = time.time()
-  images, labels = split_labels(datasets.dataset_tensor(dataset, num_workers=data.num_workers))
+  images, labels = datasets.dataset_tensor(dataset, num_workers=data.num_workers)
   images, labels = images.to(device), None if labels is None else labels.to(device)
   if images.element_size() * images.numel() > data.device_resident_max_gb * 1e9:
     logging.info('Training images (%.1f GB as %s) exceed data.device_resident_max_gb=%g: using the data loader',
@@ -55,7 +47,7 @@ def resident_training_images(config, dataset, device):
 
 
 def training_stream(config, dataset, start_batch, device, seed, resident=False):
-  """This process's micro-batches of every global batch from ``start_batch`` on, with their rows: (batch, rows).
+  """This process's micro-batches of every global batch from ``start_batch`` on, as ``Batch`` es with their rows.
 
   With ``resident`` (an image dataset) the images may be held on the device (``data.device_resident``); the
   batches are the same images in the same order either way.
@@ -71,7 +63,7 @@ def training_stream(config, dataset, start_batch, device, seed, resident=False):
     batches = datasets.endless_batches(dataset, num_workers=config.data.num_workers,
                                        pin_memory=device.type == 'cuda', **order)
   for index, batch in enumerate(batches):
-    yield batch, rows_of(index % micro_steps, micro_batch)
+    yield batch._replace(rows=rows_of(index % micro_steps, micro_batch))
 
 
 def data_generator_for(config, device):
@@ -80,58 +72,52 @@ def data_generator_for(config, device):
 
 
 def data_batches(config, start_batch, device, generator=None):
-  """Training micro-batches (None, x1, rows) of the configured dataset, augmented, in model space; (None, x1,
-  rows, labels) for a class-conditional model."""
+  """Training micro-batches ``Batch(None, x1, rows, labels)`` of the configured dataset on ``device``, augmented, in
+  model space (labels: those of a class-conditional model, else None)."""
   data = config.data
   dataset = datasets.get_dataset(config, train=True)
   scaler = datasets.get_data_scaler(config)
   micro_steps = config.training.grad_accum_steps
   replay = None
   stream = training_stream(config, dataset, start_batch, device, config.seed, resident=True)
-  for index, (batch, rows) in enumerate(stream):
+  for index, batch in enumerate(stream):
     if generator is not None and micro_steps > 1:  # Each micro-batch slices the same global-batch draws.
       if index % micro_steps == 0:
         replay = generator.get_state()
       else:
         generator.set_state(replay)
-    batch, labels = split_labels(batch)
     batch = batch.to(device, non_blocking=True)
-    batch = datasets.augment(batch, random_flip=data.random_flip, uniform_dequantization=data.uniform_dequantization,
-                             generator=generator, global_batch=config.training.batch_size, rows=rows)
-    if labels is None:
-      yield None, scaler(batch), rows
-    else:
-      yield None, scaler(batch), rows, labels.to(device, non_blocking=True)
+    x1 = datasets.augment(batch.x1, random_flip=data.random_flip, uniform_dequantization=data.uniform_dequantization,
+                          generator=generator, global_batch=config.training.batch_size, rows=batch.rows)
+    yield batch._replace(x1=scaler(x1))
 
 
 def held_out_data_batches(config, start_batch, device):
-  """(None, x1) batches of the held-out split in model space, not augmented (for the evaluation loss); (None, x1,
-  labels) for a class-conditional model."""
+  """``Batch(None, x1, labels=labels)`` of the held-out split on ``device`` in model space, not augmented (for the
+  evaluation loss)."""
   dataset = datasets.get_dataset(config, train=False)
   batches = datasets.endless_batches(dataset, min(config.training.batch_size, len(dataset)), seed=config.seed + 1,
                                      start_batch=start_batch)
   scaler = datasets.get_data_scaler(config)
   for batch in batches:
-    batch, labels = split_labels(batch)
-    x1 = scaler(batch.to(device, non_blocking=True))
-    yield (None, x1) if labels is None else (None, x1, labels.to(device, non_blocking=True))
+    batch = batch.to(device, non_blocking=True)
+    yield batch._replace(x1=scaler(batch.x1))
 
 
 def pair_batches(config, start_batch, device, generator=None):
-  """Training micro-batches (z0, z1, rows) read lazily from the pair shards under ``reflow.data_root``; (z0, z1,
-  rows, labels) for pairs of a class-conditional teacher."""
+  """Training micro-batches ``Batch(z0, z1, rows, labels)`` on ``device``, read lazily from the pair shards under
+  ``reflow.data_root`` (labels: those of a class-conditional teacher's pairs, else None)."""
   del generator  # Pairs are not augmented.
   shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
   pairs = reflow_pairs.PairShards(config.reflow.data_root, shape, num_classes(config))
-  for batch, rows in training_stream(config, pairs, start_batch, device, config.seed):
-    yield tuple(part.to(device, non_blocking=True) for part in batch[:2]) + (rows,) + tuple(
-        part.to(device, non_blocking=True) for part in batch[2:])
+  for batch in training_stream(config, pairs, start_batch, device, config.seed):
+    yield batch.to(device, non_blocking=True)
 
 
 def held_out_pair_batches(config, start_batch, device):
-  """(z0, z1[, labels]) batches of the pairs in another order, for the evaluation loss."""
+  """``Batch(z0, z1, labels=labels)`` of the pairs in another order on ``device``, for the evaluation loss."""
   shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
   pairs = reflow_pairs.PairShards(config.reflow.data_root, shape, num_classes(config))
   for batch in datasets.endless_batches(pairs, config.training.batch_size, seed=config.seed + 1,
                                         start_batch=start_batch):
-    yield tuple(part.to(device, non_blocking=True) for part in batch)
+    yield batch.to(device, non_blocking=True)

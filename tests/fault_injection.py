@@ -191,8 +191,8 @@ def read_pairs(data_root):
   from datasets import reflow_pairs
 
   pairs = reflow_pairs.PairShards(data_root)
-  z0 = torch.stack([pairs[i][0] for i in range(len(pairs))])
-  z1 = torch.stack([pairs[i][1] for i in range(len(pairs))])
+  z0 = torch.stack([pairs[i].x0 for i in range(len(pairs))])
+  z1 = torch.stack([pairs[i].x1 for i in range(len(pairs))])
   return z0, z1
 
 

@@ -343,7 +343,9 @@ def test_pairs_of_a_guided_teacher_carry_their_labels(conditional_teacher, tmp_p
   assert manifest['nfe']['mean'] == 6  # 3 Euler steps, each one call on the doubled batch: 2 evaluations.
 
   pairs = reflow_pairs.PairShards(str(tmp_path / 'pairs'), (1, 16, 16), num_classes=10)
-  z0, z1, labels = (torch.stack([torch.as_tensor(pairs[i][k]) for i in range(12)]) for k in range(3))
+  items = [pairs[i] for i in range(12)]
+  z0, z1 = torch.stack([item.x0 for item in items]), torch.stack([item.x1 for item in items])
+  labels = torch.tensor([item.labels for item in items])
   assert torch.equal(labels, torch.arange(12) % 10)  # eval.labels='all': pair i is made for digit i mod 10.
   net, _ = reflow.load_teacher(config, torch.device('cpu'))
   expected = sampling.get_sampling_fn(config, z0.shape)(losses.build_rectified_flow(config, net), noise=z0,

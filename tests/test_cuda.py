@@ -363,7 +363,7 @@ def test_the_training_stream_on_cuda_yields_the_loaders_batches(start_batch):
   loader = streams.training_stream(loader_config, dataset, start_batch, torch.device('cpu'), loader_config.seed,
                                    resident=True)
   for _ in range(30):
-    (on_cuda, cuda_rows), (on_cpu, cpu_rows) = next(resident), next(loader)
+    (_, on_cuda, cuda_rows, _), (_, on_cpu, cpu_rows, _) = next(resident), next(loader)
     assert on_cuda.device.type == 'cuda' and on_cpu.device.type == 'cpu'
     assert cuda_rows == cpu_rows and torch.equal(on_cuda.cpu(), on_cpu)
 
@@ -374,13 +374,13 @@ def test_resident_8_bit_batches_on_cuda_are_the_loaders_batches(world, rank, mic
   loader's float images k / 255, for any rank, micro-batch and resume point, across epochs (37 images, batch 6)."""
   levels = torch.randint(0, 256, (37, 3, 4, 4), generator=torch.Generator().manual_seed(0))
   dataset = TensorImages(levels.float() / 255.0)
-  stored = dataset_tensor(dataset)
+  stored, _ = dataset_tensor(dataset)
   assert stored.dtype == torch.uint8
   order = dict(seed=3, start_batch=start_batch, micro_batch=micro_batch, rank=rank, world=world)
   loader = endless_batches(dataset, 6, **order)
   resident = iter(ResidentBatches(stored.cuda(), 6, **order))
   for _ in range(40):
-    on_cuda, on_cpu = next(resident), next(loader)
+    on_cuda, on_cpu = next(resident).x1, next(loader).x1
     assert on_cuda.device.type == 'cuda'
     difference = (on_cuda.cpu() - on_cpu).abs().max().item()
     assert torch.equal(on_cuda.cpu(), on_cpu), f'max |difference| {difference:.3g}'

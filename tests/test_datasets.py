@@ -99,10 +99,10 @@ def test_processes_and_micro_batches_split_each_global_batch_without_changing_it
 
 def test_batches_resume_and_are_the_same_with_worker_processes():
   dataset = TensorImages(torch.arange(50, dtype=torch.float32).reshape(50, 1, 1, 1))
-  single = [b.flatten().tolist() for b in itertools.islice(datasets.endless_batches(dataset, 8, seed=1), 10)]
-  workers = [b.flatten().tolist() for b in itertools.islice(
+  single = [b.x1.flatten().tolist() for b in itertools.islice(datasets.endless_batches(dataset, 8, seed=1), 10)]
+  workers = [b.x1.flatten().tolist() for b in itertools.islice(
       datasets.endless_batches(dataset, 8, seed=1, num_workers=2), 10)]
-  resumed = [b.flatten().tolist() for b in itertools.islice(
+  resumed = [b.x1.flatten().tolist() for b in itertools.islice(
       datasets.endless_batches(dataset, 8, seed=1, start_batch=4), 6)]
   assert single == workers
   assert resumed == single[4:]
@@ -277,9 +277,9 @@ def test_dataset_tensor_returns_the_labels_of_a_labelled_dataset():
   assert images.dtype == torch.uint8 and torch.equal(images.float() / 255, dataset.images.images)
   assert labels.dtype == torch.int64 and labels.device.type == 'cpu'
   assert labels.tolist() == dataset.labels
-  digits = datasets.get_dataset(digits_config(), train=False)  # Unconditional: one float tensor, as before.
-  stored = datasets.dataset_tensor(digits, batch_size=50)
-  assert isinstance(stored, torch.Tensor) and torch.equal(stored, digits.images)
+  digits = datasets.get_dataset(digits_config(), train=False)  # Unconditional: float images, no labels.
+  stored, no_labels = datasets.dataset_tensor(digits, batch_size=50)
+  assert no_labels is None and torch.equal(stored, digits.images)
 
 
 @pytest.mark.parametrize('world, micro_batch, start_batch', [(1, None, 0), (1, 2, 3), (2, 3, 5), (2, 1, 11),
@@ -294,7 +294,7 @@ def test_resident_labelled_batches_are_the_loaders_batches(world, micro_batch, s
     loader = datasets.endless_batches(dataset, 6, **order)
     resident = iter(datasets.ResidentBatches(images, 6, labels=labels, **order))
     for _ in range(30):
-      (loader_images, loader_labels), (resident_images, resident_labels) = next(loader), next(resident)
+      (_, loader_images, _, loader_labels), (_, resident_images, _, resident_labels) = next(loader), next(resident)
       assert torch.equal(resident_images, loader_images) and torch.equal(resident_labels, loader_labels)
       assert resident_labels.dtype == torch.int64
       index = (resident_images[:, 0, 0, 0] * 255).round().long() // 7  # Which item each image is.

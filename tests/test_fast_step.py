@@ -11,7 +11,7 @@ import datasets
 import losses
 import run_lib
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as demo_config
-from datasets import ResidentBatches, dataset_tensor, endless_batches
+from datasets import Batch, ResidentBatches, dataset_tensor, endless_batches
 from datasets.digits import TensorImages
 from dispatch_census import DispatchCensus
 from models import ExponentialMovingAverage
@@ -41,9 +41,9 @@ def step_of(config, nan_data=False):
                             generator=torch.Generator().manual_seed(0))
   x1 = fixed_batch(config)
   micro = config.training.batch_size // config.training.grad_accum_steps
-  batches = [(None, x1[i * micro:(i + 1) * micro], slice(i * micro, (i + 1) * micro))
+  batches = [Batch(None, x1[i * micro:(i + 1) * micro], slice(i * micro, (i + 1) * micro))
              for i in range(config.training.grad_accum_steps)]
-  nan_batches = [(None, torch.full_like(x1, float('nan')), slice(None))]
+  nan_batches = [Batch(None, torch.full_like(x1, float('nan')), slice(None))]
 
   def update(nan=False):
     return step(state, nan_batches if nan else batches)
@@ -184,7 +184,7 @@ def digit_like(count, eight_bit):
 @pytest.mark.parametrize('eight_bit', [True, False])
 def test_dataset_tensor_keeps_8_bit_images_as_uint8_and_returns_the_same_values(eight_bit):
   images = digit_like(37, eight_bit)
-  stored = dataset_tensor(TensorImages(images), batch_size=10)
+  stored, _ = dataset_tensor(TensorImages(images), batch_size=10)
   assert stored.dtype == (torch.uint8 if eight_bit else torch.float32)
   restored = stored.float() / 255.0 if eight_bit else stored
   assert torch.equal(restored, images)
@@ -198,9 +198,11 @@ def test_resident_batches_are_the_loaders_batches(world, rank, micro_batch, star
   dataset = TensorImages(images)
   order = dict(seed=3, start_batch=start_batch, micro_batch=micro_batch, rank=rank, world=world)
   loader = endless_batches(dataset, 6, **order)
-  resident = iter(ResidentBatches(dataset_tensor(dataset), 6, **order))
+  resident = iter(ResidentBatches(dataset_tensor(dataset)[0], 6, **order))
   for _ in range(40):
-    assert torch.equal(next(loader), next(resident))
+    from_loader, from_device = next(loader), next(resident)
+    assert from_loader.labels is None and from_device.labels is None
+    assert torch.equal(from_loader.x1, from_device.x1)
 
 
 def test_training_on_resident_data_equals_training_on_the_loader(tmp_path):

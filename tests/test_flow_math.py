@@ -6,6 +6,7 @@ from torch import nn
 import evaluation
 import losses
 from configs.default_cifar10_configs import get_default_configs
+from datasets import Batch
 from models import ExponentialMovingAverage
 from rectified_flow_pytorch import RectifiedFlow, flow, solvers
 
@@ -92,7 +93,7 @@ def test_the_training_steps_loss_and_gradient_follow_training_reduce_mean(reduce
                             ExponentialMovingAverage(params, decay=config.model.ema_rate), train=True,
                             generator=torch.Generator().manual_seed(0))
   x0, x1, signs = pairs_with_known_errors(c, torch.float32)
-  micro_batches = [(x0[:2], x1[:2], slice(0, 2)), (x0[2:], x1[2:], slice(2, 4))]
+  micro_batches = [Batch(x0[:2], x1[:2], slice(0, 2)), Batch(x0[2:], x1[2:], slice(2, 4))]
   loss = step({'model': net, 'step': 0}, micro_batches)
   assert loss.item() == pytest.approx(MEAN_OF_SQUARES * PIXELS * per_pixel, rel=1e-5)
   amplitudes = torch.tensor(AMPLITUDES).reshape(-1, 1, 1, 1)

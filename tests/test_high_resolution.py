@@ -10,9 +10,9 @@ from PIL import Image
 
 import checkpoints
 import datasets
+import models
 import reflow
 import losses
-import models
 import run_lib
 from configs.default_lsun_configs import get_default_configs
 from tests.reference_data import reference_path
@@ -86,7 +86,7 @@ def test_lsun_reads_its_lmdb_export(tmp_path):
       .float() / 255 for array in written])  # (5, 3, 32, 32)
   for i in range(5):  # Record i of the LMDB (keys in order) is item i.
     torch.testing.assert_close(dataset[i], expected[i], atol=1e-6, rtol=0)
-  batch = next(datasets.endless_batches(dataset, 4, seed=0, num_workers=2))  # LMDB handles survive workers.
+  batch = next(datasets.endless_batches(dataset, 4, seed=0, num_workers=2)).x1  # LMDB handles survive workers.
   assert batch.shape == (4, 3, 32, 32)
   for image in batch:  # Workers read the same pixels: each image of the batch is one of the records.
     assert min((image - other).abs().max().item() for other in expected) < 1e-6

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import losses
-import reflow
 import evaluation
 import models
+import reflow
 import run_lib
 import sampling
 from datasets import reflow_pairs
@@ -69,8 +69,8 @@ def test_pairs_are_the_teachers_ode_solutions_with_a_complete_manifest(teacher, 
 
   pairs = reflow_pairs.PairShards(str(tmp_path / 'pairs'), (1, 16, 16))
   assert len(pairs) == 10
-  z0 = torch.stack([pairs[i][0] for i in range(10)])
-  z1 = torch.stack([pairs[i][1] for i in range(10)])
+  z0 = torch.stack([pairs[i].x0 for i in range(10)])
+  z1 = torch.stack([pairs[i].x1 for i in range(10)])
   torch.testing.assert_close(z0, flow_math.indexed_noise(config.seed, 0, 10, (1, 16, 16)))
   net, _ = reflow.load_teacher(config, torch.device('cpu'))
   flow = losses.build_rectified_flow(config, net)
@@ -92,7 +92,7 @@ def test_a_killed_generation_resumes_without_duplicated_or_missing_pairs(teacher
   for name in complete:
     np.testing.assert_array_equal(resumed[name], complete[name])
   pairs = reflow_pairs.PairShards(str(tmp_path / 'pairs'))
-  z0 = torch.stack([pairs[i][0] for i in range(len(pairs))])
+  z0 = torch.stack([pairs[i].x0 for i in range(len(pairs))])
   assert len(pairs) == 10 and len(torch.unique(z0.flatten(1), dim=0)) == 10
 
 
@@ -103,8 +103,8 @@ def test_compact_layout_regenerates_z0_and_is_four_times_smaller(teacher, tmp_pa
   full_pairs = reflow_pairs.PairShards(str(tmp_path / 'full'))
   compact_pairs = reflow_pairs.PairShards(str(tmp_path / 'compact'))
   for i in range(10):
-    torch.testing.assert_close(compact_pairs[i][0], full_pairs[i][0], atol=0, rtol=0)
-    torch.testing.assert_close(compact_pairs[i][1], full_pairs[i][1], atol=2e-3, rtol=1e-3)  # float16 z1.
+    torch.testing.assert_close(compact_pairs[i].x0, full_pairs[i].x0, atol=0, rtol=0)
+    torch.testing.assert_close(compact_pairs[i].x1, full_pairs[i].x1, atol=2e-3, rtol=1e-3)  # float16 z1.
   full_bytes = sum(f.stat().st_size for f in (tmp_path / 'full').rglob('*.npy'))
   compact_bytes = sum(f.stat().st_size for f in (tmp_path / 'compact').rglob('*.npy'))
   assert compact['bytes_per_pair'] * 4 == 2 * 4 * 256
@@ -259,7 +259,8 @@ def test_pair_shards_are_memory_mapped_and_items_are_their_rows(tmp_path, pair_f
   for i in range(5):  # Item i is row i % 3 of shard i // 3, as np.load reads it.
     shard, row = divmod(i, 3)
     array = np.load(writer.shard_path(shard))
-    z0, z1 = pairs[i]
+    z0, z1, _, labels = pairs[i]
+    assert labels is None
     if pair_format == 'float32':  # (2, N, C, H, W)
       assert torch.equal(z0, torch.from_numpy(array[0, row])) and torch.equal(z1, torch.from_numpy(array[1, row]))
     else:  # (N, C, H, W) float16 z1; z0 from the seed of pair i.
@@ -271,7 +272,7 @@ def test_pair_shards_are_memory_mapped_and_items_are_their_rows(tmp_path, pair_f
   on_disk[(1, 2) if pair_format == 'float32' else 2] = 7.0
   on_disk.flush()
   del on_disk
-  assert torch.all(pairs[2][1] == 7.0)
+  assert torch.all(pairs[2].x1 == 7.0)
 
 
 def test_lpips_weights_offline_is_a_clear_error(tmp_path, monkeypatch):

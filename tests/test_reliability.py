@@ -12,8 +12,8 @@ import torch
 import checkpoints
 import losses
 import models
-from datasets import streams
 import run_lib
+from datasets import Batch, streams
 from tests import fault_injection
 from tests.conftest import TINY_RUN_UPDATES
 from tests.test_train import flat_state, tiny_digits_config
@@ -188,11 +188,12 @@ def batches_with_nan_at(config, nan_steps):
   """Training batches of the config where the batches of the given (1-based) updates hold a NaN pixel."""
 
   def train_batches(start, device, generator):
-    for step, (x0, x1, rows) in enumerate(streams.data_batches(config, start, device, generator), start=start + 1):
+    for step, batch in enumerate(streams.data_batches(config, start, device, generator), start=start + 1):
       if step in nan_steps:
-        x1 = x1.clone()
+        x1 = batch.x1.clone()
         x1[0, 0, 0, 0] = float('nan')
-      yield x0, x1, rows
+        batch = batch._replace(x1=x1)
+      yield batch
 
   return train_batches
 
@@ -244,7 +245,7 @@ def test_a_finite_loss_with_a_non_finite_gradient_skips_the_update_and_is_counte
   assert losses.skips_updates_on_device(state['optimizer']) == fused
   shape = (config.training.batch_size, config.data.num_channels, config.data.image_size, config.data.image_size)
   x1 = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 2.0 - 1.0  # (B, C, H, W) in model space.
-  micro_batches = [(None, x1, slice(0, shape[0]))]
+  micro_batches = [Batch(None, x1, slice(0, shape[0]))]
   assert torch.isfinite(train_step(state, micro_batches))  # A good update first: Adam and the EMA have state.
   before, ema_updates = flat_state(state), state['ema'].num_updates
 

@@ -176,8 +176,8 @@ def test_image_folder_tfds_equals_torchvision_and_serves_workers(tmp_path):
   # TF decodes (JPEG with the accurate IDCT, as Pillow), then the torchvision backend's own resize + crop runs.
   assert torch.equal(all_images(tfds_dataset), all_images(torchvision_dataset))
   assert all_images(tfds_dataset).shape == (6, 3, 16, 16)
-  reference = next(datasets.endless_batches(torchvision_dataset, 4, seed=3))
-  assert torch.equal(next(datasets.endless_batches(tfds_dataset, 4, seed=3, num_workers=2)), reference)
+  reference = next(datasets.endless_batches(torchvision_dataset, 4, seed=3)).x1
+  assert torch.equal(next(datasets.endless_batches(tfds_dataset, 4, seed=3, num_workers=2)).x1, reference)
 
 
 @needs_tfds
@@ -282,4 +282,4 @@ def test_torchvision_cifar10_yields_images_not_pairs(fake_cifar10_archives, unch
   config = cifar10_config()
   config.data.root = fake_cifar10_archives[0]
   batch = next(datasets.endless_batches(datasets.get_dataset(config), 4, seed=0))
-  assert isinstance(batch, torch.Tensor) and batch.shape == (4, 3, 32, 32)
+  assert batch.labels is None and batch.x1.shape == (4, 3, 32, 32)

@@ -86,9 +86,10 @@ def test_metrics_hold_the_warm_up_lr_images_per_second_and_the_held_out_loss_of_
     if train:
       return step
 
-    def eval_step(state, x0, x1, labels=None):
-      held_out_losses.append((torch.get_rng_state(), x1.clone(), [s.clone() for s in state['ema'].shadow_params]))
-      return step(state, x0, x1, labels)
+    def eval_step(state, batch):
+      held_out_losses.append((torch.get_rng_state(), batch.x1.clone(),
+                              [s.clone() for s in state['ema'].shadow_params]))
+      return step(state, batch)
 
     return eval_step
 

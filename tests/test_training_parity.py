@@ -14,6 +14,7 @@ import checkpoints
 import losses
 import models
 from configs.rectified_flow.cifar10_rf_gaussian_ddpmpp import get_config as cifar10_config
+from datasets import Batch
 from tests.reference_data import reference_path
 
 # What the fixture's numpy scalars (the optimiser's lr, as the published code saved it) need, and nothing else.
@@ -61,7 +62,7 @@ def replay(fixture, config):
   seen = []
   for batch, noise, t in zip(fixture['batches'], fixture['z0'], fixture['t']):
     times['now'] = t
-    seen.append(float(step(state, [(noise, batch, slice(None))])))
+    seen.append(float(step(state, [Batch(noise, batch, slice(None))])))
   return state, seen
 
 

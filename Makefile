@@ -13,12 +13,14 @@ install-dev:
 demo: install
 	$(PYTHON) main.py --config configs/rectified_flow/digits_rf_gaussian_ddpmpp_demo.py --mode train --workdir $(DEMO_WORKDIR)
 
+# Lint (ruff.toml: 120 columns, pyflakes, import order), then the tests.
 test: install-dev
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q
 
 benchmark: install
 	$(PYTHON) benchmarks/train_step.py
-	$(PYTHON) benchmarks/sampling.py --quick
+	$(PYTHON) benchmarks/sampling_speed.py --quick
 
 # Seeds known faults into copies of the tree and checks that the tests catch each (not part of `make test`).
 mutation-check: install-dev

@@ -22,8 +22,7 @@ import distributed
 import evaluation_tf
 import pretrained_weights
 import sampling
-from rectified_flow_pytorch import flow as flow_math
-from rectified_flow_pytorch import likelihood, solvers
+from rectified_flow_pytorch import flow_math, likelihood, solvers
 
 INCEPTION_WEIGHTS_URL = ('https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/'
                          'weights-inception-2015-12-05-6726825d.pth')
@@ -233,8 +232,8 @@ def write_sweep_table(eval_dir):
         reports.append(json.load(handle))
   reports.sort(key=lambda r: r['checkpoint'])
   columns = ['checkpoint', 'step', 'num_samples', 'fid', 'inception_score', 'inception_score_split_mean',
-             'inception_score_split_std', 'kid', 'kid_std', 'nfe_mean', 'network_calls_mean', 'straightness', 'eval_loss', 'bpd',
-             'sampler', 'seconds']
+             'inception_score_split_std', 'kid', 'kid_std', 'nfe_mean', 'network_calls_mean', 'straightness',
+             'eval_loss', 'bpd', 'sampler', 'seconds']
   with atomic_files.atomic_open(os.path.join(eval_dir, 'report.csv'), 'w') as handle:
     writer = csv.DictWriter(handle, fieldnames=columns, extrasaction='ignore')
     writer.writeheader()
@@ -296,7 +295,8 @@ def bits_per_dim(config, flow, device):
     x1 = scaler(datasets.augment(batch.x1, random_flip=False, uniform_dequantization=True, generator=generator))
     labels = None if batch.labels is None else batch.labels.to(device)
     log_p, nfe = likelihood.log_likelihood(
-        lambda x, t, labels=labels: flow.velocity(x, t, labels=labels), x1.to(device), t_data=1.0, t_noise=config.training.time_eps, noise_std=flow.noise_std,
+        lambda x, t, labels=labels: flow.velocity(x, t, labels=labels), x1.to(device), t_data=1.0,
+        t_noise=config.training.time_eps, noise_std=flow.noise_std,
         divergence=config.eval.bpd_divergence, solver='rk45', rtol=config.sampling.ode_tol,
         atol=config.sampling.ode_tol, generator=generator)
     values.append(likelihood.bits_per_dim(log_p.cpu(), x1[0].numel(), offset))
@@ -322,18 +322,14 @@ def sample_checkpoint(config, flow, rounds, inception, device):
     if part is None:
       first = index * e.batch_size
       count = min(e.batch_size, e.num_samples - first)
-      noise = flow_math.indexed_noise(config.seed, first, count, shape, flow.noise_std).to(device)
-      labels = sampling.sample_labels(config, first, count)
-      meter = solvers.StraightnessMeter(noise)
-      generator = torch.Generator().manual_seed(config.seed * 2**32 + first)
-      solution = sample_fn(flow, noise=noise, on_step=meter.on_step, generator=generator,
-                           labels=None if labels is None else labels.to(device))
+      _, labels, solution, straightness = sampling.sample_indexed(config, flow, sample_fn, first, count, device,
+                                                                  straightness=True)
       samples = solution.x
       images = InceptionFeatures.to_uint8(inverse_scaler(samples).clamp(0.0, 1.0)).cpu()
       pool_3, logits = inception(images) if inception is not None else (np.zeros((count, 0)), np.zeros((count, 0)))
       part = {'images': images.numpy(), 'pool_3': np.asarray(pool_3), 'logits': np.asarray(logits),
               'nfe': np.full(count, solution.contributing_nfe), 'network_calls': np.full(count, solution.nfe),
-              'straightness': meter.value(samples).cpu().numpy()}
+              'straightness': straightness.cpu().numpy()}
       if labels is not None:
         part['labels'] = labels.numpy()
       rounds.write(index, **part)

@@ -7,14 +7,11 @@ import torch.nn.functional as F
 
 import pretrained_weights
 from models import ExponentialMovingAverage, VelocityField, create_model, num_classes
-from rectified_flow_pytorch import RectifiedFlow
-from rectified_flow_pytorch import flow as flow_math
+from rectified_flow_pytorch import RectifiedFlow, flow_math
+from speed.precision import training_autocast
 
 REFLOW_LOSSES = ('l2', 'lpips', 'lpips+l2')
 VGG16_WEIGHTS_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
-
-
-PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def build_rectified_flow(config, net):
@@ -37,35 +34,6 @@ def get_optimizer(config, params, device=torch.device('cpu')):
   fused = {'fused': True} if optim.fused and device.type in ('cuda', 'cpu') else {}
   return torch.optim.Adam(params, lr=optim.lr, betas=(optim.beta1, 0.999), eps=optim.eps,
                           weight_decay=optim.weight_decay, **fused)
-
-
-def native_bf16(device):
-  """Whether ``device`` does bf16 arithmetic natively: CPUs with AVX512-BF16 or AMX (oneDNN's bf16 kernels), and
-  CUDA GPUs of compute capability 8.0 or later."""
-  if device.type == 'cpu':
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-  if device.type == 'cuda':
-    return torch.cuda.get_device_capability(device)[0] >= 8
-  return False
-
-
-def resolve_precision(config, device):
-  """``training.precision``, with 'auto' resolved for ``device``: bf16 on CPUs with native bf16 (measured 1.4x
-  faster than fp32 on the digits demo and 1.6x on the CIFAR-10 DDPM++ step, same loss curve:
-  benchmarks/precision_curve.py), fp32 elsewhere. On CUDA 'auto' stays fp32 (TF32) until bf16 is measured faster
-  there: eager bf16 ran at 0.79x of fp32 on an H100 (NCHW/NHWC conversions, GroupNorm casts)."""
-  precision = config.training.precision
-  if precision == 'auto':
-    return 'bf16' if device.type == 'cpu' and native_bf16(device) else 'fp32'
-  if precision not in PRECISIONS:
-    raise ValueError(f"Unknown training.precision {precision!r}; valid: {list(PRECISIONS)} or 'auto'")
-  return precision
-
-
-def autocast(config, device):
-  """The ``training.precision`` autocast context: fp32 (off), bf16 or fp16 (weights and optimiser stay fp32)."""
-  dtype = PRECISIONS[resolve_precision(config, device)]
-  return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def build_training_state(config, device):
@@ -220,7 +188,7 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.
   on the EMA weights (no label dropout).
 
   ``train_step`` is ``set_learning_rate(state['step'])``, then ``update(state, micro_batches)`` (the device work),
-  then ``state['step'] += 1``; both parts are attributes of it, so that ``cuda_graphs.GraphedTrainStep`` can
+  then ``state['step'] += 1``; both parts are attributes of it, so that ``speed.cuda_graphs.GraphedTrainStep`` can
   capture ``update`` and run the host parts around each replay.
   """
   params = [p for p in params if p.requires_grad]
@@ -231,7 +199,7 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.
 
   def set_learning_rate(step):
     """The warm-up lr of update ``step`` (0-based) in every group: written into a device lr in place (the captured
-    update of ``cuda_graphs.GraphedTrainStep`` reads it there; a fill launches no host read), else assigned."""
+    update of ``speed.cuda_graphs.GraphedTrainStep`` reads it there; a fill launches no host read), else assigned."""
     lr = learning_rate(config, step)
     for group in optimizer.param_groups:
       if isinstance(group['lr'], torch.Tensor):
@@ -253,7 +221,7 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.
       if replay is not None and index > 0:
         generator.set_state(replay)
       with contextlib.nullcontext() if ddp_module is None or last else ddp_module.no_sync():
-        with autocast(config, device):
+        with training_autocast(config, device):
           loss = loss_fn(micro_batch.x0, micro_batch.x1, generator=generator, global_batch=global_batch,
                          rows=micro_batch.rows, labels=micro_batch.labels)
         scaler.scale(loss / len(micro_batches)).backward()
@@ -294,7 +262,7 @@ def get_step_fn(config, loss_fn, params, optimizer, ema, train, *, device=torch.
   @torch.no_grad()
   def eval_step(state, batch):
     state['model'].eval()
-    with ema.average_parameters(params), autocast(config, device):
+    with ema.average_parameters(params), training_autocast(config, device):
       loss = loss_fn(batch.x0, batch.x1, labels=batch.labels, train=False)
     return loss.detach().float()
 

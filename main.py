@@ -10,6 +10,7 @@ from ml_collections import config_flags
 import distributed
 import interruption
 import run_lib
+from configs import with_defaults
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
@@ -33,7 +34,7 @@ def log_to_file(path):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config, workdir = FLAGS.config, FLAGS.workdir
+  config, workdir = with_defaults(FLAGS.config), FLAGS.workdir  # Keys added since the file was written: defaults.
   if FLAGS.device is not None:
     config.device = FLAGS.device
   if FLAGS.mode == 'eval' and not os.path.isdir(workdir):

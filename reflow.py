@@ -15,12 +15,11 @@ import sampling
 from datasets import Batch, reflow_pairs
 from datasets.streams import micro_batches_of, rows_of
 from models import ExponentialMovingAverage, model_config_summary, num_classes
-from rectified_flow_pytorch import flow as flow_math
 from rectified_flow_pytorch import solvers
 
 
-def load_teacher(config, device):
-  """The network of ``reflow.last_flow_ckpt`` with its EMA weights, frozen; also returns the file's sha256."""
+def read_teacher(config, device):
+  """The training state (network, EMA; no optimiser state) of the teacher checkpoint ``reflow.last_flow_ckpt``."""
   path = config.reflow.last_flow_ckpt
   if not path or not os.path.isfile(path):
     raise FileNotFoundError(f'reflow.last_flow_ckpt={path!r} does not exist: pass the checkpoint of the flow to '
@@ -28,31 +27,35 @@ def load_teacher(config, device):
   teacher = losses.build_training_state(config, device)
   checkpoints.load_checkpoint(path, teacher, device=device, load_optimizer=False,
                               architecture=model_config_summary(config), allow_pickle=config.allow_pickle_checkpoints)
+  return teacher
+
+
+def load_teacher(config, device):
+  """The network of ``reflow.last_flow_ckpt`` with its EMA weights, frozen; also returns the file's sha256."""
+  teacher = read_teacher(config, device)
   teacher['ema'].copy_to(teacher['model'].parameters())
   net = teacher['model'].eval().requires_grad_(False)
-  return net, evaluation.file_sha256(path)
+  return net, evaluation.file_sha256(config.reflow.last_flow_ckpt)
 
 
 def initialize_student_from_teacher(config, device):
   """``initialize(state)``: the teacher's raw weights (published) or its EMA weights; fresh optimiser and EMA."""
 
   def initialize(state):
-    path = config.reflow.last_flow_ckpt
-    teacher = losses.build_training_state(config, device)
-    checkpoints.load_checkpoint(path, teacher, device=device, load_optimizer=False,
-                              architecture=model_config_summary(config), allow_pickle=config.allow_pickle_checkpoints)
+    teacher = read_teacher(config, device)
     if config.reflow.init_from_ema:
       teacher['ema'].copy_to(teacher['model'].parameters())
     state['model'].load_state_dict(teacher['model'].state_dict())
     state['ema'] = ExponentialMovingAverage(state['model'].parameters(), decay=config.model.ema_rate)
     logging.info('Student initialised from the %s weights of %s', 'EMA' if config.reflow.init_from_ema else 'raw',
-                 path)
+                 config.reflow.last_flow_ckpt)
 
   return initialize
 
 
 def online_pair_batches(config, teacher_velocity, device, generator, training=True):
-  """``Batch(z0, z1, rows, labels)`` with z1 from the teacher's N-step Euler solve of fresh noise (published online reflow: N = 20).
+  """``Batch(z0, z1, rows, labels)``, z1 the teacher's N-step Euler solve of fresh noise (published online reflow:
+  N = 20).
 
   For training, the noise of each global batch is drawn whole from ``generator`` (saved with checkpoints) and each
   process solves its micro-batches' rows; held-out batches (``training=False``) are whole batches. A
@@ -75,7 +78,7 @@ def online_pair_batches(config, teacher_velocity, device, generator, training=Tr
       if classes:
         labels = labels_global[rows].to(device)
         velocity = functools.partial(teacher_velocity, labels=labels,
-                                     guidance_scale=config.reflow.get('teacher_guidance_scale', 1.0),
+                                     guidance_scale=config.reflow.teacher_guidance_scale,
                                      guidance_interval=sampling.teacher_guidance_interval(config))
       z1, _ = solvers.euler(velocity, z0, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps)
       yield Batch(z0, z1, rows, labels)
@@ -111,10 +114,7 @@ def generate_reflow_pairs(config, workdir):
   sample_fn = sampling.get_sampling_fn(config, (r.pairs_per_shard, *shape))
   for index in tqdm(mine, desc='pair shards', dynamic_ncols=True, disable=not main_process):
     first, count = writer.shard_range(index)
-    z0 = flow_math.indexed_noise(config.seed, first, count, shape, flow.noise_std).to(device)
-    labels = sampling.sample_labels(config, first, count)
-    generator = torch.Generator().manual_seed(config.seed * 2**32 + first)
-    solution = sample_fn(flow, noise=z0, generator=generator, labels=None if labels is None else labels.to(device))
+    z0, labels, solution, _ = sampling.sample_indexed(config, flow, sample_fn, first, count, device)
     writer.write_shard(index, z0, solution.x, solution.contributing_nfe, labels)
   distributed.barrier()
   if main_process:

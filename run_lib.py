@@ -12,18 +12,25 @@ from tqdm import tqdm
 
 import atomic_files
 import checkpoints
-import cuda_graphs
 import datasets
 import distributed
 import evaluation
 import interruption
 import losses
 import sampling
-from datasets.streams import (data_batches, data_generator_for, held_out_data_batches, held_out_pair_batches,
-                              micro_batches_of, pair_batches)
+from datasets.streams import (
+  data_batches,
+  data_generator_for,
+  held_out_data_batches,
+  held_out_pair_batches,
+  micro_batches_of,
+  pair_batches,
+)
 from metrics_log import MetricsLog
 from models import model_config_summary, num_classes
 from reflow import generate_reflow_pairs, initialize_student_from_teacher, load_teacher, online_pair_batches
+from speed import cuda_graphs
+from speed.precision import resolve_precision
 
 
 def select_device(config):
@@ -128,11 +135,11 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
   micro_batch, micro_steps = micro_batches_of(config)
   logging.info('Model %s: %s parameters on %s; global batch %d = %d processes x %d micro-batches x %d, %s',
                config.model.name, f'{sum(p.numel() for p in net.parameters()):,}', device, training.batch_size,
-               distributed.world_size(), micro_steps, micro_batch, losses.resolve_precision(config, device))
+               distributed.world_size(), micro_steps, micro_batch, resolve_precision(config, device))
   data_generator = data_generator_for(config, device)  # Augmentations; saved with the RNG state.
   path_generator = torch.Generator(device).manual_seed(config.seed + 2)  # Training noise and times; likewise.
   state['grad_scaler'] = torch.amp.GradScaler(device.type,
-                                              enabled=losses.resolve_precision(config, device) == 'fp16')
+                                              enabled=resolve_precision(config, device) == 'fp16')
 
   with distributed.main_process_first():  # Rank 0 sets corrupt files aside; the others then read what it read.
     resumed, resumed_path = checkpoints.resume_from_preemption_checkpoint(

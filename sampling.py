@@ -1,19 +1,16 @@
 """Config -> library adapters for the samplers, and sample grids."""
-import contextlib
 
 import torch
 from torchvision.utils import save_image
 
 import atomic_files
-import cuda_graphs
 from models import num_classes
-from rectified_flow_pytorch import flow as flow_math
-from rectified_flow_pytorch import solvers
+from rectified_flow_pytorch import flow_math, solvers
+from speed import cuda_graphs
+from speed.precision import autocast, check_sampling_precision
 
 # sampling.ode_state_dtype: the dtype of the solver's state x and of its step control (RK45's error estimate).
 ODE_STATE_DTYPES = {'float32': torch.float32, 'float64': torch.float64}
-# sampling.precision: the autocast dtype around the network call (None: the network's own dtype).
-PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16}
 # Settings that change samples but were added after evaluation folders and pair folders existed: recorded in their
 # manifests only when they differ from these defaults, so folders made with the defaults stay valid.
 SETTINGS_RECORDED_WHEN_NOT_DEFAULT = {'ode_state_dtype': 'float32', 'precision': 'fp32', 'guidance_scale': 1.0,
@@ -21,23 +18,21 @@ SETTINGS_RECORDED_WHEN_NOT_DEFAULT = {'ode_state_dtype': 'float32', 'precision':
 
 
 def guidance_scale(config):
-  """``sampling.guidance_scale`` (1: no guidance; configs written before class conditioning lack the key)."""
-  return config.sampling.get('guidance_scale', 1.0)
+  """``sampling.guidance_scale`` (1: no guidance)."""
+  return config.sampling.guidance_scale
 
 
 def guidance_interval(config):
   """(t_min, t_max) of the times that ``sampling.guidance_scale`` acts on (``sampling.guidance_t_min`` and
-  ``_t_max``); None for all of [0, 1], the default (and for configs written before the keys existed)."""
+  ``_t_max``); None for all of [0, 1], the default."""
   s = config.sampling
-  return checked_interval('sampling.guidance', s.guidance_t_min if 'guidance_t_min' in s else 0.0,
-                          s.guidance_t_max if 'guidance_t_max' in s else 1.0)
+  return checked_interval('sampling.guidance', s.guidance_t_min, s.guidance_t_max)
 
 
 def teacher_guidance_interval(config):
   """``guidance_interval`` of the online reflow teacher: ``reflow.teacher_guidance_t_min`` and ``_t_max``."""
   r = config.reflow
-  return checked_interval('reflow.teacher_guidance', r.teacher_guidance_t_min if 'teacher_guidance_t_min' in r else 0.0,
-                          r.teacher_guidance_t_max if 'teacher_guidance_t_max' in r else 1.0)
+  return checked_interval('reflow.teacher_guidance', r.teacher_guidance_t_min, r.teacher_guidance_t_max)
 
 
 def checked_interval(prefix, t_min, t_max):
@@ -57,8 +52,7 @@ def check_sampling_options(config):
   s = config.sampling
   if s.ode_state_dtype not in ODE_STATE_DTYPES:
     raise ValueError(f'Unknown sampling.ode_state_dtype {s.ode_state_dtype!r}; valid: {list(ODE_STATE_DTYPES)}')
-  if s.precision not in PRECISIONS:
-    raise ValueError(f'Unknown sampling.precision {s.precision!r}; valid: {list(PRECISIONS)}')
+  check_sampling_precision(s.precision)
   guidance_interval(config)
   if guidance_scale(config) != 1.0 and not num_classes(config):
     raise ValueError(f'sampling.guidance_scale={guidance_scale(config)} needs a class-conditional model '
@@ -72,7 +66,7 @@ def sample_labels(config, first, count):
   classes = num_classes(config)
   if not classes:
     return None
-  spec = str(config.eval.get('labels', 'all')).strip()
+  spec = str(config.eval.labels).strip()
   if spec == 'all':
     choices = torch.arange(classes)
   else:
@@ -84,6 +78,25 @@ def sample_labels(config, first, count):
       raise ValueError(f"eval.labels={spec!r}: use 'all' or a comma-separated list of classes in [0, {classes}), "
                        f"e.g. --config.eval.labels='3,5,7'")
   return choices[torch.arange(first, first + count) % len(choices)]
+
+
+def sample_indexed(config, flow, sample_fn, first, count, device, straightness=False):
+  """Samples first .. first + count - 1 of a seeded set (the samples of an evaluation, the pairs of a generation)
+  with ``sample_fn`` (``get_sampling_fn``): sample i's noise comes from its own seed (``flow_math.indexed_noise``),
+  its label from its index (``sample_labels``), and the stochastic sampler's draws from a generator seeded by
+  (``seed``, ``first``), so that a sample does not depend on how the set is split into batches or processes.
+
+  Returns (noise on ``device``, labels on the CPU or None, the ``solvers.ODESolution``, and with ``straightness``
+  the (count,) straightness of each path (``solvers.StraightnessMeter``), else None).
+  """
+  shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
+  noise = flow_math.indexed_noise(config.seed, first, count, shape, flow.noise_std).to(device)
+  labels = sample_labels(config, first, count)
+  meter = solvers.StraightnessMeter(noise) if straightness else None
+  generator = torch.Generator().manual_seed(config.seed * 2**32 + first)
+  solution = sample_fn(flow, noise=noise, on_step=None if meter is None else meter.on_step, generator=generator,
+                       labels=None if labels is None else labels.to(device))
+  return noise, labels, solution, None if meter is None else meter.value(solution.x)
 
 
 def grid_labels(config, per_class):
@@ -112,7 +125,7 @@ def sampler_settings(config):
               'eps': config.training.time_eps, 'sigma_variance': s.sigma_variance,
               'init_noise_scale': s.init_noise_scale}
   for key, default in SETTINGS_RECORDED_WHEN_NOT_DEFAULT.items():
-    if s.get(key, default) != default:
+    if s[key] != default:
       settings[key] = s[key]
   if num_classes(config):  # Which label each sample was made for, and how strongly guided.
     settings.update(num_classes=num_classes(config), labels=str(config.eval.labels),
@@ -129,16 +142,12 @@ def network_velocity(flow, precision='fp32', guidance=1.0, interval=None):
   weight cache is off, so the weights are cast inside every call: a CUDA graph of the call then reads the current
   weights, not copies cast when it was captured.
   """
-  if precision not in PRECISIONS:
-    raise ValueError(f'Unknown sampling.precision {precision!r}; valid: {list(PRECISIONS)}')
-  autocast_dtype = PRECISIONS[precision]
+  check_sampling_precision(precision)
 
   def velocity(x, t, labels=None):
     parameter = next((p for p in flow.parameters() if p.is_floating_point()), None)
     network_dtype = parameter.dtype if parameter is not None else x.dtype
-    context = (contextlib.nullcontext() if autocast_dtype is None else
-               torch.autocast(x.device.type, dtype=autocast_dtype, cache_enabled=False))
-    with context:
+    with autocast(precision, x.device.type, cache_enabled=False):
       v = flow.velocity(x.to(network_dtype), t.to(network_dtype), labels=labels,
                         guidance_scale=1.0 if labels is None else guidance,
                         guidance_interval=None if labels is None else interval)
@@ -165,7 +174,7 @@ def get_sampling_fn(config, shape):
   Speed and precision: the solver's state and step control are in ``sampling.ode_state_dtype`` (float64 is scipy's
   solve_ivp of the published sampler: the same x1 to 1e-4 and the same NFE); the network runs in its parameter dtype
   (``network_velocity``), under bf16 autocast with ``sampling.precision='bf16'``; on CUDA with
-  ``sampling.cuda_graph`` the network call is replayed from a CUDA graph per batch shape (``cuda_graphs``), kept
+  ``sampling.cuda_graph`` the network call is replayed from a CUDA graph per batch shape (``speed.cuda_graphs``), kept
   for the last flow sampled and checked against its weights' memory at the start of every sample. Samples come
   back in the noise's dtype (float32), as the published sampler's ``.type(torch.float32)`` of solve_ivp's result.
   """

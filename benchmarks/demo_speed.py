@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -32,19 +33,37 @@ SETTINGS = (
 )
 
 
-def loop_updates_per_second(overrides, updates, root, device, tree=REPO_ROOT):
-  workdir = os.path.join(root, str(len(os.listdir(root))))
+def run_demo(workdir, device, overrides, tree=REPO_ROOT, env=None):
+  """``main.py --mode train`` of ``tree`` on its demo config in ``workdir`` with the flags ``overrides``; (the
+  completed process, its output captured, and its wall seconds). A failed run is returned, not raised."""
   device_flag = [f'--device={device}'] if tree == REPO_ROOT else []  # Older checkouts may lack the flag.
   command = [sys.executable, os.path.join(tree, 'main.py'), f'--config={CONFIG.replace(REPO_ROOT, tree)}',
-             f'--workdir={workdir}', '--mode=train', *device_flag, f'--config.training.n_iters={updates}',
-             '--config.training.snapshot_sampling=False', *overrides]
-  subprocess.run(command, check=True, capture_output=True, text=True, cwd=tree)
+             f'--workdir={workdir}', '--mode=train', *device_flag, *overrides]
+  started = time.perf_counter()
+  completed = subprocess.run(command, capture_output=True, text=True, cwd=tree, env=env)
+  return completed, time.perf_counter() - started
+
+
+def read_run(workdir):
+  """(the records of metrics.jsonl, config.json) of a training run in ``workdir``."""
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as handle:
     records = [json.loads(line) for line in handle]
   with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as handle:
-    batch = json.load(handle)['training']['batch_size']
-  rates = [r['images_per_second'] for r in records if 'images_per_second' in r][1:]
-  return float(np.mean(rates)) / batch
+    return records, json.load(handle)
+
+
+def loop_image_rates(records):
+  """The images/s the training loop logged, per window, after the first (start-up and the first, slower updates)."""
+  return [r['images_per_second'] for r in records if 'images_per_second' in r][1:]
+
+
+def loop_updates_per_second(overrides, updates, root, device, tree=REPO_ROOT):
+  workdir = os.path.join(root, str(len(os.listdir(root))))
+  completed, _ = run_demo(workdir, device, [f'--config.training.n_iters={updates}',
+                                           '--config.training.snapshot_sampling=False', *overrides], tree)
+  completed.check_returncode()
+  records, config = read_run(workdir)
+  return float(np.mean(loop_image_rates(records))) / config['training']['batch_size']
 
 
 def main():

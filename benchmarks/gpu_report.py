@@ -10,16 +10,18 @@ leak from one to the next), it measures
   baseline; kernels per update and the device's busy fraction from torch.profiler (the summed durations of the
   CUDA kernels of the profiled updates over their wall time; the profiler slows the host a little, so the fraction
   is a lower bound); peak memory (``torch.cuda.max_memory_allocated`` over the timed updates); operators and host
-  reads per update (``dispatch_census.DispatchCensus``, not taken under torch.compile);
-- the full DDPM++ forward at batch 1024 as the samplers call it (``sampling.network_velocity``) in fp32 and bf16;
+  reads per update (``speed.dispatch_census.DispatchCensus``, not taken under torch.compile);
+- the full DDPM++ forward at batch 1024 as the samplers call it (``sampling.network_velocity``) in fp32 and bf16,
+  built and timed by benchmarks/sampling_speed.py's ``network_call`` and ``time_network_call``;
 - RK45 through ``sampling.get_sampling_fn`` (tol 1e-5) with the digits demo's DDPM++ at batch 1024, eager, from
   CUDA graphs, in bf16 and with a float64 state, against scipy's ``solve_ivp`` on the same problem (the driver of
-  benchmarks/sampling.py); the EMA weights of --digits-checkpoint, else random weights with model.init_scale 1
+  benchmarks/sampling_speed.py); the EMA weights of --digits-checkpoint, else random weights with model.init_scale 1
   (an untrained DDPM++ is an almost constant field that RK45 crosses in 8 calls);
-- with --demo, the wall time of the digits demo: ``main.py`` on its config with ``--device cuda``.
+- with --demo, the wall time of the digits demo: ``main.py`` on its config with ``--device cuda``, run as
+  benchmarks/demo_speed.py runs it.
 
-Options that this checkout's config does not have yet are listed as skipped. Every table is printed as it is done
-and all of them are written, under the machine's name and the torch version, to --out.
+Every table is printed as it is done and all of them are written, under the machine's name and the torch version,
+to --out.
 
   python benchmarks/gpu_report.py                                   # writes logs/gpu_report.md
   python benchmarks/gpu_report.py --compile --demo --digits-checkpoint logs/digits_demo/checkpoints/checkpoint_3.pth
@@ -44,19 +46,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import losses  # noqa: E402
-from datasets import Batch  # noqa: E402
 import run_lib  # noqa: E402
 import sampling  # noqa: E402
-from benchmarks import sampling as sampling_benchmark  # noqa: E402
-from benchmarks import train_step  # noqa: E402
-from benchmarks.demo_speed import CONFIG as DEMO_CONFIG  # noqa: E402
+from benchmarks import demo_speed, sampling_speed, train_step  # noqa: E402
+from benchmarks.timing import synchronize, timed  # noqa: E402
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_config  # noqa: E402
-from dispatch_census import DispatchCensus  # noqa: E402
-
-try:
-  import cuda_graphs  # noqa: E402
-except ImportError:  # Older checkouts: no CUDA-graph rows.
-  cuda_graphs = None
+from datasets import Batch  # noqa: E402
+from speed import cuda_graphs  # noqa: E402
+from speed.dispatch_census import DispatchCensus  # noqa: E402
+from speed.precision import resolve_precision  # noqa: E402
 
 MODELS = {'ddpmpp': train_step.MODELS['ddpmpp'], 'digits': ('digits demo DDPM++ 16x16', digits_config)}
 
@@ -97,17 +95,10 @@ RK45_SETTINGS = (
     ('torch, float64 state, fp32, TF32 off, CUDA graph',
      {'ode_state_dtype': 'float64', 'precision': 'fp32', 'cuda_graph': True}, False),
 )
-# What a sampling option that the config does not have yet amounts to: fp32 eager network calls, float32 state.
-SAMPLING_WITHOUT_THE_KEY = {'precision': 'fp32', 'cuda_graph': False, 'ode_state_dtype': 'float32'}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Small helpers.
-
-def missing_keys(config, overrides):
-  """The 'section.key' names among ``overrides`` that ``config`` does not have."""
-  return [name for name in overrides if name.split('.')[1] not in config[name.split('.')[0]]]
-
 
 def apply_overrides(config, overrides):
   for name, value in overrides.items():
@@ -152,6 +143,12 @@ def markdown_table(header, rows):
   return lines + ['| ' + ' | '.join(str(cell) for cell in row) + ' |' for row in rows]
 
 
+def failure(completed):
+  """What a failed process (``subprocess.CompletedProcess``) amounts to: its exit status and last line of stderr."""
+  lines = [line for line in completed.stderr.splitlines() if line.strip()] or ['no output']
+  return f'failed (exit {completed.returncode}): {lines[-1].strip()[:200]}'
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The train step, measured inside the training loop.
 
@@ -176,7 +173,7 @@ class MeasuredUpdates:
     self.profiler = self.census = None
 
   def now(self):
-    train_step.synchronize(self.device)
+    synchronize(self.device)
     return time.perf_counter()
 
   def batches(self, start_batch, device, generator):
@@ -224,12 +221,12 @@ class MeasuredUpdates:
 def describe_training(config, device):
   """The settings that decide the step's speed, as resolved on ``device``."""
   t = config.training
-  parts = [losses.resolve_precision(config, device)]
+  parts = [resolve_precision(config, device)]
   if device.type == 'cuda':
     parts.append('TF32' if t.allow_tf32 else 'TF32 off')
   parts += [name for name, on in (('channels_last', t.channels_last), ('torch.compile', t.compile),
-                                  ('CUDA graph', 'cuda_graph' in t and t.cuda_graph),
-                                  ('fused GroupNorm+SiLU', config.model.get('fused_norm', False))) if on]
+                                  ('CUDA graph', t.cuda_graph), ('fused GroupNorm+SiLU', config.model.fused_norm))
+            if on]
   parts.append('fused Adam' if config.optim.fused else 'unfused Adam')
   return ', '.join(parts)
 
@@ -248,9 +245,9 @@ def measure_training(job):
   x1 = torch.rand(job['batch'], channels, size, size, device=device,
                   generator=torch.Generator(device).manual_seed(1)) * 2 - 1
   warmup = job['warmup']
-  if config.training.get('cuda_graph') and cuda_graphs is not None:  # Its capture stays out of the timed updates.
+  if config.training.cuda_graph:  # Its capture stays out of the timed updates.
     warmup = max(warmup, cuda_graphs.GraphedTrainStep.WARMUP_UPDATES + 2)
-  compiled = config.training.compile or config.model.get('fused_norm', False)
+  compiled = config.training.compile or config.model.fused_norm
   probe = MeasuredUpdates(x1, device, warmup=warmup, timed=job['timed'],
                           profiled=job['profiled'] if device.type == 'cuda' else 0,
                           census=not compiled)  # Dynamo runs eagerly under a dispatch mode.
@@ -267,29 +264,22 @@ def measure_training(job):
 # ---------------------------------------------------------------------------------------------------------------
 # The sampler's network call and RK45.
 
-@torch.no_grad()
 def measure_forward(job):
-  """The network call of the samplers at one batch: least seconds over ``job['repeats']`` calls after two warm-up
-  calls (cuDNN's first choices, the graph's capture)."""
+  """The network call of the samplers at one batch (``sampling_speed.network_call``): least seconds over
+  ``job['repeats']`` calls after two warm-up calls (cuDNN's first choices, the graph's capture)."""
   _, precision, tf32, channels_last, cuda_graph = job['setting']
   config = MODELS[job['model']][1]()
-  config.training.channels_last = channels_last
   device = torch.device(job['device'])
   set_tf32(tf32, tf32)
   torch.manual_seed(0)
-  net = sampling_benchmark.build_network(config, '', device)
-  if channels_last:
-    net = net.to(memory_format=torch.channels_last)
-  flow = losses.build_rectified_flow(config, net)
-  velocity = sampling.network_velocity(flow, precision)
+  net = sampling_speed.build_network(config, '', device)
+  velocity, flow = sampling_speed.network_call(config, net, precision, channels_last)
   if cuda_graph:
     velocity = cuda_graphs.GraphedVelocity(velocity, module=flow)
   shape = (job['batch'], config.data.num_channels, config.data.image_size, config.data.image_size)
   x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
   t = torch.full((job['batch'],), 0.5, device=device)
-  sampling_benchmark.timed(device, lambda: velocity(x, t), repeats=2)
-  reset_peak_memory(device)
-  _, seconds = sampling_benchmark.timed(device, lambda: velocity(x, t), repeats=job['repeats'])
+  _, seconds = sampling_speed.time_network_call(device, velocity, x, t, job['repeats'], warmup=2)
   return {'seconds': seconds, 'images_per_second': job['batch'] / seconds, 'peak_memory_gib': peak_memory_gib(device)}
 
 
@@ -301,29 +291,22 @@ def measure_rk45(job):
   config.model.init_scale = job['init_scale']
   config.sampling.use_ode_sampler, config.sampling.ode_tol = 'rk45', job['tol']
   torch.manual_seed(0)
-  flow = losses.build_rectified_flow(config, sampling_benchmark.build_network(config, job['checkpoint'], device))
+  flow = losses.build_rectified_flow(config, sampling_speed.build_network(config, job['checkpoint'], device))
   shape = (job['batch'], config.data.num_channels, config.data.image_size, config.data.image_size)
   noise = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * config.sampling.init_noise_scale).to(device)
   torch_defaults = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
   rows, samples = [], {}
   for label, options, tf32 in RK45_SETTINGS:
     row_config = config.copy_and_resolve_references()
-    missing = [key for key, value in options.items()
-               if key not in row_config.sampling and value != SAMPLING_WITHOUT_THE_KEY[key]]
-    if missing:
-      rows.append({'label': label, 'skipped': f'sampling.{missing[0]} does not exist in this config yet'})
-      continue
-    row_config.sampling.update({key: value for key, value in options.items() if key in row_config.sampling})
+    row_config.sampling.update(options)
     set_tf32(*(torch_defaults if tf32 is None else (tf32, tf32)))
     sample_fn = sampling.get_sampling_fn(row_config, shape)
-    if device.type == 'cuda':  # A first solve autotunes cuDNN and captures the graphs.
-      sampling_benchmark.timed(device, lambda: sample_fn(flow, noise=noise))
-    solution, seconds = sampling_benchmark.timed(device, lambda: sample_fn(flow, noise=noise), job['repeats'])
+    solution, seconds = sampling_speed.time_sampler(device, sample_fn, flow, noise, job['repeats'])
     rows.append({'label': label, 'nfe': solution.contributing_nfe, 'calls': solution.nfe, 'seconds': seconds})
     samples[label] = solution.x
   set_tf32(False, False)
-  velocity = sampling.network_velocity(flow, 'fp32') if hasattr(sampling, 'network_velocity') else flow.velocity
-  (scipy_x1, scipy_nfe), scipy_seconds = sampling_benchmark.timed(device, lambda: sampling_benchmark.scipy_rk45(
+  velocity = sampling.network_velocity(flow, 'fp32')
+  (scipy_x1, scipy_nfe), scipy_seconds = timed(device, lambda: sampling_speed.scipy_rk45(
       velocity, noise, config.training.time_eps, job['tol']))
   for row in rows:
     if row['label'] in samples:
@@ -348,8 +331,7 @@ def run_child(job, args):
   command = [sys.executable, os.path.abspath(__file__), '--child', json.dumps(job)]
   completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=child_environment(args))
   if completed.returncode != 0:
-    lines = [line for line in completed.stderr.splitlines() if line.strip()] or ['no output']
-    return {'error': f'failed (exit {completed.returncode}): {lines[-1].strip()[:200]}'}
+    return {'error': failure(completed)}
   return json.loads(next(line for line in completed.stdout.splitlines() if line.startswith('RESULT '))[7:])
 
 
@@ -358,13 +340,8 @@ def run_child(job, args):
 
 def train_section(args):
   model_name = MODELS[args.model][0]
-  defaults = MODELS[args.model][1]()
   rows, baseline = [], None
   for label, overrides in TRAIN_SETTINGS:
-    missing = missing_keys(defaults, overrides)
-    if missing:
-      rows.append([label, f'skipped: {missing[0]} does not exist in this config yet'] + [''] * 6)
-      continue
     if overrides.get('training.compile') and not args.compile:
       rows.append([label, 'not run (add --compile; minutes each)'] + [''] * 6)
       continue
@@ -399,13 +376,7 @@ def forward_section(args):
   model_name = MODELS[args.model][0]
   rows, baseline = [], None
   for setting in FORWARD_SETTINGS:
-    label, cuda_graph = setting[0], setting[4]
-    if not hasattr(sampling, 'network_velocity'):
-      rows.append([label, 'skipped: sampling.network_velocity does not exist in this checkout yet', '', ''])
-      continue
-    if cuda_graph and cuda_graphs is None:
-      rows.append([label, 'skipped: cuda_graphs.py does not exist in this checkout yet', '', ''])
-      continue
+    label = setting[0]
     print(f'--- network call: {label}', flush=True)
     result = run_child({'kind': 'forward', 'model': args.model, 'batch': args.forward_batch, 'device': args.device,
                         'setting': setting, 'repeats': args.forward_repeats}, args)
@@ -432,9 +403,6 @@ def rk45_section(args):
   scipy_seconds = next(row['seconds'] for row in result['rows'] if row.get('scipy'))
   rows = []
   for row in result['rows']:
-    if 'skipped' in row:
-      rows.append([row['label'], f'skipped: {row["skipped"]}', '', '', '', ''])
-      continue
     rows.append([row['label'], f'{row["nfe"]} ({row["calls"]})', f'{row["seconds"]:.2f}',
                  f'{args.rk45_batch / row["seconds"]:,.1f}', f'{scipy_seconds / row["seconds"]:.2f}',
                  formatted(row['difference'], '.2g')])
@@ -451,21 +419,14 @@ def demo_section(args):
   if args.demo_updates:
     overrides = [f'--config.training.n_iters={args.demo_updates}',
                  f'--config.training.log_freq={max(1, args.demo_updates // 5)}']
+  title = '## Digits demo: `main.py --mode train` on ' + os.path.relpath(demo_speed.CONFIG, REPO_ROOT)
   with tempfile.TemporaryDirectory() as workdir:
-    command = [sys.executable, os.path.join(REPO_ROOT, 'main.py'), f'--config={DEMO_CONFIG}',
-               f'--workdir={workdir}', '--mode=train', f'--device={args.device}', *overrides]
-    started = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=child_environment(args))
-    seconds = time.perf_counter() - started
-    title = '## Digits demo: `main.py --mode train` on ' + os.path.relpath(DEMO_CONFIG, REPO_ROOT)
+    completed, seconds = demo_speed.run_demo(workdir, args.device, overrides, env=child_environment(args))
     if completed.returncode != 0:
-      lines = [line for line in completed.stderr.splitlines() if line.strip()] or ['no output']
-      return [title, '', f'failed (exit {completed.returncode}): {lines[-1].strip()[:200]}']
-    with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as handle:
-      records = [json.loads(line) for line in handle]
-    with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as handle:
-      updates = json.load(handle)['training']['n_iters']
-  rates = [r['images_per_second'] for r in records if 'images_per_second' in r][1:]  # After the first window.
+      return [title, '', failure(completed)]
+    records, config = demo_speed.read_run(workdir)
+  updates = config['training']['n_iters']
+  rates = demo_speed.loop_image_rates(records)
   nfes = [int(r['sample_nfe']) for r in records if 'sample_nfe' in r]
   row = [f'--device={args.device} {" ".join(overrides)}'.strip(), f'{updates:,}', f'{seconds:.1f} s',
          formatted(float(np.mean(rates)) if rates else None, '.0f'), ', '.join(map(str, nfes)) or 'n/a']

@@ -55,8 +55,8 @@ def main():
     standard_error = reference[window].std(ddof=1) / np.sqrt(len(reference[window]))
     row = f'{start + 1:>4}-{min(start + args.window, args.steps):<7}'
     row += ''.join(f'{curve[window].mean():>10.4f}' for curve in curves.values())
-    row += ''.join(f'{curve[window].mean() - reference[window].mean():>+9.4f} ({(curve[window].mean() - reference[window].mean()) / standard_error:+.1f} se)'
-                   for name, curve in curves.items() if name != 'fp32')
+    differences = [curve[window].mean() - reference[window].mean() for name, curve in curves.items() if name != 'fp32']
+    row += ''.join(f'{difference:>+9.4f} ({difference / standard_error:+.1f} se)' for difference in differences)
     print(row)
 
 

@@ -30,18 +30,15 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import losses  # noqa: E402
-from datasets import Batch  # noqa: E402
 import run_lib  # noqa: E402
+from benchmarks.timing import timed, timed_call  # noqa: E402
 from configs.rectified_flow.celeba_hq_pytorch_rf_gaussian import get_config as ncsnpp256_config  # noqa: E402
 from configs.rectified_flow.cifar10_rf_gaussian_ddpmpp import get_config as ddpmpp_config  # noqa: E402
+from datasets import Batch  # noqa: E402
+from speed.precision import PRECISIONS  # noqa: E402
 
 MODELS = {'ddpmpp': ('CIFAR-10 DDPM++ 32x32', ddpmpp_config),
           'ncsnpp256': ('CelebA-HQ NCSN++ 256x256', ncsnpp256_config)}
-
-
-def synchronize(device):
-  if device.type == 'cuda':
-    torch.cuda.synchronize()
 
 
 def peak_rss_bytes():
@@ -53,13 +50,7 @@ def matmul_flops_per_second(device, size, repeats, dtype=torch.float32):
   a = torch.randn(size, size, device=device, dtype=dtype)
   b = torch.randn(size, size, device=device, dtype=dtype)
   a @ b
-  best = float('inf')
-  for _ in range(repeats):
-    synchronize(device)
-    start = time.perf_counter()
-    a @ b
-    synchronize(device)
-    best = min(best, time.perf_counter() - start)
+  _, best = timed(device, lambda: a @ b, repeats)
   return 2 * size ** 3 / best
 
 
@@ -95,13 +86,7 @@ def benchmark(model, batch, steps, matmul_size, precision='fp32', channels_last=
   with FlopCounterMode(display=False) as counter:
     step_fn(state, micro_batches)  # Warm-up step, also counts FLOPs.
   flops_per_step = counter.get_total_flops()
-  times = []
-  for _ in range(steps):
-    synchronize(device)
-    start = time.perf_counter()
-    step_fn(state, micro_batches)
-    synchronize(device)
-    times.append(time.perf_counter() - start)
+  times = [timed_call(device, lambda: step_fn(state, micro_batches))[1] for _ in range(steps)]
   step_seconds = sorted(times)[len(times) // 2]
   peak_memory = (torch.cuda.max_memory_allocated() if device.type == 'cuda'
                  else peak_rss_bytes() - rss_before)
@@ -164,7 +149,7 @@ def main():
   parser.add_argument('--steps', type=int, default=5, help='timed steps (after one warm-up step)')
   parser.add_argument('--matmul-size', type=int, default=2048, help='side of the square matmul for the peak')
   parser.add_argument('--all', action='store_true', help='DDPM++ batch 8, NCSN++ 256 batch 1 and 2, one process each')
-  parser.add_argument('--precision', choices=sorted(losses.PRECISIONS), default='fp32')
+  parser.add_argument('--precision', choices=sorted(PRECISIONS), default='fp32')
   parser.add_argument('--channels-last', action='store_true', help='NHWC network and inputs')
   parser.add_argument('--compile', action='store_true', help='torch.compile the network')
   parser.add_argument('--options', action='store_true', help='every speed option against fp32 eager (DDPM++)')

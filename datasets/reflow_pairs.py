@@ -21,7 +21,7 @@ import torch
 
 import atomic_files
 from datasets.batch import Batch
-from rectified_flow_pytorch import flow
+from rectified_flow_pytorch import flow_math
 
 PAIR_FORMATS = ('float32', 'compact')
 
@@ -211,5 +211,5 @@ class PairShards(torch.utils.data.Dataset):
       z0, z1 = torch.from_numpy(np.array(array[0, offset])), torch.from_numpy(np.array(array[1, offset]))
     else:
       z1 = torch.from_numpy(np.array(array[offset], dtype=np.float32))
-      z0 = flow.indexed_noise(seed, first_pair + offset, 1, self.shape, noise_scale)[0]
+      z0 = flow_math.indexed_noise(seed, first_pair + offset, 1, self.shape, noise_scale)[0]
     return Batch(z0, z1, labels=None if labels is None else int(self._shard_labels(shard)[offset]))

@@ -10,9 +10,9 @@ _DATASETS = {backend: {} for backend in DATA_BACKENDS}
 
 
 def wants_labels(config):
-  """Whether the run is class-conditional (``model.num_classes`` > 0; configs older than class conditioning lack
-  the key), so that its datasets must yield (image, label) pairs."""
-  return config.model.get('num_classes', 0) > 0
+  """Whether the run is class-conditional (``model.num_classes`` > 0), so that its datasets must yield (image,
+  label) pairs."""
+  return config.model.num_classes > 0
 
 
 class LabelledImages(torch.utils.data.Dataset):

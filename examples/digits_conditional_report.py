@@ -9,9 +9,10 @@ For every checkpoint given (EMA weights) it samples the same 1,000 noises, noise
   - for adaptive RK45 samples (tolerance 1e-3) and for one-step samples x0 + v(x0, eps), with the NFE per sample
     (a guided step is one call on a doubled batch: two network evaluations per sample).
 The 1-rectified flow is measured at each guidance setting of --guidance (w over all of t, or w where t >= t_min);
-its students (2-RF, distillation) learned the flow guided at w = 2 where t >= 0.5 and are sampled unguided. An unconditional checkpoint, if present, gives the FD to compare with.
+its students (2-RF, distillation) learned the flow guided at w = 2 where t >= 0.5 and are sampled unguided. An
+unconditional checkpoint, if present, gives the FD to compare with.
 
-  python examples/digits_conditional_report.py        # the checkpoints of the README's conditional pipeline
+  python examples/digits_conditional_report.py        # the checkpoints of the conditional pipeline (docs/digits.md)
 """
 import argparse
 import os
@@ -21,17 +22,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import evaluation  # noqa: E402
-import evaluation_digits  # noqa: E402
-import losses  # noqa: E402
-import reflow  # noqa: E402
-import sampling  # noqa: E402
-from configs.rectified_flow.digits_conditional_demo import get_config as conditional_config  # noqa: E402
-from configs.rectified_flow.digits_reflow_demo import (CONDITIONAL_ONE_RF_CHECKPOINT,  # noqa: E402
-                                                       CONDITIONAL_TWO_RF_CHECKPOINT, ONE_RF_CHECKPOINT)
-from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as unconditional_config  # noqa: E402
-from rectified_flow_pytorch import flow as flow_math  # noqa: E402
-from rectified_flow_pytorch import solvers  # noqa: E402
+import evaluation
+import evaluation_digits
+import losses
+import reflow
+import sampling
+from configs.rectified_flow.digits_conditional_demo import get_config as conditional_config
+from configs.rectified_flow.digits_reflow_demo import (
+  CONDITIONAL_ONE_RF_CHECKPOINT,
+  CONDITIONAL_TWO_RF_CHECKPOINT,
+  ONE_RF_CHECKPOINT,
+)
+from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as unconditional_config
+from rectified_flow_pytorch import flow_math, solvers
 
 DISTILLED_CHECKPOINT = 'logs/digits_conditional_2rf_distill/checkpoints/checkpoint_3.pth'
 

@@ -6,7 +6,7 @@ For every checkpoint given (EMA weights) it reports, on the same 1,000 noises:
     penultimate features of a small CNN digit classifier trained here on the digits (fixed seed);
   - FD-RK45 and its NFE: the same distance for adaptive RK45 samples (tolerance 1e-3), the flow's own quality.
 
-  python examples/digits_reflow_report.py            # the checkpoints of the README's digits pipeline
+  python examples/digits_reflow_report.py            # the checkpoints of the digits pipeline (docs/digits.md)
 """
 import argparse
 import os
@@ -16,14 +16,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import evaluation  # noqa: E402
-import evaluation_digits  # noqa: E402
-import losses  # noqa: E402
-import reflow  # noqa: E402
-from configs.rectified_flow.digits_reflow_demo import ONE_RF_CHECKPOINT, TWO_RF_CHECKPOINT  # noqa: E402
-from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config  # noqa: E402
-from rectified_flow_pytorch import flow as flow_math  # noqa: E402
-from rectified_flow_pytorch import solvers  # noqa: E402
+import evaluation
+import evaluation_digits
+import losses
+import reflow
+from configs.rectified_flow.digits_reflow_demo import ONE_RF_CHECKPOINT, TWO_RF_CHECKPOINT
+from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config
+from rectified_flow_pytorch import flow_math, solvers
 
 DISTILLED_CHECKPOINT = 'logs/digits_demo_2rf_distill/checkpoints/checkpoint_3.pth'
 

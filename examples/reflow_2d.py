@@ -15,7 +15,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rectified_flow_pytorch import RectifiedFlow, Reflow, solvers  # noqa: E402
+from rectified_flow_pytorch import RectifiedFlow, Reflow, solvers
 
 
 class TimeMLP(nn.Module):

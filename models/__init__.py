@@ -1,7 +1,7 @@
 """Model registry, EMA, DDPM++ / NCSN++ and the time wrapper."""
 from models import layers, ncsnpp  # noqa: F401  (ncsnpp registers 'ncsnpp')
 from models.ema import ExponentialMovingAverage
-from models.registry import get_model_class, registered_models
+from models.model_registry import get_model_class, registered_models
 from models.velocity import VelocityField
 
 __all__ = ['ExponentialMovingAverage', 'VelocityField', 'create_model', 'model_config_summary', 'num_classes',
@@ -9,8 +9,8 @@ __all__ = ['ExponentialMovingAverage', 'VelocityField', 'create_model', 'model_c
 
 
 def num_classes(config):
-  """``model.num_classes``: 0 for an unconditional model (configs written before class conditioning lack the key)."""
-  return config.model.get('num_classes', 0)
+  """``model.num_classes``: 0 for an unconditional model."""
+  return config.model.num_classes
 
 
 def model_kwargs_from_config(config):
@@ -38,4 +38,4 @@ def create_model(config):
   """Builds the network of ``config.model`` (on the CPU; the caller moves it), with its residual blocks' GroupNorm
   + SiLU fused on CUDA where ``model.fused_norm`` asks for it (the same parameters either way)."""
   net = get_model_class(config.model.name)(**model_kwargs_from_config(config))
-  return layers.use_fused_norm_act(net, config.model.get('fused_norm', False))  # Older configs lack the key.
+  return layers.use_fused_norm_act(net, config.model.fused_norm)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from models import layers
-from models.registry import register_model
+from models.model_registry import register_model
 
 _SUPPORTED = {
     'resblock_type': ('biggan',),

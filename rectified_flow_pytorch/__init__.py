@@ -1,5 +1,12 @@
 """Rectified flows in PyTorch for any ``nn.Module`` and any data shape (imports torch only)."""
-from rectified_flow_pytorch import flow, solvers
+import sys
+
+from rectified_flow_pytorch import flow_math, solvers
 from rectified_flow_pytorch.rectified_flow import RectifiedFlow, Reflow
 
-__all__ = ['RectifiedFlow', 'Reflow', 'flow', 'solvers']
+# The flow-math module's former name: ``from rectified_flow_pytorch import flow`` and ``rectified_flow_pytorch.flow``
+# keep working for code written against it.
+flow = flow_math
+sys.modules.setdefault(__name__ + '.flow', flow_math)
+
+__all__ = ['RectifiedFlow', 'Reflow', 'flow_math', 'solvers']

@@ -4,7 +4,7 @@ import copy
 import torch
 from torch import nn
 
-from rectified_flow_pytorch import flow, solvers
+from rectified_flow_pytorch import flow_math, solvers
 
 LOSSES = ('mse', 'pseudo_huber', 'lpips_huber')
 
@@ -43,10 +43,11 @@ class RectifiedFlow(nn.Module):
       raise ValueError(f'label_dropout must be in [0, 1), got {label_dropout}')
     if label_dropout and not num_classes:
       raise ValueError(f'label_dropout={label_dropout} needs a class-conditional flow: pass num_classes=')
-    if predict not in flow.PREDICTIONS:
-      raise ValueError(f'Unknown predict={predict!r}; valid: {list(flow.PREDICTIONS)}')
-    if time_distribution not in flow.TIME_DISTRIBUTIONS:
-      raise ValueError(f'Unknown time_distribution={time_distribution!r}; valid: {sorted(flow.TIME_DISTRIBUTIONS)}')
+    if predict not in flow_math.PREDICTIONS:
+      raise ValueError(f'Unknown predict={predict!r}; valid: {list(flow_math.PREDICTIONS)}')
+    if time_distribution not in flow_math.TIME_DISTRIBUTIONS:
+      raise ValueError(f'Unknown time_distribution={time_distribution!r}; '
+                       f'valid: {sorted(flow_math.TIME_DISTRIBUTIONS)}')
     if loss not in LOSSES:
       raise ValueError(f'Unknown loss={loss!r}; valid: {list(LOSSES)}')
     if loss == 'lpips_huber' and perceptual_loss is None:
@@ -76,8 +77,8 @@ class RectifiedFlow(nn.Module):
         raise ValueError('labels= needs a class-conditional flow: RectifiedFlow(model, num_classes=...)')
       return None
     if labels is None:
-      return flow.null_labels(batch_size, self.num_classes, device)
-    flow.check_labels(labels, self.num_classes, batch_size)
+      return flow_math.null_labels(batch_size, self.num_classes, device)
+    flow_math.check_labels(labels, self.num_classes, batch_size)
     if labels.device.type == 'cpu' and labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) <= (
         self.num_classes):  # Checked where it costs no device synchronisation.
       raise ValueError(f'labels must lie in [0, {self.num_classes}] ({self.num_classes} = no label), got '
@@ -110,32 +111,32 @@ class RectifiedFlow(nn.Module):
   def velocity(self, x, times, labels=None, guidance_scale=1.0, guidance_interval=None, **model_kwargs):
     """v(x, t), converted from the model's prediction where it predicts noise or data.
 
-    With labels and ``guidance_scale`` w not 1: v_null + w (v_cond - v_null) (``flow.guided_velocity``), the two
+    With labels and ``guidance_scale`` w not 1: v_null + w (v_cond - v_null) (``flow_math.guided_velocity``), the two
     velocities from one network call on the batch doubled ([x, x] with [labels, null labels]); w = 0 is one call
     with null labels. ``guidance_interval`` (t_min, t_max) guides only the samples whose t lies in it and gives the
-    others their conditional velocity (``flow.guided_velocity``); the call is doubled all the same.
+    others their conditional velocity (``flow_math.guided_velocity``); the call is doubled all the same.
     """
-    flow.check_guidance_interval(guidance_interval)
+    flow_math.check_guidance_interval(guidance_interval)
     if not self.is_guided(labels, guidance_scale, guidance_interval):
       if guidance_scale == 0.0:
         labels = None
-      return flow.to_velocity(self.predict, self.predict_raw(x, times, labels, **model_kwargs), x, times)
+      return flow_math.to_velocity(self.predict, self.predict_raw(x, times, labels, **model_kwargs), x, times)
     batch = x.shape[0]
     labels = self.model_labels(labels, batch, x.device)
-    both_labels = torch.cat([labels, flow.null_labels(batch, self.num_classes, x.device)])
+    both_labels = torch.cat([labels, flow_math.null_labels(batch, self.num_classes, x.device)])
     both_x, both_times = torch.cat([x, x]), torch.cat([times, times])
     doubled = {key: torch.cat([value, value]) if isinstance(value, torch.Tensor) and value.dim() and
                value.shape[0] == batch else value for key, value in model_kwargs.items()}
-    both = flow.to_velocity(self.predict, self.predict_raw(both_x, both_times, both_labels, **doubled), both_x,
+    both = flow_math.to_velocity(self.predict, self.predict_raw(both_x, both_times, both_labels, **doubled), both_x,
                             both_times)
     conditional, unconditional = both.chunk(2)
-    return flow.guided_velocity(conditional, unconditional, guidance_scale, times, guidance_interval)
+    return flow_math.guided_velocity(conditional, unconditional, guidance_scale, times, guidance_interval)
 
   def sample_noise(self, shape, device=None, dtype=torch.float32, generator=None):
     return torch.randn(shape, device=device, dtype=dtype, generator=generator) * self.noise_std
 
   def sample_times(self, batch_size, device=None, dtype=torch.float32, generator=None):
-    return flow.sample_times(batch_size, self.time_distribution, eps=self.time_eps, device=device, dtype=dtype,
+    return flow_math.sample_times(batch_size, self.time_distribution, eps=self.time_eps, device=device, dtype=dtype,
                              generator=generator, **self.time_distribution_kwargs)
 
   def training_labels(self, labels, batch_size, device, label_drops=None):
@@ -146,8 +147,8 @@ class RectifiedFlow(nn.Module):
     if label_drops is None:
       if not (self.training and self.label_dropout):
         return labels
-      label_drops = flow.draw_label_drops(batch_size, self.label_dropout, device=labels.device)
-    return flow.drop_labels(labels, label_drops, self.num_classes)
+      label_drops = flow_math.draw_label_drops(batch_size, self.label_dropout, device=labels.device)
+    return flow_math.drop_labels(labels, label_drops, self.num_classes)
 
   def predict_on_path(self, data, noise=None, times=None, labels=None, label_drops=None, **model_kwargs):
     """Draws (X0, t) where not given and returns (noise, times, X_t, the model's prediction at (X_t, t)).
@@ -160,7 +161,7 @@ class RectifiedFlow(nn.Module):
       noise = self.sample_noise(data.shape, device=data.device, dtype=data.dtype)
     if times is None:
       times = self.sample_times(data.shape[0], device=data.device, dtype=data.dtype)
-    x_t = flow.interpolate(noise, data, times)
+    x_t = flow_math.interpolate(noise, data, times)
     labels = self.training_labels(labels, data.shape[0], data.device, label_drops)
     return noise, times, x_t, self.predict_raw(x_t, times, labels, **model_kwargs)
 
@@ -168,13 +169,13 @@ class RectifiedFlow(nn.Module):
     """The loss of each sample, (B,)."""
     noise, times, x_t, prediction = self.predict_on_path(data, noise, times, labels, label_drops, **model_kwargs)
     if self.loss_name == 'lpips_huber':
-      clean = flow.to_clean(self.predict, prediction, x_t, times)
+      clean = flow_math.to_clean(self.predict, prediction, x_t, times)
       weight = 1.0 / (1.0 - times).clamp(min=1e-3)
-      return weight * (flow.per_sample_pseudo_huber(clean, data) + self.perceptual_loss(clean, data).reshape(-1))
-    target = flow.prediction_target(self.predict, noise, data)
+      return weight * (flow_math.per_sample_pseudo_huber(clean, data) + self.perceptual_loss(clean, data).reshape(-1))
+    target = flow_math.prediction_target(self.predict, noise, data)
     if self.loss_name == 'pseudo_huber':
-      return flow.per_sample_pseudo_huber(prediction, target)
-    return flow.per_sample_squared_error(prediction, target, self.loss_reduction)
+      return flow_math.per_sample_pseudo_huber(prediction, target)
+    return flow_math.per_sample_squared_error(prediction, target, self.loss_reduction)
 
   def forward(self, data, noise=None, times=None, labels=None, label_drops=None, **model_kwargs):
     """The training loss: the batch mean of ``per_sample_loss`` (``labels`` (B,) for a class-conditional flow)."""
@@ -258,7 +259,7 @@ class Reflow(nn.Module):
     self.teacher_solver = teacher_solver
     self.teacher_steps = teacher_steps
     self.teacher_guidance_scale = teacher_guidance_scale
-    flow.check_guidance_interval(teacher_guidance_interval)
+    flow_math.check_guidance_interval(teacher_guidance_interval)
     self.teacher_guidance_interval = teacher_guidance_interval
     if frozen_model.num_classes != rectified_flow.num_classes:
       raise ValueError(f'The teacher has num_classes={frozen_model.num_classes}, the student '

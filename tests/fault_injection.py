@@ -71,7 +71,8 @@ def run_with_kills(command, kills, rng, log_path, progress, on_kill=None):
   """Runs ``command`` until it exits 0, SIGKILLing it ``kills`` times first.
 
   A quarter of the kills land at a random moment of start-up; the rest wait until ``progress()`` (a marker of the
-  files the work writes) has changed since the launch, so that this process is working, then a random 0-1.5 s. Returns the number of kills delivered (a run that finished before its kill
+  files the work writes) has changed since the launch, so that this process is working, then a random 0-1.5 s.
+  Returns the number of kills delivered (a run that finished before its kill
   ends the experiment early: give it enough updates or pairs for the kills asked for).
   """
   delivered = 0
@@ -169,9 +170,11 @@ def inject_training_faults(root, kills, rng, n_iters=200):
   assert sorted(losses) == list(range(1, n_iters + 1)), 'some update was never logged'
   redone = {step: values for step, values in losses.items() if len(values) > 1}
   for step, values in losses.items():
-    assert set(values) == set(reference_losses[step]), f'update {step} logged {values}, uninterrupted {reference_losses[step]}'
+    assert set(values) == set(reference_losses[step]), (
+        f'update {step} logged {values}, uninterrupted {reference_losses[step]}')
   final = f'checkpoint_{n_iters}.pth'
-  assert_same_state(os.path.join(workdir, 'checkpoints-meta', final), os.path.join(reference, 'checkpoints-meta', final))
+  assert_same_state(os.path.join(workdir, 'checkpoints-meta', final),
+                    os.path.join(reference, 'checkpoints-meta', final))
   assert_same_state(os.path.join(workdir, 'checkpoints', 'checkpoint_1.pth'),
                     os.path.join(reference, 'checkpoints', 'checkpoint_1.pth'))
   return {'training_kills': delivered, 'updates': n_iters, 'updates_redone': sum(len(v) - 1 for v in redone.values()),

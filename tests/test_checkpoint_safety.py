@@ -17,7 +17,7 @@ import run_lib
 from datasets import tfds_backend
 from tests import fault_injection
 from tests.conftest import TINY_RUN_UPDATES
-from tests.test_train import flat_state, tiny_digits_config
+from tests.helpers import flat_state, tiny_digits_config
 
 
 class CreatesFile:

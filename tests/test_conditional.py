@@ -5,8 +5,9 @@ from torch import nn
 
 import models
 import reflow
+from configs import with_defaults
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_config
-from rectified_flow_pytorch import RectifiedFlow, Reflow, flow, solvers
+from rectified_flow_pytorch import RectifiedFlow, Reflow, flow_math, solvers
 
 MEANS = torch.tensor([[2.0, 0.0], [-2.0, 1.0], [0.0, -3.0]])  # Class c: X1 ~ N(MEANS[c], S^2 I).
 S = 0.5
@@ -55,7 +56,7 @@ def test_guided_velocity_is_one_doubled_call_combining_conditional_and_null():
   model = ExactClassVelocity()
   rf = RectifiedFlow(model, num_classes=3)
   x, t, labels = torch.randn(5, 2), torch.rand(5), torch.tensor([0, 1, 2, 0, 1])
-  null = flow.null_labels(5, 3)
+  null = flow_math.null_labels(5, 3)
   v_cond, v_null = rf.velocity(x, t, labels=labels), rf.velocity(x, t, labels=null)
   model.calls.clear()
   guided = rf.velocity(x, t, labels=labels, guidance_scale=2.5)
@@ -80,7 +81,7 @@ def test_guidance_interval_guides_only_the_samples_whose_time_lies_in_it():
   rf = RectifiedFlow(model, num_classes=3)
   x, labels = torch.randn(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])
   t = torch.tensor([0.1, 0.3, 0.5, 0.6, 0.8, 0.9])
-  v_cond, v_null = rf.velocity(x, t, labels=labels), rf.velocity(x, t, labels=flow.null_labels(6, 3))
+  v_cond, v_null = rf.velocity(x, t, labels=labels), rf.velocity(x, t, labels=flow_math.null_labels(6, 3))
   inside = torch.tensor([False, False, True, True, True, False])  # 0.5 <= t <= 0.8, both ends included.
   model.calls.clear()
   guided = rf.velocity(x, t, labels=labels, guidance_scale=3.0, guidance_interval=(0.5, 0.8))
@@ -239,7 +240,7 @@ def test_unconditional_network_state_dict_is_unchanged_by_the_label_option():
   config = tiny_network_config(0)
   del config.model['num_classes']  # A config written before class conditioning.
   torch.manual_seed(0)
-  older = models.create_model(config)
+  older = models.create_model(with_defaults(config))  # As main.py reads it.
   assert list(plain.state_dict()) == list(older.state_dict())
   assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), older.state_dict().values()))
   torch.manual_seed(0)
@@ -257,7 +258,7 @@ def test_unconditional_network_state_dict_is_unchanged_by_the_label_option():
 # The framework: training, snapshot grids, pairs, reflow and evaluation of a class-conditional digits model.
 
 def conditional_digits_config(**training):
-  from tests.test_train import tiny_digits_config
+  from tests.helpers import tiny_digits_config
 
   config = tiny_digits_config(**training)
   config.model.num_classes = 10
@@ -281,7 +282,7 @@ def test_conditional_training_resumes_exactly_and_draws_one_grid_row_per_class(t
   from PIL import Image
 
   import run_lib
-  from tests.test_train import flat_state
+  from tests.helpers import flat_state
 
   def config(n_iters):
     return conditional_digits_config(n_iters=n_iters, snapshot_freq=4, snapshot_freq_for_preemption=2)
@@ -466,7 +467,7 @@ def test_eval_of_a_guided_model_reports_class_agreement_per_class_and_doubled_nf
   from PIL import Image
 
   import run_lib
-  from tests.test_evaluation import eval_config
+  from tests.helpers import eval_config
 
   workdir = tmp_path / 'run'
   (workdir / 'checkpoints').mkdir(parents=True)

@@ -1,14 +1,20 @@
 """Config files, command-line overrides and main.py's handling of bad input."""
 import ast
 import functools
+import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
+import datasets
+import models
+import sampling
+from configs import read_config_json
 from tests.conftest import REPO_ROOT
 
 CIFAR10 = os.path.join(REPO_ROOT, 'configs', 'rectified_flow', 'cifar10_rf_gaussian_ddpmpp.py')
@@ -284,3 +290,66 @@ def test_eval_on_a_missing_workdir_is_a_clear_error(tmp_path):
   assert result.returncode != 0
   assert 'does not exist' in result.stderr
   assert not workdir.exists()
+
+
+# Keys added to the defaults after configs and config.json files of earlier versions were written, each defaulting to
+# the behaviour from before it existed.
+KEYS_ADDED_LATER = ('model.num_classes', 'model.fused_norm', 'training.label_dropout', 'sampling.guidance_scale',
+                    'sampling.guidance_t_min', 'sampling.guidance_t_max', 'sampling.precision',
+                    'sampling.ode_state_dtype', 'reflow.teacher_guidance_scale', 'reflow.teacher_guidance_t_min',
+                    'reflow.teacher_guidance_t_max', 'eval.labels', 'allow_pickle_checkpoints')
+
+
+def without_keys(tree, keys):
+  for key in keys:
+    *sections, name = key.split('.')
+    node = tree
+    for section in sections:
+      node = node[section]
+    del node[name]
+  return tree
+
+
+def test_an_old_config_json_reads_with_the_defaults_of_the_keys_it_lacks(tmp_path):
+  """A config.json written before later keys existed reads as the full config (each missing key at its default),
+  and the code that reads those keys runs on it as on the full config."""
+  full = parse_config(['prog', f'--config={DIGITS}'])
+  old = without_keys(json.loads(full.to_json_best_effort()), KEYS_ADDED_LATER)
+  path = tmp_path / 'config.json'
+  path.write_text(json.dumps(old))
+  config = read_config_json(path)
+  assert json.loads(config.to_json_best_effort()) == json.loads(full.to_json_best_effort())
+  assert sampling.sampler_settings(config) == sampling.sampler_settings(full)
+  assert models.num_classes(config) == 0 and not datasets.wants_labels(config)
+  assert models.model_config_summary(config) == models.model_config_summary(full)
+
+
+def test_main_fills_in_the_keys_an_old_config_file_lacks(tmp_path):
+  """main.py runs a config file written before later keys existed: the resolved config.json holds every key, at
+  its default."""
+  old_file = tmp_path / 'old_digits.py'
+  old_file.write_text(textwrap.dedent(f'''
+      from tests.helpers import tiny_digits_config
+
+      def get_config():
+        config = tiny_digits_config(n_iters=1, snapshot_freq=1, snapshot_freq_for_preemption=1)
+        for key in {KEYS_ADDED_LATER!r}:
+          *sections, name = key.split('.')
+          node = config
+          for section in sections:
+            node = node[section]
+          del node[name]
+        return config
+      '''))
+  workdir = tmp_path / 'run'
+  result = run_main(f'--config={old_file}', f'--workdir={workdir}', '--mode=train', cwd=REPO_ROOT)
+  assert result.returncode == 0, result.stderr[-2000:]
+  written = json.loads((workdir / 'config.json').read_text())
+  defaults = json.loads(parse_config(['prog', f'--config={DIGITS}']).to_json_best_effort())
+  for key in KEYS_ADDED_LATER:
+    *sections, name = key.split('.')
+    mine, default = written, defaults
+    for section in sections:
+      mine, default = mine[section], default[section]
+    assert mine[name] == default[name], key
+  assert (workdir / 'checkpoints' / 'checkpoint_1.pth').is_file()

@@ -13,19 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-import cuda_graphs
 import datasets
 import distributed
 import losses
 import models
-from datasets import streams
 import run_lib
 import sampling
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as demo_config
-from datasets import ResidentBatches, dataset_tensor, endless_batches
+from datasets import ResidentBatches, dataset_tensor, endless_batches, streams
 from datasets.digits import TensorImages
-from dispatch_census import DispatchCensus
-from tests.test_train import flat_state, tiny_digits_config
+from speed import cuda_graphs
+from speed.dispatch_census import DispatchCensus
+from tests.helpers import flat_state, tiny_digits_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason='needs CUDA (torch.cuda.is_available() is False): these tests run the training '
@@ -59,7 +58,7 @@ def deterministic_cudnn(monkeypatch):
 
 
 def cuda_config(**training):
-  """The tiny digits model of tests/test_train.py on the GPU, without snapshot sample grids."""
+  """The tiny digits model (tests/helpers.py: tiny_digits_config) on the GPU, without snapshot sample grids."""
   config = tiny_digits_config(**training)
   config.device = 'cuda'
   config.training.snapshot_sampling = False
@@ -310,7 +309,7 @@ def test_an_interrupted_and_resumed_run_on_cuda_equals_an_uninterrupted_one(tmp_
 
 def sampling_config(**sampling_options):
   """The tiny DDPM++ with every block's last layer initialised like the others (model.init_scale 1, as
-  benchmarks/sampling.py --init-scale 1): a field far from constant, which RK45 crosses in hundreds of calls."""
+  benchmarks/sampling_speed.py --init-scale 1): a field far from constant, which RK45 crosses in hundreds of calls."""
   config = tiny_digits_config()
   config.model.init_scale = 1.0
   config.sampling.use_ode_sampler, config.sampling.ode_tol = 'rk45', 1e-5

@@ -1,7 +1,6 @@
 """Dataset registry, class labels, scaling, augmentation and the endless batch iterator."""
 import itertools
 import os
-import pickle
 
 import ml_collections
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 from PIL import Image
 
 import datasets
+from configs import with_defaults
 from configs.default_lsun_configs import get_default_configs as folder_defaults
 from configs.rectified_flow.cifar10_rf_gaussian_ddpmpp import get_config as cifar10_config
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_config
@@ -17,6 +17,7 @@ from datasets.cifar10 import CIFAR10_CLASSES
 from datasets.digits import DIGITS_EVAL_EVERY, TensorImages, load_digit_images
 from datasets.loader import EndlessShuffledSampler
 from datasets.registry import LabelledImages, check_num_classes
+from tests.helpers import write_python_cifar10
 
 
 def test_digits_are_real_16x16_images_in_unit_range():
@@ -118,7 +119,7 @@ def all_items(dataset):
 
 def test_wants_labels_reads_num_classes_and_accepts_configs_without_it():
   def config(**model):
-    return ml_collections.ConfigDict({'model': model})
+    return with_defaults(ml_collections.ConfigDict({'model': model}))  # As main.py reads it.
 
   assert not datasets.wants_labels(config())  # Written before class conditioning.
   assert not datasets.wants_labels(config(num_classes=0))
@@ -146,27 +147,6 @@ def test_unconditional_digits_are_unchanged_images():
   dataset = datasets.get_dataset(digits_config(), True)  # model.num_classes = 0
   assert isinstance(dataset, TensorImages) and isinstance(dataset[0], torch.Tensor)
   assert torch.equal(dataset.images, load_digit_images(16)[~held_out])
-
-
-def write_python_cifar10(root, splits, names=CIFAR10_CLASSES):
-  """torchvision's CIFAR-10 format under root/cifar-10-batches-py: ``splits`` maps each of data_batch_1..5 and
-  test_batch to (N, 3, 32, 32) uint8 images and their (N,) labels."""
-  folder = os.path.join(root, 'cifar-10-batches-py')
-  os.makedirs(folder)
-  for name, (images, labels) in splits.items():
-    with open(os.path.join(folder, name), 'wb') as handle:
-      pickle.dump({'data': images.reshape(len(images), -1), 'labels': [int(label) for label in labels]}, handle)
-  with open(os.path.join(folder, 'batches.meta'), 'wb') as handle:
-    pickle.dump({'label_names': list(names)}, handle)
-
-
-@pytest.fixture()
-def unchecked_torchvision_cifar10(monkeypatch):
-  """torchvision checks each pickle's md5 against the official files; the fake ones differ."""
-  from torchvision.datasets import cifar
-
-  monkeypatch.setattr(cifar, 'check_integrity', lambda *args, **kwargs: True)
-  monkeypatch.setattr(cifar.CIFAR10, '_check_integrity', lambda self: True)
 
 
 def test_cifar10_yields_its_own_labels(tmp_path, unchecked_torchvision_cifar10):

@@ -9,7 +9,7 @@ import torch
 import distributed
 import run_lib
 from tests import fault_injection
-from tests.test_train import tiny_digits_config
+from tests.helpers import tiny_digits_config
 
 TORCHRUN_VARIABLES = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')
 

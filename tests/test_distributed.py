@@ -191,7 +191,8 @@ def test_pairs_and_eval_samples_do_not_depend_on_the_number_of_processes(single_
   np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))
   eval_overrides = [*train_overrides(), '--config.eval.begin_ckpt=1', '--config.eval.end_ckpt=1',
                     '--config.eval.enable_sampling=True', '--config.eval.num_samples=12', '--config.eval.batch_size=4',
-                    f'--config.eval.stats_path={stats}', f'--config.eval.inception_weights_path={random_inception_weights}',
+                    f'--config.eval.stats_path={stats}',
+                    f'--config.eval.inception_weights_path={random_inception_weights}',
                     '--config.eval.kid_subset_size=4', '--config.sampling.sample_N=4']
   rounds, reports = {}, {}
   for processes in (1, 2):

@@ -20,8 +20,7 @@ import run_lib
 from rectified_flow_pytorch import RectifiedFlow, likelihood
 from tests.conftest import TINY_RUN_UPDATES
 from tests.fault_injection import PREEMPTION_INTERVAL
-from tests.test_train import tiny_digits_config
-
+from tests.helpers import eval_config, tiny_digits_config
 
 # ---------------------------------------------------------------------------------------------------------------
 # Metrics.
@@ -157,32 +156,10 @@ def test_inception_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
     evaluation.resolve_inception_weights(str(tmp_path / 'nope.pth'))
 
 
-def he_initialised_inception_weights(random_weights_path):
-  """A weights file beside ``random_weights_path`` (written once): the same network with He-initialised weights.
-
-  torch's default initialisation shrinks the activations at each of the 94 convolutions (each followed by a
-  BatchNorm that is the identity in eval mode, and a ReLU): pool_3 and the logits come out near 1e-7, so FID is near
-  1e-12 (below pytest.approx's absolute tolerance), IS is 1 to 1e-15 and KID is lost in float64 rounding. He et al.
-  (2015)'s N(0, 2 / fan_in) keeps the variance through conv + ReLU: pool_3 of order 0.1; fc weights N(0, 16^2 /
-  2048) give logits of a few units, so IS is visibly above 1 and every metric is tested at its face value.
-  """
-  path = os.path.join(os.path.dirname(random_weights_path), 'he-initialised-inception.pth')
-  if not os.path.exists(path):
-    state = torch.load(random_weights_path, weights_only=True)
-    generator = torch.Generator().manual_seed(0)
-    for key, value in state.items():
-      if value.dim() == 4:  # Convolution weights (out, in, kh, kw).
-        state[key] = torch.randn(value.shape, generator=generator) * math.sqrt(2.0 / value[0].numel())
-      elif key == 'fc.weight':  # (1008, 2048): the unbiased logits.
-        state[key] = torch.randn(value.shape, generator=generator) * (16.0 / math.sqrt(value.shape[1]))
-    torch.save(state, path)
-  return path
-
-
 @pytest.fixture(scope='module')
-def inception_features(random_inception_weights):
+def inception_features(he_inception_weights):
   """The evaluation's feature extractor with the He-initialised weights of ``trained_workdir``."""
-  return evaluation.InceptionFeatures(he_initialised_inception_weights(random_inception_weights))
+  return evaluation.InceptionFeatures(he_inception_weights)
 
 
 def test_inception_features_have_the_published_shapes(inception_features):
@@ -309,37 +286,6 @@ def test_bits_per_dim_of_a_gaussian_flow_on_digits_has_its_closed_form():
 
 # ---------------------------------------------------------------------------------------------------------------
 # --mode eval end to end.
-
-def eval_config(stats_path, weights, **eval_overrides):
-  config = tiny_digits_config(n_iters=2, snapshot_freq=2, snapshot_freq_for_preemption=2)
-  config.eval.stats_path = str(stats_path)
-  config.eval.inception_weights_path = weights
-  config.eval.enable_sampling = True
-  config.eval.enable_loss = True
-  config.eval.num_samples = 10
-  config.eval.batch_size = 4
-  config.eval.begin_ckpt = 1
-  config.eval.end_ckpt = 1
-  config.eval.kid_subsets = 5
-  config.eval.stats_num_images = 12
-  config.sampling.sample_N = 3
-  for key, value in eval_overrides.items():
-    config.eval[key] = value
-  return config
-
-
-@pytest.fixture(scope='module')
-def trained_workdir(tmp_path_factory, tiny_run, random_inception_weights):
-  """A work directory holding the session's tiny run's snapshot as checkpoint 1, reference statistics, and the
-  Inception weights they were made with (He-initialised)."""
-  weights = he_initialised_inception_weights(random_inception_weights)
-  workdir = tmp_path_factory.mktemp('eval_run')
-  (workdir / 'checkpoints').mkdir()
-  shutil.copy(tiny_run / 'checkpoints' / 'checkpoint_1.pth', workdir / 'checkpoints' / 'checkpoint_1.pth')
-  stats = workdir / 'digits_stats.npz'
-  run_lib.compute_reference_stats(eval_config(stats, weights), str(workdir))
-  return workdir, stats, weights
-
 
 def test_stats_mode_writes_the_features_of_the_training_images_and_their_moments(trained_workdir,
                                                                                   inception_features):

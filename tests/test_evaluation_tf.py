@@ -48,13 +48,11 @@ def test_tfgan_fid_from_reference_moments_equals_the_activation_form(activations
   assert from_moments['kid'] is None
 
 
-from tests.test_evaluation import eval_config, trained_workdir  # noqa: E402,F401  (module fixture)
-
-
-def test_eval_sweep_with_the_tfgan_backend(trained_workdir):  # noqa: F811
+def test_eval_sweep_with_the_tfgan_backend(trained_workdir):
   import json
 
   import run_lib
+  from tests.helpers import eval_config
 
   workdir, stats, weights = trained_workdir
   config = eval_config(stats, weights, metrics_backend='tfgan', enable_loss=False)

@@ -6,16 +6,17 @@ import pytest
 import torch
 
 import checkpoints
-import cuda_graphs
 import datasets
 import losses
 import run_lib
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as demo_config
 from datasets import Batch, ResidentBatches, dataset_tensor, endless_batches
 from datasets.digits import TensorImages
-from dispatch_census import DispatchCensus
 from models import ExponentialMovingAverage
-from tests.test_train import tiny_digits_config
+from speed import cuda_graphs
+from speed.dispatch_census import DispatchCensus
+from speed.precision import native_bf16, resolve_precision, training_autocast
+from tests.helpers import tiny_digits_config
 
 # Operators dispatched by one fp32 update of the full digits demo model (forward, backward, clipping, fused Adam,
 # EMA) measured at 1,815 with torch 2.14.1; the bound leaves 5% for other torch versions. The same update without
@@ -259,12 +260,12 @@ def test_precision_auto_is_bf16_exactly_on_cpus_with_avx512_bf16_or_amx(monkeypa
   config = tiny_digits_config()
   config.training.precision = 'auto'
   cpu = torch.device('cpu')
-  assert losses.resolve_precision(config, cpu) == expected
-  context = losses.autocast(config, cpu)
+  assert resolve_precision(config, cpu) == expected
+  context = training_autocast(config, cpu)
   assert (isinstance(context, torch.autocast) and context.fast_dtype == torch.bfloat16) == (expected == 'bf16')
   for explicit in ('fp32', 'bf16', 'fp16'):
     config.training.precision = explicit
-    assert losses.resolve_precision(config, cpu) == explicit
+    assert resolve_precision(config, cpu) == explicit
 
 
 @pytest.mark.parametrize('capability, native', [((7, 0), False), ((8, 0), True), ((9, 0), True)])
@@ -277,11 +278,11 @@ def test_precision_auto_is_fp32_on_every_cuda_gpu(monkeypatch, capability, nativ
   config = tiny_digits_config()
   config.training.precision = 'auto'
   cuda = torch.device('cuda', 0)
-  assert losses.native_bf16(cuda) is native
-  assert losses.resolve_precision(config, cuda) == 'fp32'
-  assert losses.resolve_precision(config, torch.device('cpu')) == 'fp32'
+  assert native_bf16(cuda) is native
+  assert resolve_precision(config, cuda) == 'fp32'
+  assert resolve_precision(config, torch.device('cpu')) == 'fp32'
   config.training.precision = 'bf16'
-  assert losses.resolve_precision(config, cuda) == 'bf16'
+  assert resolve_precision(config, cuda) == 'bf16'
 
 
 def test_sample_grid_steps_write_an_early_grid(tmp_path):

@@ -8,7 +8,7 @@ import losses
 from configs.default_cifar10_configs import get_default_configs
 from datasets import Batch
 from models import ExponentialMovingAverage
-from rectified_flow_pytorch import RectifiedFlow, flow, solvers
+from rectified_flow_pytorch import RectifiedFlow, flow_math, solvers
 
 
 class AffineCouplingOracle(nn.Module):
@@ -22,7 +22,7 @@ class AffineCouplingOracle(nn.Module):
     self.a, self.b = a, b
 
   def forward(self, x, times):
-    t = flow.append_dims(times, x.dim())
+    t = flow_math.append_dims(times, x.dim())
     x0 = (x - t * self.b) / (1 - t + self.a * t)
     return (self.a - 1) * x0 + self.b
 
@@ -103,15 +103,15 @@ def test_the_training_steps_loss_and_gradient_follow_training_reduce_mean(reduce
 def test_interpolation_and_target_match_eq_1():
   x0, x1 = torch.randn(5, 3), torch.randn(5, 3)
   t = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
-  xt = flow.interpolate(x0, x1, t)
+  xt = flow_math.interpolate(x0, x1, t)
   torch.testing.assert_close(xt[0], x0[0])
   torch.testing.assert_close(xt[-1], x1[-1])
   torch.testing.assert_close(xt[1], 0.25 * x1[1] + 0.75 * x0[1])
-  torch.testing.assert_close(flow.velocity_target(x0, x1), x1 - x0)
+  torch.testing.assert_close(flow_math.velocity_target(x0, x1), x1 - x0)
 
 
 def test_training_times_are_uniform_on_eps_to_one():
-  t = flow.sample_times(100_000, 'uniform', eps=1e-3, generator=torch.Generator().manual_seed(0))
+  t = flow_math.sample_times(100_000, 'uniform', eps=1e-3, generator=torch.Generator().manual_seed(0))
   assert t.min() >= 1e-3 and t.max() <= 1.0
   assert abs(t.mean().item() - (1 + 1e-3) / 2) < 5e-3
 
@@ -136,7 +136,7 @@ def test_euler_on_a_linear_field_matches_its_closed_form():
 def test_rk45_integrates_a_time_dependent_field_to_tolerance():
   # dx/dt = 3 t^2 x from t0 = 0.001 to 1: x1 = x0 exp(1 - t0^3).
   x0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
-  x1, nfe = solvers.rk45(lambda x, t: 3 * flow.append_dims(t, x.dim()) ** 2 * x, x0, t0=1e-3, t1=1.0,
+  x1, nfe = solvers.rk45(lambda x, t: 3 * flow_math.append_dims(t, x.dim()) ** 2 * x, x0, t0=1e-3, t1=1.0,
                          rtol=1e-8, atol=1e-8)
   torch.testing.assert_close(x1, x0 * torch.exp(torch.tensor(1 - 1e-9, dtype=torch.float64)), atol=1e-6, rtol=1e-6)
   assert 8 < nfe < 500

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import models
 from models import layers
-from tests.test_train import tiny_digits_config
+from tests.helpers import tiny_digits_config
 
 
 def published_pair(x, norm):

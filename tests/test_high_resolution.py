@@ -10,9 +10,9 @@ from PIL import Image
 
 import checkpoints
 import datasets
+import losses
 import models
 import reflow
-import losses
 import run_lib
 from configs.default_lsun_configs import get_default_configs
 from tests.reference_data import reference_path

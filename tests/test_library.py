@@ -5,8 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from rectified_flow_pytorch import RectifiedFlow, Reflow, flow, solvers
-
+from rectified_flow_pytorch import RectifiedFlow, Reflow, flow_math, solvers
 
 # ---------------------------------------------------------------------------------------------------------------
 # The two usage snippets of the seed document, verbatim, then checked against closed forms. The snippets' model, a
@@ -155,7 +154,7 @@ def test_any_data_shape_round_trips_through_training_and_sampling(shape):
       self.scale = nn.Parameter(torch.tensor(0.5))
 
     def forward(self, x, times):
-      return self.scale * x + flow.append_dims(times, x.dim())
+      return self.scale * x + flow_math.append_dims(times, x.dim())
 
   rf = RectifiedFlow(Pointwise())
   data = torch.randn(4, *shape)
@@ -165,7 +164,7 @@ def test_any_data_shape_round_trips_through_training_and_sampling(shape):
 
 
 def velocity_3t2x(x, times):
-  return 3 * flow.append_dims(times, x.dim()) ** 2 * x
+  return 3 * flow_math.append_dims(times, x.dim()) ** 2 * x
 
 
 @pytest.mark.parametrize('solver,order', [('euler', 1), ('midpoint', 2), ('heun', 2)])
@@ -210,10 +209,10 @@ def test_rk45_masks_the_attempts_after_the_end_so_sync_every_changes_only_the_ca
 
 def test_rk45_raises_at_the_next_host_read_where_the_step_size_collapses():
   def singular_at_half(x, times):  # x(t) = x0 / (1 - 2t): the step size shrinks to 10 ulp(t) as t -> 0.5.
-    return x / (0.5 - flow.append_dims(times, x.dim()))
+    return x / (0.5 - flow_math.append_dims(times, x.dim()))
 
   def not_finite_after_half(x, times):
-    return torch.where(flow.append_dims(times, x.dim()) < 0.5, x, math.nan)
+    return torch.where(flow_math.append_dims(times, x.dim()) < 0.5, x, math.nan)
 
   x = torch.full((2, 3), 2.0, dtype=torch.float64)
   for sync_every in (1, 4):
@@ -260,7 +259,7 @@ class AffineOracle(nn.Module):
     self.a, self.b, self.predict = a, b, predict
 
   def forward(self, x, times):
-    t = flow.append_dims(times, x.dim())
+    t = flow_math.append_dims(times, x.dim())
     x0 = (x - t * self.b) / (1 - t + self.a * t)
     x1 = self.a * x0 + self.b
     return {'flow': x1 - x0, 'noise': x0, 'clean': x1}[self.predict]
@@ -274,7 +273,7 @@ def test_each_prediction_has_zero_loss_at_its_oracle_and_the_same_velocity(predi
   rf = RectifiedFlow(AffineOracle(1.5, b, predict), predict=predict, time_eps=0.05)
   times = torch.rand(32, dtype=torch.float64) * 0.9 + 0.05
   assert rf(x1, noise=x0, times=times).item() < 1e-24
-  x_t = flow.interpolate(x0, x1, times)
+  x_t = flow_math.interpolate(x0, x1, times)
   torch.testing.assert_close(rf.velocity(x_t, times), x1 - x0)
 
 
@@ -299,7 +298,7 @@ def numerical_cdf(density, grid, points=20001):
     ('cosmap', {}, lambda g: numerical_cdf(lambda t: 2 / (math.pi * (1 - 2 * t + 2 * t ** 2)), g)),
 ])
 def test_time_distributions_follow_their_densities(name, kwargs, cdf):
-  samples = flow.sample_times(200_000, name, eps=0.0, dtype=torch.float64,
+  samples = flow_math.sample_times(200_000, name, eps=0.0, dtype=torch.float64,
                               generator=torch.Generator().manual_seed(0), **kwargs)
   assert samples.min() >= 0 and samples.max() <= 1
   grid = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
@@ -307,27 +306,27 @@ def test_time_distributions_follow_their_densities(name, kwargs, cdf):
 
 
 def test_time_eps_bounds_every_distribution():
-  for name in flow.TIME_DISTRIBUTIONS:
-    t = flow.sample_times(10_000, name, eps=0.1, generator=torch.Generator().manual_seed(1))
+  for name in flow_math.TIME_DISTRIBUTIONS:
+    t = flow_math.sample_times(10_000, name, eps=0.1, generator=torch.Generator().manual_seed(1))
     assert t.min() >= 0.1 and t.max() <= 1.0
 
 
 def test_u_shaped_puts_more_mass_at_the_ends_than_uniform():
-  t = flow.sample_times(100_000, 'u_shaped', eps=0.0, generator=torch.Generator().manual_seed(0))
+  t = flow_math.sample_times(100_000, 'u_shaped', eps=0.0, generator=torch.Generator().manual_seed(0))
   assert ((t < 0.1) | (t > 0.9)).float().mean() > 0.5
 
 
 def test_pseudo_huber_is_quadratic_near_zero_and_linear_far_away():
   d = 3 * 32 * 32
-  c = flow.pseudo_huber_constant(d)
+  c = flow_math.pseudo_huber_constant(d)
   assert c == pytest.approx(0.00054 * math.sqrt(d))
   target = torch.zeros(2, 3, 32, 32, dtype=torch.float64)
   small = torch.full_like(target, 1e-6)
   large = torch.full_like(target, 1.0)
   squared_norm = d * 1e-12
-  torch.testing.assert_close(flow.per_sample_pseudo_huber(small, target),
+  torch.testing.assert_close(flow_math.per_sample_pseudo_huber(small, target),
                              torch.full((2,), squared_norm / (2 * c), dtype=torch.float64), rtol=1e-3, atol=0)
-  torch.testing.assert_close(flow.per_sample_pseudo_huber(large, target),
+  torch.testing.assert_close(flow_math.per_sample_pseudo_huber(large, target),
                              torch.full((2,), math.sqrt(d) - c, dtype=torch.float64), rtol=1e-6, atol=0)
 
 
@@ -337,7 +336,7 @@ def test_pseudo_huber_loss_option_is_used():
   model = nn.Module()
   model.forward = lambda x, times: torch.zeros_like(x)
   rf = RectifiedFlow(model, loss='pseudo_huber')
-  c = flow.pseudo_huber_constant(10)
+  c = flow_math.pseudo_huber_constant(10)
   expected = (torch.sqrt((x1 - x0).square().sum(1) + c * c) - c).mean()
   torch.testing.assert_close(rf(x1, noise=x0, times=times), expected)
 
@@ -360,7 +359,7 @@ def test_lpips_huber_weights_the_data_end_and_uses_the_perceptual_distance():
     times = torch.full((2,), t, dtype=torch.float64)
     # X1_hat = X_t + (1 - t) v_hat misses X1 by (1 - t) * error; the 1 / (1 - t) weight undoes that shrinkage.
     error = (1 - t) * velocity_error
-    c = flow.pseudo_huber_constant(3 * 8 * 8)
+    c = flow_math.pseudo_huber_constant(3 * 8 * 8)
     expected = (math.sqrt(3 * 8 * 8 * error ** 2 + c * c) - c + error) / (1 - t)
     losses[t] = rf.per_sample_loss(x1, noise=x0, times=times)
     torch.testing.assert_close(losses[t], torch.full((2,), expected, dtype=torch.float64))
@@ -426,3 +425,13 @@ def test_the_readme_2d_example_writes_its_trajectory_png(tmp_path):
   assert path.stat().st_size > 10_000
   from PIL import Image
   assert Image.open(path).size[0] > Image.open(path).size[1]  # Two panels side by side.
+
+
+def test_the_flow_math_module_keeps_its_former_import_path():
+  """``rectified_flow_pytorch.flow`` (the module's name before it became ``flow_math``) still imports, every way."""
+  import rectified_flow_pytorch.flow as by_path
+  from rectified_flow_pytorch.flow import sample_times
+
+  from rectified_flow_pytorch import flow
+
+  assert flow is flow_math and by_path is flow_math and sample_times is flow_math.sample_times

@@ -1,22 +1,13 @@
 """DDPM++ loads the published checkpoints strictly and reproduces their outputs."""
-import json
-
-import ml_collections
 import pytest
 import torch
 
 import checkpoints
 import models
 from configs.rectified_flow.cifar10_rf_gaussian_ddpmpp import get_config as cifar10_config
-from models import registry
+from models import model_registry
+from tests.helpers import fixture_config, load_fixture
 from tests.reference_data import reference_path
-
-
-def fixture_config(name):
-  with open(reference_path('official_fixtures', f'{name}_config.json')) as handle:
-    spec = json.load(handle)
-  return ml_collections.ConfigDict({'model': spec['model'], 'data': {
-      'image_size': spec['image_size'], 'num_channels': 3, 'centered': spec['centered']}})
 
 
 def read_key_table(name):
@@ -40,14 +31,6 @@ def test_full_size_cifar10_ddpmpp_has_the_published_state_dict():
   assert ours == expected
   assert sum(p.numel() for p in net.parameters()) == 61_804_419
   assert all(p.requires_grad for p in net.parameters())
-
-
-def load_fixture(name):
-  net = models.create_model(fixture_config(name))
-  checkpoint = torch.load(reference_path('official_fixtures', f'{name}_official_checkpoint.pth'),
-                          map_location='cpu', weights_only=True)
-  io = torch.load(reference_path('official_fixtures', f'{name}_io.pt'), map_location='cpu', weights_only=True)
-  return net, checkpoint, io
 
 
 @pytest.fixture(scope='module')
@@ -124,7 +107,7 @@ def test_checkpoint_from_another_architecture_is_a_clear_error(tiny_ddpmpp):
 
 def test_unknown_model_name_lists_the_registered_ones():
   with pytest.raises(ValueError, match=r"Unknown model.name 'unet'.*'ncsnpp'"):
-    registry.get_model_class('unet')
+    model_registry.get_model_class('unet')
 
 
 def test_ema_follows_the_published_decay_schedule():

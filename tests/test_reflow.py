@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-import losses
 import evaluation
+import losses
 import models
 import reflow
 import run_lib
 import sampling
 from datasets import reflow_pairs
-from rectified_flow_pytorch import flow as flow_math
-from tests.test_train import tiny_digits_config
+from rectified_flow_pytorch import flow_math
+from tests.helpers import tiny_digits_config
 
 
 def reflow_config(teacher, data_root, **reflow):

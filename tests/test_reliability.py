@@ -16,7 +16,7 @@ import run_lib
 from datasets import Batch, streams
 from tests import fault_injection
 from tests.conftest import TINY_RUN_UPDATES
-from tests.test_train import flat_state, tiny_digits_config
+from tests.helpers import flat_state, tiny_digits_config
 
 N_ITERS = TINY_RUN_UPDATES  # Preemption checkpoints every fault_injection.PREEMPTION_INTERVAL = 10 updates.
 

@@ -11,9 +11,9 @@ import losses
 import models
 import sampling
 from configs.default_cifar10_configs import get_default_configs
-from rectified_flow_pytorch import flow, solvers
+from rectified_flow_pytorch import flow_math, solvers
+from tests.helpers import fixture_config
 from tests.reference_data import reference_path
-from tests.test_models import fixture_config
 
 
 @pytest.fixture(scope='module', params=['ddpmpp_tiny', 'ncsnpp_tiny'])
@@ -77,7 +77,7 @@ def test_rk45_reads_the_host_once_per_sync_every_attempts_and_nowhere_else(monke
     patch.setattr(solvers, '_read_host', counted_read)
     for name in ('__bool__', '__float__', '__int__', '__index__', 'item', 'tolist', 'numpy', 'cpu'):
       patch.setattr(torch.Tensor, name, forbidden)
-    solution = solvers.rk45(lambda x, t: torch.sin(3 * x) * flow.append_dims(t, x.dim()), x, t0=1e-3, t1=1.0,
+    solution = solvers.rk45(lambda x, t: torch.sin(3 * x) * flow_math.append_dims(t, x.dim()), x, t0=1e-3, t1=1.0,
                             rtol=1e-9, atol=1e-9, sync_every=sync_every, on_step=meter.on_step)
   attempts = (solution.nfe - 2) // 6
   assert attempts >= 16

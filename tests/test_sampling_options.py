@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import checkpoints
-import cuda_graphs
 import evaluation
 import losses
 import models
@@ -14,7 +13,8 @@ import sampling
 from configs.rectified_flow.cifar10_rf_gaussian_ddpmpp import get_config
 from datasets import reflow_pairs
 from rectified_flow_pytorch import RectifiedFlow
-from tests.test_models import load_fixture
+from speed import cuda_graphs
+from tests.helpers import load_fixture
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (torch.cuda.is_available() is '
                                    'False): CUDA-graph capture and replay exist only on a GPU')

@@ -19,7 +19,7 @@ from configs.default_lsun_configs import get_default_configs as folder_defaults
 from configs.rectified_flow.cifar10_rf_gaussian_ddpmpp import get_config as cifar10_config
 from datasets import tfds_backend
 from datasets.cifar10 import CIFAR10_CLASSES
-from tests.test_datasets import unchecked_torchvision_cifar10, write_python_cifar10  # noqa: F401  (a fixture)
+from tests.helpers import write_python_cifar10
 
 needs_tfds = pytest.mark.skipif(not tfds_backend.tfds_available(),
                                 reason='data.backend=tfds needs `pip install -r requirements-tf.txt`')

@@ -11,33 +11,10 @@ from ml_collections import config_dict
 import datasets
 import losses
 import run_lib
-from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_config
 from models import create_model
 from tests import fault_injection
 from tests.conftest import TINY_RUN_UPDATES
-
-
-def tiny_digits_config(**training):
-  """The digits demo shrunk to a tiny model, on the CPU on every machine: the tests built on it check bit-exact
-  resumes and repeats, a CPU guarantee."""
-  config = digits_config()
-  config.device = 'cpu'
-  config.training.precision = 'fp32'  # Not 'auto' (bf16 on some CPUs): the same arithmetic on every machine.
-  config.model.nf = 16
-  config.model.ch_mult = (1, 2)
-  config.model.attn_resolutions = (8,)
-  config.model.dropout = 0.1  # Exercises the dropout RNG across resumes.
-  config.training.batch_size = 8
-  config.training.log_freq = 1
-  config.training.eval_freq = 2
-  config.sampling.use_ode_sampler = 'euler'
-  config.sampling.sample_N = 2
-  config.sampling.snapshot_batch_size = 4
-  config.data.random_flip = True  # Exercises the augmentation RNG across resumes.
-  config.optim.warmup = 2
-  for key, value in training.items():
-    config.training[key] = value
-  return config
+from tests.helpers import flat_state, tiny_digits_config
 
 
 def test_main_trains_and_writes_both_checkpoint_kinds(tiny_run):
@@ -161,14 +138,6 @@ def test_compile_trains_through_what_torch_compile_returns_for_the_training_netw
   _, eager_weights = final_weights(False)
   assert len(compiled) == 1
   assert all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
-
-
-def flat_state(state):
-  tensors = {f'param.{i}': p.detach().clone() for i, p in enumerate(state['model'].parameters())}
-  tensors.update({f'ema.{i}': s.clone() for i, s in enumerate(state['ema'].shadow_params)})
-  for index, values in state['optimizer'].state_dict()['state'].items():
-    tensors.update({f'adam.{index}.{k}': v.clone() for k, v in values.items()})
-  return tensors
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):

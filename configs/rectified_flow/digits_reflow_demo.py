@@ -1,9 +1,10 @@
 """The digits demo pipeline after the 1-rectified flow: pairs, 2-rectified flow, pairs again, one-step distillation.
 
-Each stage is one command (see README); the stages read each other's outputs from these default paths. The
+Each stage is one command (see docs/digits.md); the stages read each other's outputs from these default paths. The
 class-conditional pipeline (``conditional=True``) starts from digits_conditional_demo.py: its pairs come from the
-teacher guided with w = 2 where t >= 0.5, each stored with its digit (500 of each), and the students learn the guided flow per
-digit without label dropout, so that they are sampled without guidance (w = 1: one network evaluation per step).
+teacher guided with w = 2 where t >= 0.5, each stored with its digit (500 of each), and the students learn the guided
+flow per digit without label dropout, so that they are sampled without guidance (w = 1: one network evaluation per
+step).
 """
 from configs.rectified_flow.digits_conditional_demo import get_config as get_conditional_demo_config
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as get_demo_config

@@ -1,12 +1,12 @@
 """Operators dispatched and host reads made by one training update, on any device (the CPU proxies of GPU cost).
 
 On a GPU every dispatched operator launches at least one kernel (views launch none) and every host read stalls the
-CPU until the device catches up; a small network is bound by both. ``dispatch_census.DispatchCensus`` counts them
-around one update (after a warm-up update) of the digits demo model or the CIFAR-10 DDPM++, with the settings
-before the GPU-first step (fp32, unfused Adam) as the baseline and then today's defaults.
+CPU until the device catches up; a small network is bound by both. ``speed.dispatch_census.DispatchCensus``
+counts them around one update (after a warm-up update) of the digits demo model or the CIFAR-10 DDPM++, with the
+settings before the GPU-first step (fp32, unfused Adam) as the baseline and then today's defaults.
 
-  python benchmarks/dispatch_census.py                     # digits demo model, batch 64, CPU
-  python benchmarks/dispatch_census.py --model ddpmpp --batch 8
+  python benchmarks/op_census.py                           # digits demo model, batch 64, CPU
+  python benchmarks/op_census.py --model ddpmpp --batch 8
 """
 import argparse
 import os
@@ -20,7 +20,9 @@ import losses  # noqa: E402
 import run_lib  # noqa: E402
 from configs.rectified_flow.cifar10_rf_gaussian_ddpmpp import get_config as ddpmpp_config  # noqa: E402
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_config  # noqa: E402
-from dispatch_census import DispatchCensus  # noqa: E402
+from datasets import Batch  # noqa: E402
+from speed.dispatch_census import DispatchCensus  # noqa: E402
+from speed.precision import resolve_precision  # noqa: E402
 
 MODELS = {'digits': digits_config, 'ddpmpp': ddpmpp_config}
 VIEW_OPERATORS = ('aten::detach', 'aten::view', 'aten::_unsafe_view', 'aten::permute', 'aten::unsqueeze',
@@ -45,10 +47,10 @@ def census_of_one_update(model, batch, device_setting, precision, fused):
                             generator=torch.Generator(device).manual_seed(0))
   size, channels = config.data.image_size, config.data.num_channels
   x1 = torch.rand(batch, channels, size, size, device=device) * 2 - 1
-  step(state, [(None, x1, slice(None))])
+  step(state, [Batch(None, x1, slice(None))])
   with DispatchCensus() as census:
-    step(state, [(None, x1, slice(None))])
-  return census, losses.resolve_precision(config, device)
+    step(state, [Batch(None, x1, slice(None))])
+  return census, resolve_precision(config, device)
 
 
 def main():

@@ -20,15 +20,14 @@ layer of every block near zero (model.init_scale = 0), so an untrained field is 
 --init-scale 1 initialises those layers like the others, a harder field. On CUDA, fp32 convolutions use TF32 (cuDNN's
 default in PyTorch); the flags are printed.
 
-  python benchmarks/sampling.py --quick --init-scale 1   # CPU: batch 2, Euler-1, Euler-10, RK45 at tol 1e-3
-  python benchmarks/sampling.py --model digits --init-scale 1 --tol 1e-3    # CUDA: batch 1024, the launch-bound case
-  python benchmarks/sampling.py --model digits --checkpoint logs/digits_demo/checkpoints/checkpoint_3.pth \\
+  python benchmarks/sampling_speed.py --quick --init-scale 1   # CPU: batch 2, Euler-1, Euler-10, RK45 at tol 1e-3
+  python benchmarks/sampling_speed.py --model digits --init-scale 1 --tol 1e-3  # CUDA: batch 1024, launch-bound
+  python benchmarks/sampling_speed.py --model digits --checkpoint logs/digits_demo/checkpoints/checkpoint_3.pth \\
       --fd-checkpoint logs/digits_demo/checkpoints/checkpoint_3.pth --skip-samplers --skip-forward
 """
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -40,28 +39,12 @@ import checkpoints  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import sampling  # noqa: E402
+from benchmarks.timing import timed  # noqa: E402
 from configs.rectified_flow import cifar10_rf_gaussian_ddpmpp, digits_rf_gaussian_ddpmpp_demo  # noqa: E402
 
 MODELS = {'cifar10': cifar10_rf_gaussian_ddpmpp.get_config, 'digits': digits_rf_gaussian_ddpmpp_demo.get_config}
 # (sampling.precision, sampling.ode_state_dtype); the first is the baseline.
 PRECISION_OPTIONS = (('fp32', 'float32'), ('bf16', 'float32'), ('fp32', 'float64'), ('bf16', 'float64'))
-
-
-def synchronize(device):
-  if device.type == 'cuda':
-    torch.cuda.synchronize(device)
-
-
-def timed(device, fn, repeats=1):
-  """(fn(), the least seconds over ``repeats`` calls), the device synchronised before and after each call."""
-  best = float('inf')
-  for _ in range(repeats):
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    best = min(best, time.perf_counter() - start)
-  return result, best
 
 
 def build_network(config, checkpoint, device):
@@ -90,6 +73,34 @@ def scipy_rk45(velocity, noise, eps, tol):
   if not solution.success:
     raise RuntimeError(f'solve_ivp failed: {solution.message}')
   return torch.from_numpy(solution.y[:, -1].reshape(shape)).to(device=device, dtype=torch.float32), solution.nfev
+
+
+def network_call(config, net, precision, channels_last):
+  """(velocity, flow): the samplers' network call (``sampling.network_velocity``) of ``net`` in ``precision``, the
+  network and its inputs NCHW or channels_last (converts ``net`` in place, sets ``config.training.channels_last``)."""
+  net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+  config.training.channels_last = channels_last
+  flow = losses.build_rectified_flow(config, net)
+  return sampling.network_velocity(flow, precision), flow
+
+
+@torch.no_grad()
+def time_network_call(device, velocity, x, t, repeats, warmup=1):
+  """(velocity(x, t), the least seconds of ``repeats`` calls) with autograd off, after ``warmup`` untimed calls
+  (cuDNN's first choices, a CUDA graph's capture). CUDA's peak memory statistics are reset after the warm-up, so
+  that ``torch.cuda.max_memory_allocated`` afterwards covers the timed calls only."""
+  timed(device, lambda: velocity(x, t), warmup)
+  if device.type == 'cuda':
+    torch.cuda.reset_peak_memory_stats(device)
+  return timed(device, lambda: velocity(x, t), repeats)
+
+
+def time_sampler(device, sample_fn, flow, noise, repeats):
+  """(solution, the least seconds of ``repeats`` solves) of ``sample_fn(flow, noise=noise)``; on CUDA after one
+  untimed solve, so that cuDNN's autotuning and the capture of CUDA graphs stay out of the timing."""
+  if device.type == 'cuda':
+    sample_fn(flow, noise=noise)
+  return timed(device, lambda: sample_fn(flow, noise=noise), repeats)
 
 
 def sampler_options(device):
@@ -126,9 +137,7 @@ def time_samplers(config, flow, noise, args, device):
     fastest = (float('inf'), None)
     for precision, state, graph in sampler_options(device):
       sample_fn = sampling.get_sampling_fn(configured(config, sampler, precision, state, graph, steps), noise.shape)
-      if device.type == 'cuda':  # Warm-up: cuDNN autotuning and the graph capture stay out of the timing.
-        sample_fn(flow, noise=noise)
-      solution, seconds = timed(device, lambda: sample_fn(flow, noise=noise), args.repeats)
+      solution, seconds = time_sampler(device, sample_fn, flow, noise, args.repeats)
       if baseline_seconds is None:
         baseline_seconds, baseline_x1 = seconds, solution.x
       nfe = (str(solution.nfe) if solution.nfe == solution.contributing_nfe else
@@ -161,14 +170,9 @@ def time_forward(args, device):
   print(f'{"network":<28} {"seconds":>9} {"images/s":>10} {"x fp32":>8} {"max|dv|/max|v|":>15}')
   baseline_seconds = baseline_v = None
   for channels_last in (False, True):
-    net = net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    config.training.channels_last = channels_last
-    flow = losses.build_rectified_flow(config, net)
     for precision in ('fp32', 'bf16'):
-      velocity = sampling.network_velocity(flow, precision)
-      with torch.no_grad():
-        timed(device, lambda: velocity(x, t))
-        v, seconds = timed(device, lambda: velocity(x, t), args.forward_repeats)
+      velocity, _ = network_call(config, net, precision, channels_last)
+      v, seconds = time_network_call(device, velocity, x, t, args.forward_repeats)
       if baseline_seconds is None:
         baseline_seconds, baseline_v = seconds, v
       name = precision + (' channels_last' if channels_last else '')

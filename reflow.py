@@ -57,20 +57,24 @@ def online_pair_batches(config, teacher_velocity, device, generator, training=Tr
   """``Batch(z0, z1, rows, labels)``, z1 the teacher's N-step Euler solve of fresh noise (published online reflow:
   N = 20).
 
-  For training, the noise of each global batch is drawn whole from ``generator`` (saved with checkpoints) and each
-  process solves its micro-batches' rows; held-out batches (``training=False``) are whole batches. A
-  class-conditional teacher (``teacher_velocity(x, t, labels=None)``) solves for labels drawn uniformly with the
-  noise, guided with ``reflow.teacher_guidance_scale`` over ``reflow.teacher_guidance_t_min/_t_max``
-  (``sampling.guidance_scale`` guides the student's own samples); unconditional batches have labels None.
+  For training, the noise of each global batch is drawn whole from ``generator`` (saved with checkpoints), on the
+  generator's device, and each process solves its micro-batches' rows (moved to ``device``); held-out batches
+  (``training=False``) are whole batches. A class-conditional teacher (``teacher_velocity(x, t, labels=None)``)
+  solves for labels drawn uniformly with the noise, guided with ``reflow.teacher_guidance_scale`` over
+  ``reflow.teacher_guidance_t_min/_t_max`` (``sampling.guidance_scale`` guides the student's own samples);
+  unconditional batches have labels None.
   """
   size = config.training.batch_size
   shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
   steps, eps = config.reflow.online_teacher_steps, config.training.time_eps
   micro_batch, micro_steps = micro_batches_of(config) if training else (size, 1)
   classes = num_classes(config)
+  # The draws are made on the generator's device: on CUDA with resident data (the data generator is on the GPU)
+  # neither a host draw nor a host -> device copy per update; on the CPU the stream is the CPU generator's.
+  draw_device = generator.device
   while True:
-    z0_global = torch.randn((size, *shape), generator=generator) * config.sampling.init_noise_scale
-    labels_global = torch.randint(classes, (size,), generator=generator) if classes else None
+    z0_global = torch.randn((size, *shape), generator=generator, device=draw_device) * config.sampling.init_noise_scale
+    labels_global = torch.randint(classes, (size,), generator=generator, device=draw_device) if classes else None
     for micro_step in range(micro_steps):
       rows = rows_of(micro_step, micro_batch) if training else slice(None)
       z0 = z0_global[rows].to(device)

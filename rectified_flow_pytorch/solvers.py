@@ -106,6 +106,31 @@ def _check_steps(steps):
     raise ValueError(f'A fixed-step solver needs at least one step, got steps={steps}')
 
 
+# The most noise values the stochastic Euler sampler draws from a CPU generator (and copies to x's device) at once.
+_NOISE_CHUNK_ELEMENTS = 2 ** 24
+
+
+def _step_noise(shape, steps, dtype, device, generator):
+  """The standard normals of ``shape`` of each of ``steps`` steps on ``device``: those of ``torch.randn(shape,
+  generator=generator, dtype=dtype)`` drawn step by step on the generator's device (``device`` without one).
+
+  A CPU generator (the framework's, seeded per sample block) draws several steps' noise in one call, moved to
+  ``device`` with one copy (on CUDA, one host draw and one host -> device copy per chunk of at most
+  ``_NOISE_CHUNK_ELEMENTS`` values, not per step). The values are those of step-by-step draws, bit for bit: the CPU
+  normal kernel turns blocks of 16 uniforms into 16 normals, so k draws of a multiple of 16 values are one draw of
+  k times as many (tests/test_samplers.py checks it); other sizes, and generators on other devices (a generator on
+  x's device needs no copy), draw step by step.
+  """
+  draw_device = torch.device(device) if generator is None else generator.device
+  size = math.prod(shape)
+  per_draw = 1
+  if draw_device.type == 'cpu' and size % 16 == 0:
+    per_draw = max(1, _NOISE_CHUNK_ELEMENTS // max(size, 1))
+  for first in range(0, steps, per_draw):
+    count = min(per_draw, steps - first)
+    yield from torch.randn((count, *shape), generator=generator, dtype=dtype, device=draw_device).to(device)
+
+
 @torch.no_grad()
 def euler(velocity, x, *, steps, t0=0.0, t1=1.0, step_size=None, sigma_variance=0.0, noise_std=1.0,
           generator=None, on_step=None):
@@ -115,12 +140,14 @@ def euler(velocity, x, *, steps, t0=0.0, t1=1.0, step_size=None, sigma_variance=
   ``sigma_variance > 0`` gives the published stochastic variant (forward direction only): noise of scale
   sigma_t = (1 - t) sigma_variance per step with the drift correction
   sigma_t^2 / (2 noise_std^2 (1 - t)^2) (t (1 - t) v / 2 - (2 - t) x / 2). Returns (x(t1), nfe).
+  Its noise comes from ``generator`` (``_step_noise``: step by step, in the dtype x has at the start).
   """
   _check_steps(steps)
   if sigma_variance and t1 < t0:
     raise ValueError('The stochastic Euler sampler (sigma_variance > 0) only runs forward, noise to data')
   field = CountedField(velocity)
   dt = (t1 - t0) / steps if step_size is None else math.copysign(step_size, t1 - t0)
+  noises = _step_noise(x.shape, steps, x.dtype, x.device, generator) if sigma_variance else None
   for i in range(steps):
     t = t0 + i / steps * (t1 - t0)
     v = field(x, t)
@@ -130,9 +157,7 @@ def euler(velocity, x, *, steps, t0=0.0, t1=1.0, step_size=None, sigma_variance=
       sigma_t = (1.0 - t) * sigma_variance
       correction = sigma_t ** 2 / (2 * noise_std ** 2 * max(1.0 - t, 1e-12) ** 2)
       drift = v + correction * (0.5 * t * (1.0 - t) * v - 0.5 * (2.0 - t) * x)
-      noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device if generator
-                          else x.device).to(x.device)
-      x = x + drift * dt + sigma_t * math.sqrt(dt) * noise
+      x = x + drift * dt + sigma_t * math.sqrt(dt) * next(noises)
     else:
       x = x + v * dt
   return ODESolution(x, field.nfe, accepted_steps=steps)

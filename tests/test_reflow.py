@@ -180,6 +180,57 @@ def test_reflow_training_runs_in_the_shared_loop_and_resumes(teacher, tmp_path, 
   assert run_lib.reflow(config, str(workdir))['step'] == 3  # Resumed from the preemption checkpoint.
 
 
+@pytest.mark.parametrize('classes', [0, 10])
+def test_online_pairs_are_drawn_on_the_generators_device_and_keep_the_cpu_stream(monkeypatch, classes):
+  """Every draw of the online pairs names the data generator's device: on CUDA that generator is on the GPU (resident
+  data), where a draw without device= fails and a host draw would be copied every update. On the CPU the pairs keep
+  their stream: the noise, then the labels, of each global batch drawn whole from the generator."""
+  config = tiny_digits_config()
+  config.model.num_classes = classes
+  config.training.grad_accum_steps = 2
+  config.reflow.online_teacher_steps = 2
+  size, shape = config.training.batch_size, (config.data.num_channels, config.data.image_size, config.data.image_size)
+  plain = {'randn': torch.randn, 'randint': torch.randint}
+  draws = []
+
+  def recorded(name):
+    def draw(*args, **kwargs):
+      if kwargs.get('generator') is not None:
+        draws.append((name, kwargs.get('device'), kwargs['generator'].device))
+      return plain[name](*args, **kwargs)
+    return draw
+
+  for name in plain:
+    monkeypatch.setattr(torch, name, recorded(name))
+
+  def teacher(x, t, labels=None, **guidance):
+    return -x * t.reshape(-1, 1, 1, 1)
+
+  generator = torch.Generator().manual_seed(3)
+  stream = reflow.online_pair_batches(config, teacher, torch.device('cpu'), generator)
+  training = [next(stream) for _ in range(4)]  # Two updates of two micro-batches.
+  held_out = next(reflow.online_pair_batches(config, teacher, torch.device('cpu'), torch.Generator().manual_seed(4),
+                                             training=False))
+  assert len(draws) == 3 * (2 if classes else 1)
+  for name, device, generator_device in draws:
+    assert device is not None and torch.device(device) == generator_device, (name, device, generator_device)
+
+  expected = torch.Generator().manual_seed(3)
+  for update in range(2):
+    z0 = plain['randn']((size, *shape), generator=expected) * config.sampling.init_noise_scale
+    labels = plain['randint'](classes, (size,), generator=expected) if classes else None  # Drawn after the noise.
+    micro = training[2 * update:2 * update + 2]
+    assert torch.equal(torch.cat([b.x0 for b in micro]), z0)
+    if classes:
+      assert torch.equal(torch.cat([b.labels for b in micro]), labels)
+    else:
+      assert all(b.labels is None for b in micro)
+    assert [b.rows for b in micro] == [slice(0, size // 2), slice(size // 2, size)]
+  z0_held_out = plain['randn']((size, *shape), generator=torch.Generator().manual_seed(4))
+  assert torch.equal(held_out.x0, z0_held_out * config.sampling.init_noise_scale)
+  assert held_out.x0.shape[0] == size
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # LPIPS.
 

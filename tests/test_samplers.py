@@ -128,3 +128,51 @@ def test_stochastic_euler_is_the_published_loop_and_sigma_variance_0_is_plain_eu
   torch.testing.assert_close(solution.x, stochastic, atol=1e-5, rtol=0)
   torch.testing.assert_close(sampled(0.0).x, plain, atol=1e-6, rtol=0)
   assert (stochastic - plain).abs().max() > 0.1
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('shape,chunk,draws', [((3, 2, 4, 4), None, 1), ((3, 2, 4, 4), 3 * 96, 3),
+                                               ((2, 3, 5, 5), None, 7)])
+def test_stochastic_euler_draws_a_solves_noise_at_once_with_the_samples_of_step_by_step_draws(
+    monkeypatch, dtype, shape, chunk, draws):
+  """From a CPU generator (the framework's: seeded per sample block) the stochastic Euler sampler draws the noise of
+  all its steps in one call (in chunks of at most ``solvers._NOISE_CHUNK_ELEMENTS`` values: 3 steps of 96 here), so
+  that a solve on CUDA makes one host draw and one host -> device copy per chunk, not one per step. The samples, and
+  the generator's state after the solve, are those of step-by-step draws bit for bit: the CPU normal kernel fills
+  blocks of 16 values, so k draws of a multiple of 16 values are one draw of k times as many. Other sizes (5 x 5
+  images here) keep one draw per step."""
+  if chunk is not None:
+    monkeypatch.setattr(solvers, '_NOISE_CHUNK_ELEMENTS', chunk)
+  steps, eps, noise_std, sigma_variance = 7, 1e-3, 1.5, 0.8
+  x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+  field = TimedField().to(dtype)
+
+  def velocity(x, t):
+    return field(x, t * 999)
+
+  generator = torch.Generator().manual_seed(5)
+  stepwise = x.clone()
+  with torch.no_grad():
+    for i in range(steps):  # The loop with its noise drawn step by step, as the sampler did.
+      t = eps + i / steps * (1 - eps)
+      v = velocity(stepwise, torch.full((shape[0],), t, dtype=dtype))
+      sigma_t = (1 - t) * sigma_variance
+      correction = sigma_t ** 2 / (2 * noise_std ** 2 * (1 - t) ** 2)
+      drift = v + correction * (0.5 * t * (1 - t) * v - 0.5 * (2 - t) * stepwise)
+      stepwise = stepwise + drift * (1 / steps) + sigma_t * math.sqrt(1 / steps) * torch.randn(
+          shape, generator=generator, dtype=dtype)
+
+  calls = []
+  randn = torch.randn
+
+  def counted(*args, **kwargs):
+    calls.append(kwargs.get('generator'))
+    return randn(*args, **kwargs)
+
+  monkeypatch.setattr(torch, 'randn', counted)
+  sampler_generator = torch.Generator().manual_seed(5)
+  solution = solvers.euler(velocity, x, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps,
+                           sigma_variance=sigma_variance, noise_std=noise_std, generator=sampler_generator)
+  assert len(calls) == draws and all(g is sampler_generator for g in calls)
+  assert solution.x.dtype == dtype and torch.equal(solution.x, stepwise)
+  assert torch.equal(sampler_generator.get_state(), generator.get_state())

@@ -95,6 +95,13 @@ def dataset_tensor(dataset, num_workers=0, batch_size=500):
   return images, torch.cat(label_parts) if label_parts else None
 
 
+# The float32 value k / 255 of each 8-bit level k, by true division on the CPU: the loader's values (ToTensor's
+# ``.div(255)``, the division ``dataset_tensor`` checks levels against). A device may divide otherwise (CUDA computes
+# ``tensor / 255`` as ``tensor * (1 / 255)``, one ulp off for 126 of the 256 levels), so resident 8-bit images are
+# looked up in this table, never divided on the device.
+LEVEL_VALUES = torch.arange(256, dtype=torch.float32) / 255.0
+
+
 class ResidentBatches:
   """The micro-batches of ``endless_batches``, drawn from images held on the training device.
 
@@ -102,7 +109,8 @@ class ResidentBatches:
   resumed at ``start_batch`` and the loader path see the same images in the same order; the gather runs on the
   device from a permutation kept there, so a batch costs no loader, worker or host-to-device copy. With ``labels``
   ((N,) integers, those of ``dataset_tensor`` of a labelled dataset) its ``Batch`` es carry the labels, int64 on
-  the images' device, as ``endless_batches`` does for that dataset.
+  the images' device, as ``endless_batches`` does for that dataset. 8-bit (uint8) images become the loader's values
+  k / 255 bit for bit on any device: gathered from ``LEVEL_VALUES``, moved there once, not divided there.
   """
 
   def __init__(self, images, batch_size, *, seed, start_batch=0, micro_batch=None, rank=0, world=1, labels=None):
@@ -115,6 +123,7 @@ class ResidentBatches:
     self.sampler = EndlessShuffledSampler(images.shape[0], seed, global_batch=batch_size, start_batch=start_batch,
                                           micro_batch=micro_batch, rank=rank, world=world)
     self._orders = {}
+    self._level_values = LEVEL_VALUES.to(images.device) if images.dtype == torch.uint8 else None
 
   def _order(self, epoch):
     if epoch not in self._orders:
@@ -140,6 +149,7 @@ class ResidentBatches:
         first = batch * s.global_batch + (micro_step * s.world + s.rank) * s.micro_batch
         indices = self._indices(first, s.micro_batch)
         images = self.images[indices]
-        images = images.float() / 255.0 if images.dtype == torch.uint8 else images
+        if self._level_values is not None:
+          images = self._level_values[images.long()]
         yield Batch(None, images, labels=None if self.labels is None else self.labels[indices])
       batch += 1

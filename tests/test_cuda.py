@@ -369,8 +369,10 @@ def test_the_training_stream_on_cuda_yields_the_loaders_batches(start_batch):
 
 @pytest.mark.parametrize('world, rank, micro_batch, start_batch', [(1, 0, 6, 0), (2, 1, 3, 5)])
 def test_resident_8_bit_batches_on_cuda_are_the_loaders_batches(world, rank, micro_batch, start_batch):
-  """8-bit images (as CIFAR-10's) are held as uint8 on the GPU and turned into floats there: the same values as the
-  loader's float images k / 255, for any rank, micro-batch and resume point, across epochs (37 images, batch 6)."""
+  """8-bit images (as CIFAR-10's) are held as uint8 on the GPU and turned into floats there by a lookup in a table of
+  true quotients, not CUDA's division (tensor / 255 is tensor * (1 / 255) there, one ulp off for 126 levels): bit
+  for bit the loader's float images k / 255, for any rank, micro-batch and resume point, across epochs (37 images,
+  batch 6)."""
   levels = torch.randint(0, 256, (37, 3, 4, 4), generator=torch.Generator().manual_seed(0))
   dataset = TensorImages(levels.float() / 255.0)
   stored, _ = dataset_tensor(dataset)

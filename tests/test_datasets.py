@@ -281,6 +281,15 @@ def test_resident_labelled_batches_are_the_loaders_batches(world, micro_batch, s
       assert torch.equal(resident_labels, index * 3 % 5)
 
 
+def test_level_values_are_the_true_quotients_k_over_255():
+  """The table resident 8-bit images are looked up in holds what ToTensor makes of levels 0..255 (its ``.div(255)``
+  on the CPU) and numpy's float32 division: correctly rounded k / 255, not k * (1 / 255)."""
+  levels = np.arange(256, dtype=np.uint8)
+  assert datasets.loader.LEVEL_VALUES.dtype == torch.float32
+  assert torch.equal(datasets.loader.LEVEL_VALUES, torch.from_numpy(levels.astype(np.float32) / np.float32(255)))
+  assert torch.equal(datasets.loader.LEVEL_VALUES, torch.from_numpy(levels).to(torch.float32).div(255))
+
+
 def test_resident_batches_check_the_labels_shape():
   with pytest.raises(ValueError, match=r'one label per image, shape \(37,\); got \(36,\)'):
     datasets.ResidentBatches(torch.zeros(37, 1, 2, 2), 6, seed=0, labels=torch.zeros(36, dtype=torch.long))

@@ -206,6 +206,43 @@ def test_resident_batches_are_the_loaders_batches(world, rank, micro_batch, star
     assert torch.equal(from_loader.x1, from_device.x1)
 
 
+def divide_by_scalars_as_cuda_does(monkeypatch):
+  """Tensor division by a Python number computed as CUDA's kernel computes it: a multiplication by the float32
+  reciprocal (for 1 / 255, one ulp off true division for 126 of the 256 levels k / 255)."""
+  def by_reciprocal(divide, multiply):
+    def divided(tensor, other, *args, **kwargs):
+      if isinstance(other, (int, float)) and not isinstance(other, bool) and not args and not kwargs:
+        return multiply(tensor, divide(torch.ones((), dtype=torch.float32), float(other)))
+      return divide(tensor, other, *args, **kwargs)
+    return divided
+
+  in_place = ['__itruediv__', 'div_', 'divide_', 'true_divide_']
+  for owner, names, multiply in [(torch.Tensor, ['__truediv__', 'div', 'divide', 'true_divide'], torch.mul),
+                                 (torch, ['div', 'divide', 'true_divide'], torch.mul),
+                                 (torch.Tensor, in_place, torch.Tensor.mul_)]:
+    for name in names:
+      monkeypatch.setattr(owner, name, by_reciprocal(getattr(owner, name), multiply))
+
+
+def test_resident_8_bit_batches_are_the_loaders_values_whatever_the_devices_division(monkeypatch):
+  """The loader's 8-bit values are true quotients k / 255 (ToTensor divides on the CPU); on CUDA ``tensor / 255`` is a
+  multiplication by the float32 reciprocal. With that arithmetic simulated on the CPU, resident batches of all 256
+  levels (32 images of 8 pixels, each level once; global batch 8, two epochs) still equal the loader's bit for bit."""
+  values = torch.arange(256, dtype=torch.float32).reshape(32, 1, 2, 4) / 255
+  dataset = TensorImages(values)
+  stored, _ = dataset_tensor(dataset)
+  assert stored.dtype == torch.uint8 and torch.equal(stored.flatten(), torch.arange(256, dtype=torch.uint8))
+  divide_by_scalars_as_cuda_does(monkeypatch)
+  assert int((stored.float() / 255.0 != values).sum()) == 126  # The simulation is CUDA's arithmetic.
+  loader, resident = endless_batches(dataset, 8, seed=3), iter(ResidentBatches(stored, 8, seed=3))
+  seen = []
+  for _ in range(8):
+    from_loader, from_device = next(loader).x1, next(resident).x1
+    seen.append(from_device)
+    assert torch.equal(from_device, from_loader), f'{int((from_device != from_loader).sum())} values differ'
+  assert torch.equal(torch.cat(seen).flatten().unique(), values.flatten())
+
+
 def test_training_on_resident_data_equals_training_on_the_loader(tmp_path):
   def final_weights(resident):
     config = tiny_digits_config(n_iters=3, snapshot_freq=100, snapshot_freq_for_preemption=3)

@@ -1,7 +1,7 @@
 PYTHON ?= python3
 DEMO_WORKDIR ?= logs/digits_demo
 
-.PHONY: install install-dev demo test benchmark mutation-check
+.PHONY: install install-dev demo test benchmark gpu-check mutation-check
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -21,6 +21,10 @@ test: install-dev
 benchmark: install
 	$(PYTHON) benchmarks/train_step.py
 	$(PYTHON) benchmarks/sampling_speed.py --quick
+
+# The one device check (a CUDA machine, within 8 minutes): CUDA tests, GPU report, demo; writes logs/gpu_check.md.
+gpu-check:  # No install: a GPU machine may lack a package index (README: carry the wheels).
+	$(PYTHON) benchmarks/gpu_check.py
 
 # Seeds known faults into copies of the tree and checks that the tests catch each (not part of `make test`).
 mutation-check: install-dev

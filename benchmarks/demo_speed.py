@@ -33,14 +33,15 @@ SETTINGS = (
 )
 
 
-def run_demo(workdir, device, overrides, tree=REPO_ROOT, env=None):
+def run_demo(workdir, device, overrides, tree=REPO_ROOT, env=None, timeout=None):
   """``main.py --mode train`` of ``tree`` on its demo config in ``workdir`` with the flags ``overrides``; (the
-  completed process, its output captured, and its wall seconds). A failed run is returned, not raised."""
+  completed process, its output captured, and its wall seconds). A failed run is returned, not raised; one that
+  runs past ``timeout`` seconds raises ``subprocess.TimeoutExpired``."""
   device_flag = [f'--device={device}'] if tree == REPO_ROOT else []  # Older checkouts may lack the flag.
   command = [sys.executable, os.path.join(tree, 'main.py'), f'--config={CONFIG.replace(REPO_ROOT, tree)}',
              f'--workdir={workdir}', '--mode=train', *device_flag, *overrides]
   started = time.perf_counter()
-  completed = subprocess.run(command, capture_output=True, text=True, cwd=tree, env=env)
+  completed = subprocess.run(command, capture_output=True, text=True, cwd=tree, env=env, timeout=timeout)
   return completed, time.perf_counter() - started
 
 

@@ -77,6 +77,7 @@ TRAIN_SETTINGS = (
                                                              'model.fused_norm': True, 'training.cuda_graph': True}),
     ('defaults', {}),
     ('defaults with training.cuda_graph', {'training.cuda_graph': True}),
+    ('defaults with model.fused_norm', {'model.fused_norm': True}),
 )
 # The sampler's network call: (label, sampling.precision, TF32, channels_last, CUDA graph).
 FORWARD_SETTINGS = (
@@ -327,9 +328,15 @@ def child_environment(args):
 
 
 def run_child(job, args):
-  """``job`` in a fresh process of this script; its result, or {'error': ...} with the last line it wrote."""
+  """``job`` in a fresh process of this script; its result, or {'error': ...} with the last line it wrote (or the
+  time limit it ran past: ``args.child_timeout`` seconds, where set)."""
   command = [sys.executable, os.path.abspath(__file__), '--child', json.dumps(job)]
-  completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=child_environment(args))
+  timeout = getattr(args, 'child_timeout', None)
+  try:
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=child_environment(args),
+                               timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {'error': f'stopped: ran past its {timeout:g} s'}
   if completed.returncode != 0:
     return {'error': failure(completed)}
   return json.loads(next(line for line in completed.stdout.splitlines() if line.startswith('RESULT '))[7:])
@@ -338,10 +345,13 @@ def run_child(job, args):
 # ---------------------------------------------------------------------------------------------------------------
 # The sections of the report.
 
-def train_section(args):
+def train_section(args, settings=TRAIN_SETTINGS):
+  """The train-step table of ``settings`` (the first is the baseline); each row's result also goes to
+  ``args.results['train'][label]``."""
   model_name = MODELS[args.model][0]
   rows, baseline = [], None
-  for label, overrides in TRAIN_SETTINGS:
+  results = args.results.setdefault('train', {})
+  for label, overrides in settings:
     if overrides.get('training.compile') and not args.compile:
       rows.append([label, 'not run (add --compile; minutes each)'] + [''] * 6)
       continue
@@ -349,10 +359,11 @@ def train_section(args):
     result = run_child({'kind': 'train', 'model': args.model, 'batch': args.batch, 'device': args.device,
                         'overrides': overrides, 'warmup': args.warmup_updates, 'timed': args.timed_updates,
                         'profiled': args.profiled_updates}, args)
+    results[label] = result
     if 'error' in result:
       rows.append([label, result['error']] + [''] * 6)
       continue
-    if label == TRAIN_SETTINGS[0][0]:
+    if label == settings[0][0]:
       baseline = result['images_per_second']
     if label.startswith('defaults'):
       label = f'{label} ({result["setting"]})'
@@ -372,18 +383,22 @@ def train_section(args):
   return [title, ''] + markdown_table(header, rows)
 
 
-def forward_section(args):
+def forward_section(args, settings=FORWARD_SETTINGS):
+  """The sampler network-call table of ``settings`` (the first is the baseline); results in
+  ``args.results['forward']``."""
   model_name = MODELS[args.model][0]
   rows, baseline = [], None
-  for setting in FORWARD_SETTINGS:
+  results = args.results.setdefault('forward', {})
+  for setting in settings:
     label = setting[0]
     print(f'--- network call: {label}', flush=True)
     result = run_child({'kind': 'forward', 'model': args.model, 'batch': args.forward_batch, 'device': args.device,
                         'setting': setting, 'repeats': args.forward_repeats}, args)
+    results[label] = result
     if 'error' in result:
       rows.append([label, result['error'], '', ''])
       continue
-    if label == FORWARD_SETTINGS[0][0]:
+    if label == settings[0][0]:
       baseline = result['images_per_second']
     rows.append([label, f'{result["images_per_second"]:,.0f}', ratio(result['images_per_second'], baseline),
                  f'{result["peak_memory_gib"]:.2f} GiB'])
@@ -398,6 +413,7 @@ def rk45_section(args):
                       'init_scale': args.init_scale, 'checkpoint': args.digits_checkpoint,
                       'repeats': args.rk45_repeats}, args)
   title = f'## RK45: digits demo DDPM++ 16x16, batch {args.rk45_batch}, rtol = atol = {args.tol:g}'
+  args.results['rk45'] = result
   if 'error' in result:
     return [title, '', result['error']]
   scipy_seconds = next(row['seconds'] for row in result['rows'] if row.get('scipy'))
@@ -412,17 +428,24 @@ def rk45_section(args):
   return [title, ''] + markdown_table(header, rows)
 
 
-def demo_section(args):
-  """The wall time of ``main.py --mode train`` on the demo config (all of it, or ``args.demo_updates`` updates)."""
+def demo_section(args, settings=()):
+  """The wall time of ``main.py --mode train`` on the demo config (all of it, or ``args.demo_updates`` updates),
+  with ``settings`` (--config overrides, e.g. ``--config.training.cuda_graph=True``) added."""
   print('--- digits demo', flush=True)
-  overrides = []
+  overrides = list(settings)
   if args.demo_updates:
-    overrides = [f'--config.training.n_iters={args.demo_updates}',
-                 f'--config.training.log_freq={max(1, args.demo_updates // 5)}']
+    overrides += [f'--config.training.n_iters={args.demo_updates}',
+                  f'--config.training.log_freq={max(1, args.demo_updates // 5)}']
   title = '## Digits demo: `main.py --mode train` on ' + os.path.relpath(demo_speed.CONFIG, REPO_ROOT)
   with tempfile.TemporaryDirectory() as workdir:
-    completed, seconds = demo_speed.run_demo(workdir, args.device, overrides, env=child_environment(args))
+    try:
+      completed, seconds = demo_speed.run_demo(workdir, args.device, overrides, env=child_environment(args),
+                                               timeout=getattr(args, 'child_timeout', None))
+    except subprocess.TimeoutExpired:
+      args.results['demo'] = {'error': 'ran past its time limit'}
+      return [title, '', f'stopped: ran past its {args.child_timeout:g} s ({" ".join(overrides)})']
     if completed.returncode != 0:
+      args.results['demo'] = {'error': failure(completed)}
       return [title, '', failure(completed)]
     records, config = demo_speed.read_run(workdir)
   updates = config['training']['n_iters']
@@ -430,6 +453,7 @@ def demo_section(args):
   nfes = [int(r['sample_nfe']) for r in records if 'sample_nfe' in r]
   row = [f'--device={args.device} {" ".join(overrides)}'.strip(), f'{updates:,}', f'{seconds:.1f} s',
          formatted(float(np.mean(rates)) if rates else None, '.0f'), ', '.join(map(str, nfes)) or 'n/a']
+  args.results['demo'] = {'seconds': seconds, 'updates': updates, 'overrides': overrides}
   header = ['command', 'updates', 'wall time', 'loop images/s', 'snapshot sampler NFE']
   return [title + ' (start-up, training, sample grids, checkpoints)', ''] + markdown_table(header, [row])
 
@@ -449,7 +473,7 @@ def machine_lines(args):
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def main():
+def build_parser():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--out', default=os.path.join('logs', 'gpu_report.md'), help='markdown file for the tables')
   parser.add_argument('--cpu-smoke', action='store_true', help='tiny sizes on the CPU: exercises the script anywhere')
@@ -471,11 +495,11 @@ def main():
   parser.add_argument('--demo-updates', type=int, default=None, help='demo updates (default: the config\'s 3,000; '
                       'smoke 10)')
   parser.add_argument('--child', help=argparse.SUPPRESS)  # A JSON job for one configuration, run by the parent.
-  args = parser.parse_args()
-  if args.child:
-    job = json.loads(args.child)
-    print('RESULT ' + json.dumps(CHILDREN[job['kind']](job)), flush=True)
-    return
+  return parser
+
+
+def resolve_sizes(parser, args):
+  """Fills in the sizes left unset (those of --cpu-smoke or of the full report), the device and ``args.results``."""
   if not args.cpu_smoke and not torch.cuda.is_available():
     parser.error('CUDA is not available to this PyTorch; --cpu-smoke runs the script on the CPU at tiny sizes')
   sizes = ({'model': 'digits', 'batch': 2, 'warmup_updates': 1, 'timed_updates': 2, 'forward_batch': 2,
@@ -486,7 +510,18 @@ def main():
     if getattr(args, key) is None:
       setattr(args, key, value)
   args.device = 'cpu' if args.cpu_smoke else 'cuda'
+  args.results = {}
+  return args
 
+
+def main():
+  parser = build_parser()
+  args = parser.parse_args()
+  if args.child:
+    job = json.loads(args.child)
+    print('RESULT ' + json.dumps(CHILDREN[job['kind']](job)), flush=True)
+    return
+  resolve_sizes(parser, args)
   lines = machine_lines(args)
   print('\n'.join(lines), flush=True)
   sections = [train_section, forward_section, rk45_section] + ([demo_section] if args.demo else [])

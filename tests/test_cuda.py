@@ -1,5 +1,6 @@
-"""The device code paths on CUDA: the fast step against the fp32 eager step, no host read inside an update, the
-default step's loss curve, exact resume, RK45 against the CPU, device-resident batches against the loader.
+"""The device code paths on CUDA: the fast step against the fp32 eager step (also with labels, bf16 and the fused
+norm inside a captured update), online reflow, no host read inside an update, the default step's loss curve, exact
+resume, RK45 (also guided, from CUDA graphs) against the CPU, device-resident batches against the loader.
 
 Every comparison moves tensors to the CPU. The module is skipped with a reason where CUDA is absent; on one H100 it
 takes under 3 minutes:
@@ -201,6 +202,60 @@ def test_the_fused_norm_step_follows_the_eager_step(tmp_path, deterministic_cudn
   assert_states_close(flat_state(eager), flat_state(fused), rtol=1e-5 if precision == 'fp32' else BF16_RTOL)
 
 
+def test_a_class_conditional_graph_captured_step_equals_the_eager_step(tmp_path, deterministic_cudnn, monkeypatch):
+  """Labels through the captured update: the labels of each batch are copied into the graph's static input and
+  the label dropout is drawn from the registered path generator inside it; 6 updates (3 replays) against 6 eager
+  ones of the class-conditional tiny model."""
+  made = record_graphed_steps(monkeypatch)
+  conditional = {'model.num_classes': 10, 'training.label_dropout': 0.5}
+  graphed = train_n_updates(tmp_path / 'graphed', 6, **conditional, **{'training.cuda_graph': True})
+  eager = train_n_updates(tmp_path / 'eager', 6, **conditional, **{'training.cuda_graph': False})
+  assert len(made) == 1 and made[0].replays == 3 and made[0]._labels is not None
+  assert hasattr(graphed['model'], 'label_embedding')
+  assert_states_close(flat_state(eager), flat_state(graphed), rtol=1e-5)
+
+
+def test_a_bf16_graph_captured_step_follows_the_eager_bf16_step(tmp_path, deterministic_cudnn, monkeypatch):
+  """bf16 autocast inside the captured update (its casts are kernels of the graph) against eager bf16 updates:
+  within bf16's rounding (``BF16_RTOL``), 6 updates of which 3 are replays."""
+  made = record_graphed_steps(monkeypatch)
+  bf16 = {'training.precision': 'bf16'}
+  graphed = train_n_updates(tmp_path / 'graphed', 6, **bf16, **{'training.cuda_graph': True})
+  eager = train_n_updates(tmp_path / 'eager', 6, **bf16, **{'training.cuda_graph': False})
+  assert len(made) == 1 and made[0].replays == 3
+  assert_states_close(flat_state(eager), flat_state(graphed), rtol=BF16_RTOL)
+
+
+def test_the_fused_norm_inside_a_captured_step_follows_the_eager_step(tmp_path, deterministic_cudnn, monkeypatch):
+  """model.fused_norm with training.cuda_graph: the compiled GroupNorm + SiLU kernels (compiled in the eager
+  warm-up updates) replayed from the graph, against the eager unfused step in fp32, to float rounding."""
+  made = record_graphed_steps(monkeypatch)
+  fused = train_n_updates(tmp_path / 'fused', 6, **{'model.fused_norm': True, 'training.cuda_graph': True})
+  eager = train_n_updates(tmp_path / 'eager', 6, **{'model.fused_norm': False, 'training.cuda_graph': False})
+  assert len(made) == 1 and made[0].replays == 3
+  assert any(getattr(m, 'fused_norm', False) for m in fused['model'].modules())
+  assert_states_close(flat_state(eager), flat_state(fused), rtol=1e-5)
+
+
+def test_online_reflow_trains_on_cuda_with_device_resident_data(tmp_path, deterministic_cudnn):
+  """Online reflow with the defaults (data.device_resident on: the data generator, from which the pairs' noise is
+  drawn, lives on the GPU) starts and trains: 2 updates of a class-conditional student with a guided teacher."""
+  teacher = cuda_config(n_iters=1, snapshot_freq=1, snapshot_freq_for_preemption=1)
+  teacher.model.num_classes = 10
+  run_lib.train(teacher, str(tmp_path / 'teacher'))
+  config = cuda_config(n_iters=2, snapshot_freq=2, snapshot_freq_for_preemption=2)
+  config.model.num_classes = 10
+  assert config.data.device_resident
+  config.reflow.reflow_type = 'train_online_reflow'
+  config.reflow.online_teacher_steps = 2
+  config.reflow.teacher_guidance_scale = 2.0
+  config.reflow.last_flow_ckpt = str(tmp_path / 'teacher' / 'checkpoints' / 'checkpoint_1.pth')
+  state = run_lib.reflow(config, str(tmp_path / 'student'))
+  assert state['step'] == 2
+  assert all(torch.isfinite(p).all() for p in state['model'].parameters())
+  assert [step for step, _ in logged_losses(tmp_path / 'student')] == [1, 2]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # No host read inside an update.
 
@@ -345,6 +400,33 @@ def test_rk45_on_cuda_matches_the_cpu(rk45_on_the_cpu, cuda_graph):
   assert difference < 1e-3, f'max |x1 CUDA - x1 CPU| = {difference:.3g}'
   assert abs(on_cuda.contributing_nfe - on_cpu.contributing_nfe) <= 0.1 * on_cpu.contributing_nfe, (
       on_cuda.contributing_nfe, on_cpu.contributing_nfe)
+
+
+@pytest.mark.parametrize('cuda_graph', [False, True])
+def test_guided_rk45_on_cuda_matches_the_cpu(cuda_graph):
+  """Labels and classifier-free guidance (w = 2 where t >= 0.5: every call evaluates the doubled batch and a
+  per-sample torch.where picks the guided velocity inside the interval, so one graph serves every t) through the
+  sampler's network call, eager and replayed from CUDA graphs: the CUDA solve ends within 1e-3 of the CPU solve,
+  and the graphed one within 1e-5 of the eager one."""
+  config = sampling_config(precision='fp32', cuda_graph=False, guidance_scale=2.0, guidance_t_min=0.5)
+  config.model.num_classes = 10
+  torch.manual_seed(0)
+  net = models.create_model(config).eval()
+  shape = (4, config.data.num_channels, config.data.image_size, config.data.image_size)
+  noise = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+  labels = torch.tensor([0, 3, 7, 9])
+  on_cpu = sampling.get_sampling_fn(config, shape)(losses.build_rectified_flow(config, net), noise=noise,
+                                                   labels=labels)
+  torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+  flow = losses.build_rectified_flow(config, copy.deepcopy(net).cuda())
+  eager = sampling.get_sampling_fn(config, shape)(flow, noise=noise.cuda(), labels=labels.cuda())
+  config.sampling.cuda_graph = cuda_graph
+  on_cuda = sampling.get_sampling_fn(config, shape)(flow, noise=noise.cuda(), labels=labels.cuda())
+  difference = (on_cuda.x.cpu() - on_cpu.x).abs().max().item()
+  assert difference < 1e-3, f'max |x1 CUDA - x1 CPU| = {difference:.3g}'
+  assert (on_cuda.x - eager.x).abs().max().item() <= 1e-5
+  assert on_cuda.contributing_nfe == eager.contributing_nfe
+  assert abs(on_cuda.contributing_nfe - on_cpu.contributing_nfe) <= 0.1 * on_cpu.contributing_nfe
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from datasets import Batch, reflow_pairs
 from datasets.streams import micro_batches_of, rows_of
 from models import ExponentialMovingAverage, model_config_summary, num_classes
 from rectified_flow_pytorch import solvers
+from speed import cuda_graphs
 
 
 def read_teacher(config, device):
@@ -53,16 +54,28 @@ def initialize_student_from_teacher(config, device):
   return initialize
 
 
+def online_teacher(config, teacher_net):
+  """The velocity ``v(x, t, labels=None)`` that online reflow solves: the frozen teacher's, in fp32 (its own dtype),
+  a class-conditional teacher guided with ``reflow.teacher_guidance_scale`` over ``reflow.teacher_guidance_t_min``
+  / ``_t_max`` (``sampling.network_velocity``), and on CUDA replayed from one CUDA graph per batch shape when
+  ``sampling.cuda_graph`` is on, as the samplers' network calls are (the teacher's weights never change). On the
+  CPU it is the plain call."""
+  flow = losses.build_rectified_flow(config, teacher_net)
+  velocity = sampling.network_velocity(flow, 'fp32', config.reflow.teacher_guidance_scale,
+                                       sampling.teacher_guidance_interval(config))
+  return cuda_graphs.GraphedVelocity(velocity, module=flow, enabled=config.sampling.cuda_graph)
+
+
 def online_pair_batches(config, teacher_velocity, device, generator, training=True):
   """``Batch(z0, z1, rows, labels)``, z1 the teacher's N-step Euler solve of fresh noise (published online reflow:
   N = 20).
 
   For training, the noise of each global batch is drawn whole from ``generator`` (saved with checkpoints), on the
   generator's device, and each process solves its micro-batches' rows (moved to ``device``); held-out batches
-  (``training=False``) are whole batches. A class-conditional teacher (``teacher_velocity(x, t, labels=None)``)
-  solves for labels drawn uniformly with the noise, guided with ``reflow.teacher_guidance_scale`` over
-  ``reflow.teacher_guidance_t_min/_t_max`` (``sampling.guidance_scale`` guides the student's own samples);
-  unconditional batches have labels None.
+  (``training=False``) are whole batches. ``teacher_velocity(x, t, labels=None)`` is ``online_teacher``'s: a
+  class-conditional teacher solves for labels drawn uniformly with the noise (its third argument, positional, as a
+  CUDA graph's inputs are), guided as ``reflow.teacher_guidance_*`` ask (``sampling.guidance_scale`` guides the
+  student's own samples); unconditional batches have labels None.
   """
   size = config.training.batch_size
   shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
@@ -78,14 +91,15 @@ def online_pair_batches(config, teacher_velocity, device, generator, training=Tr
     for micro_step in range(micro_steps):
       rows = rows_of(micro_step, micro_batch) if training else slice(None)
       z0 = z0_global[rows].to(device)
-      velocity, labels = teacher_velocity, None
-      if classes:
-        labels = labels_global[rows].to(device)
-        velocity = functools.partial(teacher_velocity, labels=labels,
-                                     guidance_scale=config.reflow.teacher_guidance_scale,
-                                     guidance_interval=sampling.teacher_guidance_interval(config))
+      labels = labels_global[rows].to(device) if classes else None
+      velocity = teacher_velocity if labels is None else functools.partial(labelled, teacher_velocity, labels)
       z1, _ = solvers.euler(velocity, z0, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps)
       yield Batch(z0, z1, rows, labels)
+
+
+def labelled(velocity, labels, x, t):
+  """``velocity(x, t, labels)``: a conditional velocity as the solvers call it, v(x, t)."""
+  return velocity(x, t, labels)
 
 
 def generate_reflow_pairs(config, workdir):

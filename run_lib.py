@@ -28,7 +28,13 @@ from datasets.streams import (
 )
 from metrics_log import MetricsLog
 from models import model_config_summary, num_classes
-from reflow import generate_reflow_pairs, initialize_student_from_teacher, load_teacher, online_pair_batches
+from reflow import (
+  generate_reflow_pairs,
+  initialize_student_from_teacher,
+  load_teacher,
+  online_pair_batches,
+  online_teacher,
+)
 from speed import cuda_graphs
 from speed.precision import resolve_precision
 
@@ -292,7 +298,7 @@ def reflow(config, workdir):
                         train_batches=lambda start, device, generator: pair_batches(config, start, device),
                         eval_batches=lambda start, device: held_out_pair_batches(config, start, device),
                         initialize=initialize, lpips_model=lpips_model, reflow=True)
-  teacher_velocity = losses.build_rectified_flow(config, teacher_net).velocity
+  teacher_velocity = online_teacher(config, teacher_net)
   held_out_generator = torch.Generator().manual_seed(config.seed + 1)
   return run_training(config, workdir,
                       train_batches=lambda start, device, generator: online_pair_batches(

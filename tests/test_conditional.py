@@ -366,7 +366,9 @@ def test_pairs_of_a_guided_teacher_carry_their_labels(conditional_teacher, tmp_p
 
 
 def test_online_reflow_of_a_guided_teacher_trains_a_conditional_student(conditional_teacher, tmp_path):
+  import losses
   import run_lib
+  from speed import cuda_graphs
 
   config = conditional_digits_config(n_iters=2, snapshot_freq=2, snapshot_freq_for_preemption=1)
   config.reflow.last_flow_ckpt = str(conditional_teacher / 'checkpoints' / 'checkpoint_1.pth')
@@ -377,13 +379,21 @@ def test_online_reflow_of_a_guided_teacher_trains_a_conditional_student(conditio
   config.reflow.teacher_guidance_t_min = 0.5
   state = run_lib.reflow(config, str(tmp_path / 'online'))
   assert state['step'] == 2 and hasattr(state['model'], 'label_embedding')
-  asked = []  # How the pair batches ask the teacher for its velocity.
+  net, _ = reflow.load_teacher(config, torch.device('cpu'))
+  teacher = reflow.online_teacher(config, net)  # The guided teacher's velocity, as online reflow solves it.
+  assert isinstance(teacher, cuda_graphs.GraphedVelocity) and teacher.enabled  # Replayed from graphs on CUDA.
+  x, t, labels = torch.randn(3, 1, 16, 16), torch.tensor([0.2, 0.6, 0.9]), torch.tensor([1, 4, 7])
+  guided = losses.build_rectified_flow(config, net).velocity(x, t, labels=labels, guidance_scale=2.0,
+                                                              guidance_interval=(0.5, 1.0))
+  assert torch.equal(teacher(x, t, labels), guided)
+  asked = []  # Which labels the pair batches ask the teacher for.
 
-  def teacher(x, t, labels=None, **guidance):
-    asked.append(guidance)
+  def recording_teacher(x, t, labels=None):
+    asked.append(labels)
     return torch.zeros_like(x)
-  next(reflow.online_pair_batches(config, teacher, torch.device('cpu'), torch.Generator().manual_seed(0)))
-  assert asked[0] == {'guidance_scale': 2.0, 'guidance_interval': (0.5, 1.0)}
+  batch = next(reflow.online_pair_batches(config, recording_teacher, torch.device('cpu'),
+                                          torch.Generator().manual_seed(0)))
+  assert asked and all(torch.equal(seen, batch.labels) for seen in asked)
 
 
 def test_a_checkpoint_of_another_num_classes_names_the_setting_to_change(conditional_teacher):

@@ -84,7 +84,7 @@ FAULTS = [
           'finite = torch.isfinite(loss) & torch.isfinite(grad_norm)', 'finite = torch.isfinite(loss)',
           ['tests/test_reliability.py', '-k', 'non_finite_gradient'], 'an update with an inf gradient norm applied'),
     Fault('stochastic_euler_noise_scale', 'rectified_flow_pytorch/solvers.py',
-          'sigma_t * math.sqrt(dt) * noise', 'sigma_t * dt * noise',
+          'sigma_t * math.sqrt(dt) * next(noises)', 'sigma_t * dt * next(noises)',
           ['tests/test_samplers.py', '-k', 'stochastic'], 'the stochastic Euler noise scaled by dt, not sqrt(dt)'),
     Fault('eval_folder_ignores_checkpoint', 'run_lib.py',
           "manifest = {'checkpoint_sha256': report['checkpoint_sha256'], 'seed': config.seed,",

@@ -1,7 +1,8 @@
-"""Rectified flows in PyTorch for any ``nn.Module`` and any data shape (imports torch only)."""
+"""Rectified flows and MeanFlows in PyTorch for any ``nn.Module`` and any data shape (imports torch only)."""
 import sys
 
 from rectified_flow_pytorch import flow_math, solvers
+from rectified_flow_pytorch.mean_flow import MeanFlow
 from rectified_flow_pytorch.rectified_flow import RectifiedFlow, Reflow
 
 # The flow-math module's former name: ``from rectified_flow_pytorch import flow`` and ``rectified_flow_pytorch.flow``
@@ -9,4 +10,4 @@ from rectified_flow_pytorch.rectified_flow import RectifiedFlow, Reflow
 flow = flow_math
 sys.modules.setdefault(__name__ + '.flow', flow_math)
 
-__all__ = ['RectifiedFlow', 'Reflow', 'flow_math', 'solvers']
+__all__ = ['MeanFlow', 'RectifiedFlow', 'Reflow', 'flow_math', 'solvers']

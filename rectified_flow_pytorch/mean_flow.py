@@ -1,0 +1,268 @@
+"""``MeanFlow``: a network of the average velocity over a time interval, trained from scratch, sampled in 1 or a few
+steps (Geng, Deng, Bai, Kolter, He 2025, "Mean Flows for One-step Generative Modeling")."""
+import torch
+from torch import nn
+
+from rectified_flow_pytorch import flow_math
+
+LOSS_REDUCTIONS = ('sum', 'mean')
+
+
+class MeanFlow(nn.Module):
+  """A MeanFlow from Gaussian noise (t = 0) to data (t = 1) around ``model``, which predicts average velocities.
+
+  Along the flow dz/dt = v(z, t) of the rectified-flow interpolation X_t = (1 - t) X0 + t X1 (velocity X1 - X0), the
+  average velocity from a time t to a later time s >= t is
+      u(z_t, t, s) = 1 / (s - t) * integral_t^s v(z_tau, tau) dtau,   so that   z_s = z_t + (s - t) u(z_t, t, s)
+  exactly, and u(z, t, t) = v(z, t). Differentiating (s - t) u(z_t, t, s) = integral_t^s v dtau in t along the
+  trajectory (s fixed) gives -u + (s - t) du/dt = -v, the MeanFlow identity in this library's convention:
+      u(z_t, t, s) = v(z_t, t) + (s - t) d/dt u(z_t, t, s),   d/dt u = (du/dz) v + du/dt (partial),
+  the total derivative being the Jacobian-vector product of (z, t, s) -> u with the tangent (v, 1, 0). Training
+  regresses u_theta(z_t, t, s) on the target sg(v + (s - t) d/dt u_theta) with v the conditional velocity X1 - X0
+  (Geng et al. 2025, Sec. 4.1; one ``torch.func.jvp``); with s = t the target is v, that of a rectified flow.
+  Sampling takes k steps z_{i+1} = z_i + (t_{i+1} - t_i) u(z_i, t_i, t_{i+1}) on the uniform grid
+  0 = t_0 < ... < t_k = 1, one network evaluation each.
+
+  The paper runs time the other way (t = 0 data, t = 1 noise, r <= t, z_r = z_t - (t - r) u(z_t, r, t)). With
+  tau' = 1 - tau: its t is 1 - (our start t), its r is 1 - (our end s), its velocities are ours negated, its identity
+  u = v - (t - r) d/dt u becomes the one above, and its logit-normal lognorm(m, std) is lognorm(-m, std) here.
+
+  Args:
+    model: any ``nn.Module`` mapping (x, start time, end time) to a tensor shaped like x, the average velocity;
+      called as ``model(x, times=t, end_times=s)`` (plus ``labels=`` when class-conditional) with (B,) times in
+      [0, 1], s >= t. How it embeds them is its own business (the paper embeds (t, t - r), here (t, s - t)).
+    time_cond_kwarg, end_time_cond_kwarg: the keywords of the start and end times (None: not passed).
+    time_distribution: the distribution of each of the two times drawn per sample (``flow_math.sample_times``):
+      'logit_normal' (the paper's) or any other of ``flow_math.TIME_DISTRIBUTIONS``; ``time_distribution_kwargs``
+      go to it. Default for 'logit_normal': {'mean': 0.4, 'std': 1.0}, the paper's best ImageNet sampler
+      lognorm(-0.4, 1.0) in this convention (its CIFAR-10 one, lognorm(-2.0, 2.0), is {'mean': 2.0, 'std': 2.0}).
+    interval_fraction: the probability that a sample's pair is an interval t < s: the earlier of the two draws is
+      t and the later s; the other samples get s = t = the earlier draw, as rectified-flow samples. The paper's
+      "ratio of r != t": 0.25 (ImageNet, best), 0.75 (CIFAR-10); 0 trains a plain rectified flow.
+    adaptive_weight_power, adaptive_weight_constant: p and c of the per-sample weight sg(1 / (||delta||^2 + c)^p)
+      of the squared error ||delta||^2 (Geng et al. 2025, Sec. 4.3; p = 1 their best on ImageNet, 0.75 on
+      CIFAR-10; p = 0 no weighting).
+    loss_reduction: ||delta||^2 is the 'sum' of squares over the data dimensions (the paper's squared L2 norm)
+      or their 'mean' (RectifiedFlow's 'mse').
+    noise_std: standard deviation of the Gaussian source X0 ~ N(0, noise_std^2 I).
+    num_classes, label_cond_kwarg, label_dropout: class conditioning as in ``RectifiedFlow``: (B,) labels in
+      [0, num_classes], ``num_classes`` being "no label", dropped to it at random with ``label_dropout``.
+    guidance_scale, guidance_mix, guidance_interval: classifier-free guidance trained into the network (Geng et
+      al. 2025, Sec. 4.2 and App. B.1), so that sampling stays one evaluation per step: for a sample with a label
+      and a start time t in ``guidance_interval`` (t_min, t_max) (None: all), the velocity v of the identity (target
+      and tangent) becomes
+          v~ = w v + kappa u_theta(z_t, t, t | c) + (1 - w - kappa) u_theta(z_t, t, t | null)
+      (w = ``guidance_scale``, kappa = ``guidance_mix``; both u_theta without gradient); samples without a label
+      keep v, so that the network also learns the unconditional field. w = 1, kappa = 0 is no guidance. Needs
+      ``label_dropout`` > 0.
+  """
+
+  def __init__(self, model, *, time_cond_kwarg='times', end_time_cond_kwarg='end_times',
+               time_distribution='logit_normal', time_distribution_kwargs=None, interval_fraction=0.25,
+               adaptive_weight_power=1.0, adaptive_weight_constant=1e-3, loss_reduction='sum', noise_std=1.0,
+               num_classes=0, label_cond_kwarg='labels', label_dropout=0.0, guidance_scale=1.0, guidance_mix=0.0,
+               guidance_interval=None):
+    super().__init__()
+    if time_distribution not in flow_math.TIME_DISTRIBUTIONS:
+      raise ValueError(f'Unknown time_distribution={time_distribution!r}; '
+                       f'valid: {sorted(flow_math.TIME_DISTRIBUTIONS)}')
+    if not 0.0 <= interval_fraction <= 1.0:
+      raise ValueError(f'interval_fraction must be in [0, 1], got {interval_fraction}')
+    if adaptive_weight_power < 0.0 or adaptive_weight_constant <= 0.0:
+      raise ValueError(f'The adaptive weight needs power >= 0 and constant > 0, got {adaptive_weight_power} and '
+                       f'{adaptive_weight_constant}')
+    if loss_reduction not in LOSS_REDUCTIONS:
+      raise ValueError(f'Unknown loss_reduction={loss_reduction!r}; valid: {list(LOSS_REDUCTIONS)}')
+    if not isinstance(num_classes, int) or num_classes < 0:
+      raise ValueError(f'num_classes must be 0 (unconditional) or a positive number of classes, got {num_classes!r}')
+    if not 0.0 <= label_dropout < 1.0:
+      raise ValueError(f'label_dropout must be in [0, 1), got {label_dropout}')
+    if label_dropout and not num_classes:
+      raise ValueError(f'label_dropout={label_dropout} needs a class-conditional flow: pass num_classes=')
+    flow_math.check_guidance_interval(guidance_interval)
+    if (guidance_scale != 1.0 or guidance_mix != 0.0) and not (num_classes and label_dropout):
+      raise ValueError(f'guidance_scale={guidance_scale}, guidance_mix={guidance_mix} train classifier-free '
+                       f'guidance into the network: it needs num_classes= and label_dropout > 0 (e.g. 0.1), so that '
+                       f'the network also learns the unconditional velocity')
+    if time_distribution_kwargs is None:
+      time_distribution_kwargs = {'mean': 0.4, 'std': 1.0} if time_distribution == 'logit_normal' else {}
+    self.model = model
+    self.time_cond_kwarg = time_cond_kwarg
+    self.end_time_cond_kwarg = end_time_cond_kwarg
+    self.time_distribution = time_distribution
+    self.time_distribution_kwargs = dict(time_distribution_kwargs)
+    self.interval_fraction = interval_fraction
+    self.adaptive_weight_power = adaptive_weight_power
+    self.adaptive_weight_constant = adaptive_weight_constant
+    self.loss_reduction = loss_reduction
+    self.noise_std = noise_std
+    self.num_classes = num_classes
+    self.label_cond_kwarg = label_cond_kwarg
+    self.label_dropout = label_dropout
+    self.guidance_scale = guidance_scale
+    self.guidance_mix = guidance_mix
+    self.guidance_interval = guidance_interval
+    self.data_shape = None
+    self.last_sample_nfe = None
+
+  @property
+  def guided(self):
+    return self.guidance_scale != 1.0 or self.guidance_mix != 0.0
+
+  def model_labels(self, labels, batch_size, device):
+    """The (B,) labels the model receives: ``labels``, or all null labels where None; None when unconditional."""
+    if not self.num_classes:
+      if labels is not None:
+        raise ValueError('labels= needs a class-conditional flow: MeanFlow(model, num_classes=...)')
+      return None
+    if labels is None:
+      return flow_math.null_labels(batch_size, self.num_classes, device)
+    flow_math.check_labels(labels, self.num_classes, batch_size)
+    if labels.device.type == 'cpu' and labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) <= (
+        self.num_classes):  # Checked where it costs no device synchronisation.
+      raise ValueError(f'labels must lie in [0, {self.num_classes}] ({self.num_classes} = no label), got '
+                       f'[{int(labels.min())}, {int(labels.max())}]')
+    return labels.to(device=device, dtype=torch.long)
+
+  def _call_model(self, x, times, end_times, model_labels, model_kwargs):
+    """The network at (x, t, s) with labels already resolved by ``model_labels`` (or None)."""
+    if model_labels is not None:
+      model_kwargs = {**model_kwargs, self.label_cond_kwarg: model_labels}
+    if self.time_cond_kwarg is not None:
+      model_kwargs = {**model_kwargs, self.time_cond_kwarg: times}
+    if self.end_time_cond_kwarg is not None:
+      model_kwargs = {**model_kwargs, self.end_time_cond_kwarg: end_times}
+    return self.model(x, **model_kwargs)
+
+  def average_velocity(self, x, times, end_times, labels=None, **model_kwargs):
+    """u_theta(x, t, s) for a (B, ...) batch, (B,) start and end times (and (B,) labels)."""
+    return self._call_model(x, times, end_times, self.model_labels(labels, x.shape[0], x.device), model_kwargs)
+
+  def velocity(self, x, times, labels=None, **model_kwargs):
+    """The instantaneous velocity v(x, t) = u_theta(x, t, t), for an ODE solver (``solvers.solve``)."""
+    return self.average_velocity(x, times, times, labels, **model_kwargs)
+
+  def sample_noise(self, shape, device=None, dtype=torch.float32, generator=None):
+    return torch.randn(shape, device=device, dtype=dtype, generator=generator) * self.noise_std
+
+  def sample_time_pairs(self, batch_size, device=None, dtype=torch.float32, generator=None):
+    """(B,) start and end times t <= s: two draws of ``time_distribution``, t the earlier and s the later, and
+    s = t for each sample with probability 1 - ``interval_fraction`` (Geng et al. 2025, Sec. 4.3)."""
+    draws = [flow_math.sample_times(batch_size, self.time_distribution, eps=0.0, device=device, dtype=dtype,
+                                    generator=generator, **self.time_distribution_kwargs) for _ in range(2)]
+    times, end_times = torch.minimum(*draws), torch.maximum(*draws)
+    intervals = torch.rand(batch_size, device=device, generator=generator) < self.interval_fraction
+    return times, torch.where(intervals, end_times, times)
+
+  def training_labels(self, labels, batch_size, device, label_drops=None):
+    """``labels`` after label dropout: rows where ``label_drops`` (B,) is True become the null label; when it is
+    None, drops are drawn with probability ``label_dropout`` in training mode (``self.training``) only."""
+    if labels is None or not self.num_classes:
+      return labels
+    if label_drops is None:
+      if not (self.training and self.label_dropout):
+        return labels
+      label_drops = flow_math.draw_label_drops(batch_size, self.label_dropout, device=labels.device)
+    return flow_math.drop_labels(labels, label_drops, self.num_classes)
+
+  @torch.no_grad()
+  def guided_velocity(self, x_t, times, velocity, model_labels, **model_kwargs):
+    """The velocity v~ that replaces v in the identity under trained-in guidance (see the class docstring): v for
+    the samples with the null label or a start time outside ``guidance_interval``; no gradient."""
+    if not self.guided or model_labels is None:
+      return velocity
+    batch, ndim = x_t.shape[0], x_t.dim()
+    null = flow_math.null_labels(batch, self.num_classes, x_t.device)
+    if self.guidance_mix:  # One call on the doubled batch: [conditional, unconditional].
+      doubled = {key: torch.cat([value, value]) if isinstance(value, torch.Tensor) and value.dim() and
+                 value.shape[0] == batch else value for key, value in model_kwargs.items()}
+      both_times = torch.cat([times, times])
+      conditional, unconditional = self._call_model(torch.cat([x_t, x_t]), both_times, both_times,
+                                                    torch.cat([model_labels, null]), doubled).chunk(2)
+    else:
+      conditional, unconditional = 0.0, self._call_model(x_t, times, times, null, model_kwargs)
+    guided = (self.guidance_scale * velocity + self.guidance_mix * conditional +
+              (1.0 - self.guidance_scale - self.guidance_mix) * unconditional)
+    keep = model_labels != self.num_classes
+    if self.guidance_interval is not None:
+      keep = keep & flow_math.in_guidance_interval(times, self.guidance_interval)
+    return torch.where(flow_math.append_dims(keep, ndim), guided, velocity)
+
+  def average_velocity_and_target(self, x_t, times, end_times, velocity, labels=None, **model_kwargs):
+    """(u_theta(x_t, t, s), sg(v + (s - t) d/dt u_theta(x_t, t, s))) for a (B, ...) batch on the path, (B,) times
+    t <= s and the velocity v (B, ...) that moves x_t (the tangent's z part); d/dt u_theta by one forward-mode
+    ``torch.func.jvp`` along (v, 1, 0). The first carries the gradient, the target none."""
+    model_labels = self.model_labels(labels, x_t.shape[0], x_t.device)
+
+    def network(z, t, s):
+      return self._call_model(z, t, s, model_labels, model_kwargs)
+
+    velocity = velocity.detach()
+    tangents = (velocity, torch.ones_like(times), torch.zeros_like(end_times))
+    prediction, total_derivative = torch.func.jvp(network, (x_t, times, end_times), tangents)
+    interval = flow_math.append_dims(end_times - times, x_t.dim()).to(x_t.dtype)
+    return prediction, (velocity + interval * total_derivative).detach()
+
+  def per_sample_loss(self, data, noise=None, times=None, end_times=None, labels=None, label_drops=None,
+                      **model_kwargs):
+    """The loss of each sample, (B,): sg(w) ||u_theta(X_t, t, s) - sg(u_tgt)||^2 with the adaptive weight w.
+
+    X0, (t, s) are drawn where not given (``times`` and ``end_times`` come together). ``labels`` (B,) condition a
+    class-conditional model, after label dropout (``training_labels``).
+    """
+    if (times is None) != (end_times is None):
+      raise ValueError('Pass both times= and end_times= (start and end of each interval, s = t for none), or neither')
+    if self.data_shape is None:
+      self.data_shape = tuple(data.shape[1:])
+    if noise is None:
+      noise = self.sample_noise(data.shape, device=data.device, dtype=data.dtype)
+    if times is None:
+      times, end_times = self.sample_time_pairs(data.shape[0], device=data.device, dtype=data.dtype)
+    x_t = flow_math.interpolate(noise, data, times)
+    labels = self.training_labels(labels, data.shape[0], data.device, label_drops)
+    model_labels = self.model_labels(labels, data.shape[0], data.device)
+    velocity = self.guided_velocity(x_t, times, flow_math.velocity_target(noise, data), model_labels, **model_kwargs)
+    prediction, target = self.average_velocity_and_target(x_t, times, end_times, velocity, labels, **model_kwargs)
+    squared_error = flow_math.per_sample_squared_error(prediction, target, self.loss_reduction)
+    if not self.adaptive_weight_power:
+      return squared_error
+    weight = (squared_error.detach() + self.adaptive_weight_constant) ** -self.adaptive_weight_power
+    return weight * squared_error
+
+  def forward(self, data, noise=None, times=None, end_times=None, labels=None, label_drops=None, **model_kwargs):
+    """The training loss: the batch mean of ``per_sample_loss`` (``labels`` (B,) for a class-conditional flow)."""
+    return self.per_sample_loss(data, noise=noise, times=times, end_times=end_times, labels=labels,
+                                label_drops=label_drops, **model_kwargs).mean()
+
+  def _device(self):
+    param = next(self.model.parameters(), None)
+    return param.device if param is not None else torch.device('cpu')
+
+  @torch.no_grad()
+  def sample(self, batch_size=1, steps=1, noise=None, data_shape=None, labels=None, **model_kwargs):
+    """Maps noise (t = 0) to data (t = 1) in ``steps`` jumps z <- z + (s - t) u_theta(z, t, s) on a uniform grid.
+
+    ``noise`` is the starting point (drawn from N(0, noise_std^2 I) when None). A class-conditional flow takes (B,)
+    ``labels`` (one per sample; the batch size follows them; None samples without labels); guidance, if trained
+    in, needs no second evaluation. ``self.last_sample_nfe`` becomes the network evaluations per sample, ``steps``.
+    """
+    if not isinstance(steps, int) or steps < 1:
+      raise ValueError(f'steps must be a positive integer, got {steps!r}')
+    if labels is not None and noise is None:
+      if batch_size not in (1, len(labels)):
+        raise ValueError(f'batch_size={batch_size} but {len(labels)} labels were given: pass one label per sample')
+      batch_size = len(labels)
+    if noise is None:
+      shape = data_shape or self.data_shape
+      if shape is None:
+        raise ValueError('The data shape is unknown: call the flow on a data batch first, or pass data_shape= '
+                         'or noise=')
+      noise = self.sample_noise((batch_size, *shape), device=self._device())
+    model_labels = self.model_labels(labels, noise.shape[0], noise.device)
+    grid = torch.linspace(0.0, 1.0, steps + 1, dtype=noise.dtype, device=noise.device)
+    x = noise
+    for start, end in zip(grid[:-1], grid[1:]):
+      times, end_times = start.repeat(x.shape[0]), end.repeat(x.shape[0])  # (B,), (B,)
+      x = x + (end - start) * self._call_model(x, times, end_times, model_labels, model_kwargs)
+    self.last_sample_nfe = steps
+    return x

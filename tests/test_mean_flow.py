@@ -1,0 +1,315 @@
+"""MeanFlow (Geng et al. 2025) in this library's convention (t = 0 noise, t = 1 data), against closed forms.
+
+The closed form: X0 ~ N(0, I) and X1 ~ N(mu, diag(sigma^2)) drawn independently. X_t = (1 - t) X0 + t X1 is
+N(m(t), S(t)^2) per coordinate with m(t) = t mu and S(t)^2 = (1 - t)^2 + t^2 sigma^2, and the rectified flow's
+marginal velocity E[X1 - X0 | X_t] moves each quantile along z_s = m(s) + S(s) / S(t) (z_t - m(t)). Its average
+velocity (z_s - z_t) / (s - t) is, with S(s)^2 - S(t)^2 = (s - t) ((s + t)(1 + sigma^2) - 2),
+    u(z, t, s) = mu + ((s + t)(1 + sigma^2) - 2) / (S(t) (S(s) + S(t))) (z - m(t)),
+smooth through s = t, where it is the instantaneous velocity.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rectified_flow_pytorch import MeanFlow, RectifiedFlow, flow_math
+
+MU = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+SIGMA = torch.tensor([0.5, 1.5, 2.0], dtype=torch.float64)
+
+
+def gaussian_std(t):
+  """S(t) of X_t, (B, 1) for (B,) times."""
+  t = t[:, None]
+  return ((1.0 - t) ** 2 + t ** 2 * SIGMA ** 2).sqrt()
+
+
+class GaussianAverageVelocity(nn.Module):
+  """The exact average velocity u(z, t, s) of the Gaussian-to-Gaussian rectified flow (module docstring)."""
+
+  def __init__(self, instantaneous_only=False):
+    super().__init__()
+    self.instantaneous_only = instantaneous_only  # u(z, t, t) whatever s: a wrong average velocity.
+
+  def forward(self, x, times, labels=None, end_times=None):
+    end_times = times if end_times is None or self.instantaneous_only else end_times
+    slope = ((end_times + times)[:, None] * (1.0 + SIGMA ** 2) - 2.0) / (
+        gaussian_std(times) * (gaussian_std(end_times) + gaussian_std(times)))
+    return MU + slope * (x - times[:, None] * MU)
+
+
+def posterior_mean_pair(x_t, t):
+  """(E[X0 | X_t], E[X1 | X_t]): a pair on whose straight line x_t lies, with velocity E[X1 - X0 | X_t]."""
+  centred, variance, t = x_t - t[:, None] * MU, gaussian_std(t) ** 2, t[:, None]
+  return (1.0 - t) * centred / variance, MU + t * SIGMA ** 2 * centred / variance
+
+
+class TinyAverageVelocityNet(nn.Module):
+  """A small network of any data shape: x flattened, with t, s (and a label embedding), through a tanh MLP."""
+
+  def __init__(self, data_shape, num_classes=0, hidden=16):
+    super().__init__()
+    self.data_shape = tuple(data_shape)
+    size = int(torch.Size(data_shape).numel())
+    self.label_embedding = nn.Embedding(num_classes + 1, 2) if num_classes else None
+    self.net = nn.Sequential(nn.Linear(size + 2 + (2 if num_classes else 0), hidden), nn.Tanh(),
+                             nn.Linear(hidden, size))
+
+  def forward(self, x, times, labels=None, end_times=None):
+    end_times = times if end_times is None else end_times
+    features = [x.flatten(1), times[:, None], end_times[:, None]]
+    if self.label_embedding is not None:
+      features.append(self.label_embedding(labels))
+    return self.net(torch.cat(features, dim=1)).reshape(x.shape)
+
+
+class TinyConvNet(nn.Module):
+  """A 3x3 convolution of an image with its t and s as two constant channels."""
+
+  def __init__(self, channels):
+    super().__init__()
+    self.conv = nn.Conv2d(channels + 2, channels, 3, padding=1)
+
+  def forward(self, x, times, labels=None, end_times=None):
+    end_times = times if end_times is None else end_times
+    planes = torch.stack([times, end_times], dim=1)[:, :, None, None].expand(-1, -1, *x.shape[2:])
+    return self.conv(torch.cat([x, planes], dim=1))
+
+
+class RecordingModel(nn.Module):
+  """Wraps a model and records the (times, end_times, labels) of each call."""
+
+  def __init__(self, model):
+    super().__init__()
+    self.model = model
+    self.calls = []
+
+  def forward(self, x, times, labels=None, end_times=None):
+    self.calls.append((times.clone(), end_times.clone(), None if labels is None else labels.clone()))
+    return self.model(x, times, labels=labels, end_times=end_times)
+
+
+def start_and_end_times(batch, generator):
+  """(B,) t < s in (0, 1], s = 1 for the first sample."""
+  t, s = torch.rand(2, batch, dtype=torch.float64, generator=generator).sort(dim=0).values
+  s[0] = 1.0
+  return t, s
+
+
+def finite_difference_target(network, x_t, t, s, velocity, step=1e-6):
+  """v + (s - t) d/dt u with d/dt u by central differences of u along (v, 1, 0)."""
+  forward = network(x_t + step * velocity, t + step, s)
+  backward = network(x_t - step * velocity, t - step, s)
+  return velocity + flow_math.append_dims(s - t, x_t.dim()) * (forward - backward) / (2.0 * step)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. The closed form: the exact average velocity satisfies the identity and samples exactly.
+
+def test_the_exact_average_velocity_is_its_own_target():
+  generator = torch.Generator().manual_seed(1)
+  t, s = start_and_end_times(64, generator)
+  x_t = t[:, None] * MU + gaussian_std(t) * torch.randn(64, 3, dtype=torch.float64, generator=generator)
+  x0, x1 = posterior_mean_pair(x_t, t)
+  torch.testing.assert_close(flow_math.interpolate(x0, x1, t), x_t, rtol=0, atol=1e-12)
+  mean_flow = MeanFlow(GaussianAverageVelocity())
+  # The target is affine in the velocity, so E[target | X_t] is the target at E[X1 - X0 | X_t] = v(X_t, t): for the
+  # posterior-mean pair the identity u = v + (s - t) du/dt must hold exactly at the exact u.
+  prediction, target = mean_flow.average_velocity_and_target(x_t, t, s, x1 - x0)
+  torch.testing.assert_close(target, prediction, rtol=0, atol=1e-10)
+  assert mean_flow.per_sample_loss(x1, noise=x0, times=t, end_times=s).max() < 1e-15
+  # The instantaneous velocity is not an average velocity over an interval: its target differs.
+  wrong = MeanFlow(GaussianAverageVelocity(instantaneous_only=True))
+  prediction, target = wrong.average_velocity_and_target(x_t, t, s, x1 - x0)
+  assert (target - prediction).abs().max() > 0.1
+
+
+@pytest.mark.parametrize('steps', [1, 2, 5])
+def test_sampling_the_exact_average_velocity_lands_on_the_flow_end_point(steps):
+  noise = torch.randn(32, 3, dtype=torch.float64)
+  mean_flow = MeanFlow(GaussianAverageVelocity())
+  samples = mean_flow.sample(noise=noise, steps=steps)
+  # The flow from t = 0 to t = 1 is z1 = m(1) + S(1) / S(0) (z0 - m(0)) = mu + sigma z0.
+  torch.testing.assert_close(samples, MU + SIGMA * noise, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. The forward-mode target against finite differences.
+
+@pytest.mark.parametrize('data_shape', [(5,), (2, 3, 3)])
+def test_the_jvp_target_equals_central_finite_differences(data_shape):
+  generator = torch.Generator().manual_seed(2)
+  model = TinyAverageVelocityNet(data_shape).double()
+  mean_flow = MeanFlow(model)
+  t, s = start_and_end_times(8, generator)
+  x_t = torch.randn(8, *data_shape, dtype=torch.float64, generator=generator)
+  velocity = torch.randn(8, *data_shape, dtype=torch.float64, generator=generator)
+  _, target = mean_flow.average_velocity_and_target(x_t, t, s, velocity)
+  with torch.no_grad():
+    expected = finite_difference_target(lambda z, a, b: model(z, a, end_times=b), x_t, t, s, velocity)
+  torch.testing.assert_close(target, expected, rtol=0, atol=1e-7)
+  assert (target - velocity).abs().max() > 1e-3  # The (s - t) du/dt term is not negligible here.
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Without intervals (s = t) the loss is the rectified flow's.
+
+def test_without_intervals_the_loss_is_the_rectified_flow_loss():
+  model = TinyAverageVelocityNet((4,)).double()
+  data, noise = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
+  mean_flow = MeanFlow(model, interval_fraction=0.0, adaptive_weight_power=0.0, loss_reduction='mean')
+  times, end_times = mean_flow.sample_time_pairs(16, dtype=torch.float64)
+  assert torch.equal(times, end_times)
+  rectified_flow = RectifiedFlow(model)
+  expected = rectified_flow.per_sample_loss(data, noise=noise, times=times)
+  torch.testing.assert_close(mean_flow.per_sample_loss(data, noise=noise, times=times, end_times=end_times), expected,
+                             rtol=1e-14, atol=0)
+  # The paper's weighting on the squared norm: ||delta||^2 / (||delta||^2 + c) with p = 1.
+  weighted = MeanFlow(model, interval_fraction=0.0, adaptive_weight_constant=1e-3)
+  squared = RectifiedFlow(model, loss_reduction='sum').per_sample_loss(data, noise=noise, times=times)
+  torch.testing.assert_close(weighted.per_sample_loss(data, noise=noise, times=times, end_times=times),
+                             squared / (squared + 1e-3), rtol=1e-14, atol=0)
+
+
+def test_time_pairs_follow_the_logit_normal_and_the_interval_fraction():
+  generator = torch.Generator().manual_seed(3)
+  count = 40000
+  times, end_times = MeanFlow(nn.Identity(), interval_fraction=1.0).sample_time_pairs(
+      count, dtype=torch.float64, generator=generator)
+  assert (times <= end_times).all() and (times > 0).all() and (end_times < 1).all()
+  # With intervals everywhere the pairs are the two draws themselves: logit(t) ~ N(0.4, 1), the paper's
+  # lognorm(-0.4, 1.0) with time reversed.
+  logits = torch.logit(torch.cat([times, end_times]))
+  assert abs(float(logits.mean()) - 0.4) < 4 / (2 * count) ** 0.5
+  assert abs(float(logits.std()) - 1.0) < 0.02
+  assert abs(float(torch.logit(times).mean()) - (0.4 - 1 / math.sqrt(math.pi))) < 0.02  # t is the earlier draw.
+  times, end_times = MeanFlow(nn.Identity()).sample_time_pairs(count, dtype=torch.float64, generator=generator)
+  intervals = float((end_times > times).double().mean())
+  assert abs(intervals - 0.25) < 4 * (0.25 * 0.75 / count) ** 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Any data shape; the gradient flows through the prediction only.
+
+@pytest.mark.parametrize('make_model,data_shape', [
+    (lambda: TinyAverageVelocityNet((6,)), (6,)),
+    (lambda: TinyAverageVelocityNet((2, 4, 4)), (2, 4, 4)),
+    (lambda: TinyConvNet(3), (3, 5, 4)),
+])
+def test_any_shape_and_the_gradient_reaches_the_model_through_the_prediction_only(make_model, data_shape):
+  model = make_model().double()
+  mean_flow = MeanFlow(model, interval_fraction=1.0)
+  data, noise = torch.randn(6, *data_shape, dtype=torch.float64), torch.randn(6, *data_shape, dtype=torch.float64)
+  times, end_times = mean_flow.sample_time_pairs(6, dtype=torch.float64)
+  loss = mean_flow(data, noise=noise, times=times, end_times=end_times)
+  assert loss.dim() == 0 and mean_flow.data_shape == data_shape
+  loss.backward()
+  gradients = [parameter.grad.clone() for parameter in model.parameters()]
+  assert all(gradient.abs().sum() > 0 for gradient in gradients)
+  # The same loss with the target and the weight as constants, the prediction from a plain forward pass.
+  model.zero_grad()
+  x_t = flow_math.interpolate(noise, data, times)
+  prediction, target = mean_flow.average_velocity_and_target(x_t, times, end_times, data - noise)
+  assert prediction.requires_grad and not target.requires_grad
+  squared = (model(x_t, times, end_times=end_times) - target).square().flatten(1).sum(dim=1)
+  (squared / (squared.detach() + 1e-3)).mean().backward()
+  for gradient, parameter in zip(gradients, model.parameters()):
+    torch.testing.assert_close(gradient, parameter.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_a_random_batch_of_float32_images_trains():
+  model = TinyConvNet(3)
+  mean_flow = MeanFlow(model)
+  loss = mean_flow(torch.randn(8, 3, 6, 6))
+  loss.backward()
+  assert torch.isfinite(loss) and model.conv.weight.grad is not None
+  assert mean_flow.sample(batch_size=2, steps=2).shape == (2, 3, 6, 6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Sampling: one network evaluation per step, on the uniform grid.
+
+@pytest.mark.parametrize('steps', [1, 2, 4])
+def test_sampling_evaluates_the_network_once_per_step_on_a_uniform_grid(steps):
+  model = RecordingModel(TinyAverageVelocityNet((3,)))
+  mean_flow = MeanFlow(model)
+  samples = mean_flow.sample(batch_size=5, steps=steps, data_shape=(3,))
+  assert samples.shape == (5, 3) and mean_flow.last_sample_nfe == steps == len(model.calls)
+  grid = torch.linspace(0.0, 1.0, steps + 1)
+  for index, (times, end_times, labels) in enumerate(model.calls):
+    assert torch.equal(times, grid[index].repeat(5)) and torch.equal(end_times, grid[index + 1].repeat(5))
+    assert labels is None
+
+
+def test_labels_reach_the_model_and_are_dropped_in_training():
+  model = RecordingModel(TinyAverageVelocityNet((3,), num_classes=4))
+  mean_flow = MeanFlow(model, num_classes=4, label_dropout=0.5)
+  labels = torch.tensor([0, 1, 2, 3, 0, 1])
+  mean_flow(torch.randn(6, 3), labels=labels, label_drops=torch.tensor([False, True, False, False, True, False]))
+  assert torch.equal(model.calls[-1][2], torch.tensor([0, 4, 2, 3, 4, 1]))
+  model.calls.clear()
+  mean_flow.sample(labels=torch.tensor([3, 1]), steps=2)
+  assert [call[2].tolist() for call in model.calls] == [[3, 1], [3, 1]]
+  model.calls.clear()
+  mean_flow.sample(batch_size=2, steps=1)  # No labels: the null label, the unconditional flow.
+  assert model.calls[0][2].tolist() == [4, 4]
+  with pytest.raises(ValueError, match='class-conditional'):
+    MeanFlow(TinyAverageVelocityNet((3,))).sample(labels=torch.tensor([0]), data_shape=(3,))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Classifier-free guidance trained into the target (Geng et al. 2025, Sec. 4.2, App. B.1).
+
+def guidance_problem(seed):
+  generator = torch.Generator().manual_seed(seed)
+  model = TinyAverageVelocityNet((4,), num_classes=3).double()
+  data, noise = (torch.randn(6, 4, dtype=torch.float64, generator=generator) for _ in range(2))
+  labels, drops = torch.tensor([0, 1, 2, 0, 1, 3]), torch.tensor([False, True, False, False, False, False])
+  return model, data, noise, labels, drops, torch.tensor([0, 3, 2, 0, 1, 3])  # Last: the labels after dropout.
+
+
+def test_guidance_without_intervals_regresses_the_guided_velocity():
+  model, data, noise, labels, drops, model_labels = guidance_problem(4)
+  times = torch.linspace(0.1, 0.9, 6, dtype=torch.float64)
+  mean_flow = MeanFlow(model, num_classes=3, label_dropout=0.1, guidance_scale=2.0, interval_fraction=0.0,
+                       adaptive_weight_power=0.0)
+  loss = mean_flow.per_sample_loss(data, noise=noise, times=times, end_times=times, labels=labels, label_drops=drops)
+  with torch.no_grad():
+    x_t, velocity = flow_math.interpolate(noise, data, times), data - noise
+    unconditional = model(x_t, times, labels=torch.full((6,), 3), end_times=times)
+    guided = 2.0 * velocity + (1.0 - 2.0) * unconditional
+    guided[model_labels == 3] = velocity[model_labels == 3]  # Dropped and null labels learn the plain velocity.
+    expected = (model(x_t, times, labels=model_labels, end_times=times) - guided).square().sum(dim=1)
+  torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+
+
+def test_guidance_over_intervals_uses_the_guided_velocity_as_target_and_tangent():
+  model, data, noise, labels, drops, model_labels = guidance_problem(5)
+  times = torch.tensor([0.1, 0.2, 0.4, 0.5, 0.6, 0.7], dtype=torch.float64)
+  end_times = torch.tensor([0.5, 0.9, 0.8, 1.0, 0.6, 0.9], dtype=torch.float64)
+  scale, mix = 1.5, 0.5
+  mean_flow = MeanFlow(model, num_classes=3, label_dropout=0.1, guidance_scale=scale, guidance_mix=mix,
+                       guidance_interval=(0.3, 1.0), adaptive_weight_power=0.0)
+  loss = mean_flow.per_sample_loss(data, noise=noise, times=times, end_times=end_times, labels=labels,
+                                   label_drops=drops)
+  with torch.no_grad():
+    x_t, velocity = flow_math.interpolate(noise, data, times), data - noise
+    conditional = model(x_t, times, labels=model_labels, end_times=times)
+    unconditional = model(x_t, times, labels=torch.full((6,), 3), end_times=times)
+    guided = scale * velocity + mix * conditional + (1.0 - scale - mix) * unconditional
+    plain = (model_labels == 3) | (times < 0.3)  # Rows 0, 1 (before the interval) and 5 (null label).
+    guided[plain] = velocity[plain]
+    target = finite_difference_target(lambda z, a, b: model(z, a, labels=model_labels, end_times=b), x_t, times,
+                                      end_times, guided)
+    expected = (model(x_t, times, labels=model_labels, end_times=end_times) - target).square().sum(dim=1)
+  torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_guidance_needs_labels_and_label_dropout():
+  with pytest.raises(ValueError, match='label_dropout'):
+    MeanFlow(nn.Identity(), num_classes=3, guidance_scale=2.0)
+  with pytest.raises(ValueError, match='num_classes'):
+    MeanFlow(nn.Identity(), guidance_mix=0.5)
+  with pytest.raises(ValueError, match='both times= and end_times='):
+    MeanFlow(nn.Identity())(torch.zeros(2, 3), times=torch.zeros(2))

@@ -112,6 +112,7 @@ def get_default_configs():
   model.resamp_with_conv = True  # Learned resampling in the non-BigGAN variants.
   model.conditional = True  # Condition on time.
   model.num_classes = 0  # 0: unconditional (published); N: class-conditional on N classes plus a null class.
+  model.time_inputs = 1  # 1: the time t (published); 2: also the length s - t of a step [t, s] (MeanFlow).
   model.fir = False  # FIR-filtered up/down sampling.
   model.fir_kernel = [1, 3, 3, 1]  # FIR filter taps.
   model.skip_rescale = True  # Scale residual sums by 1/sqrt(2).

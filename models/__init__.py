@@ -25,7 +25,7 @@ def model_kwargs_from_config(config):
               embedding_type=m.embedding_type, fourier_scale=m.fourier_scale, conv_size=m.conv_size,
               scale_by_sigma=m.scale_by_sigma, nonlinearity=m.nonlinearity, normalization=m.normalization,
               sigma_min=m.sigma_min, sigma_max=m.sigma_max, num_scales=m.num_scales,
-              num_classes=num_classes(config))
+              num_classes=num_classes(config), time_inputs=m.time_inputs)
 
 
 def model_config_summary(config):

@@ -39,14 +39,33 @@ class NCSNpp(nn.Module):
   N(0, 1) initialised as nn.Embedding is) to the time embedding after its two dense layers, so every residual
   block receives it through its time projection (as in Dhariwal & Nichol 2021's class-conditional U-Net). It is
   not one of ``all_modules``: with num_classes = 0 the state dict is exactly the published one.
+
+  A network of two times (``time_inputs`` = 2, for MeanFlow's average velocity u(z, t, s) over a step [t, s]) also
+  takes ``interval_cond`` (B,), the step's length on the network scale (s - t) * 999. It is embedded by the
+  sinusoidal ``positional_time_embedding`` (nf features; also in a 'fourier' network, whose log-time projection has
+  no value at s = t) and its own two dense layers (``interval_embedding``: nf -> nf * 4, the activation, nf * 4 ->
+  nf * 4, the structure of the time MLP) and added to the time embedding with the label embedding, so every residual
+  block receives it. The last of those layers starts at zero: at initialisation the network computes exactly the
+  function of its one-time counterpart (built from the same seed, its other weights are identical), that is the
+  instantaneous velocity, whatever s - t is; given a trained one-time flow's weights (and these at their initial
+  values) it starts as that flow, the right average velocity of an empty step (s = t). The interval's influence
+  grows from the first update (the gradient of that last layer is not zero; the first layer's follows). Like
+  ``label_embedding`` it is not one of ``all_modules``: with ``time_inputs`` = 1 the state dict, module order and
+  outputs are those of the published networks.
   """
 
   def __init__(self, *, image_size, num_channels, centered, nf, ch_mult, num_res_blocks, attn_resolutions,
                dropout, resamp_with_conv, conditional, fir, fir_kernel, skip_rescale, resblock_type,
                progressive, progressive_input, progressive_combine, attention_type, init_scale,
                embedding_type, fourier_scale, conv_size, scale_by_sigma, nonlinearity, normalization,
-               sigma_min, sigma_max, num_scales, num_classes=0):
+               sigma_min, sigma_max, num_scales, num_classes=0, time_inputs=1):
     super().__init__()
+    if time_inputs not in (1, 2):
+      raise ValueError(f'model.time_inputs={time_inputs!r}: use 1 (the time t, as the published networks) or 2 '
+                       f'(also the interval length s - t of a step, for MeanFlow)')
+    if time_inputs == 2 and not conditional:
+      raise ValueError('model.time_inputs=2 needs model.conditional=True: the interval embedding is added to the '
+                       'time embedding, which an unconditional network does not have')
     if num_classes < 0:
       raise ValueError(f'model.num_classes={num_classes}: use 0 (unconditional) or the number of classes')
     if num_classes and not conditional:
@@ -155,8 +174,12 @@ class NCSNpp(nn.Module):
     self.num_classes = num_classes
     if num_classes:  # Registered after all_modules, so the published parameter order is kept.
       self.label_embedding = nn.Embedding(num_classes + 1, nf * 4)
+    self.time_inputs = time_inputs
+    if time_inputs == 2:  # Registered last, so the published parameters (and their initial values) come first.
+      self.interval_embedding = nn.ModuleList([layers.dense(nf, nf * 4), layers.dense(nf * 4, nf * 4)])
+      nn.init.zeros_(self.interval_embedding[1].weight)  # Starts as the one-time network (see the class docstring).
 
-  def forward(self, x, time_cond, labels=None):
+  def forward(self, x, time_cond, labels=None, interval_cond=None):
     modules = iter(self.all_modules)
     if self.embedding_type == 'fourier':
       used_sigmas = time_cond
@@ -169,6 +192,19 @@ class NCSNpp(nn.Module):
       temb = next(modules)(self.act(temb))
     else:
       temb = None
+    if self.time_inputs == 2:
+      if interval_cond is None:
+        raise ValueError('a network with model.time_inputs=2 needs interval_cond=(s - t) * 999, the length of the step '
+                         '[t, s] on the network time scale (VelocityField passes it from end_times=s)')
+      if interval_cond.shape != (x.shape[0],):
+        raise ValueError(f'interval_cond has shape {tuple(interval_cond.shape)}; expected ({x.shape[0]},), one '
+                         f'interval length per sample')
+      interval = layers.positional_time_embedding(interval_cond, self.nf)
+      interval = self.interval_embedding[1](self.act(self.interval_embedding[0](interval)))
+      temb = temb + interval
+    elif interval_cond is not None:
+      raise ValueError('interval_cond was given to a network of one time: set model.time_inputs=2 to train a network '
+                       'that also takes the interval length s - t (MeanFlow)')
     if self.num_classes:
       if labels is None:
         labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)

@@ -7,7 +7,11 @@ NETWORK_TIME_SCALE = 999.0
 
 
 class VelocityField(nn.Module):
-  """Wraps a network as v(x, t) for ``rectified_flow_pytorch``: t in [0, 1] -> network time t * 999."""
+  """Wraps a network as v(x, t) for ``rectified_flow_pytorch``: t in [0, 1] -> network time t * 999.
+
+  With ``end_times`` s (a network of two times, ``model.time_inputs`` = 2: MeanFlow's average velocity over [t, s]),
+  the network also receives the step's length on its scale, ``interval_cond`` = (s - t) * 999.
+  """
 
   def __init__(self, net, time_scale=NETWORK_TIME_SCALE, channels_last=False):
     super().__init__()
@@ -15,8 +19,10 @@ class VelocityField(nn.Module):
     self.time_scale = time_scale
     self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-  def forward(self, x, times, labels=None):
+  def forward(self, x, times, labels=None, end_times=None):
     x = x.contiguous(memory_format=self.memory_format)
+    # A one-time network has no interval_cond argument to pass.
+    interval = {} if end_times is None else {'interval_cond': (end_times - times) * self.time_scale}
     if labels is None:  # An unconditional network has no labels argument to pass.
-      return self.net(x, times * self.time_scale)
-    return self.net(x, times * self.time_scale, labels)
+      return self.net(x, times * self.time_scale, **interval)
+    return self.net(x, times * self.time_scale, labels, **interval)

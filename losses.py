@@ -1,6 +1,7 @@
 """Config -> library adapters: the rectified flow, reflow time schedules and losses, the optimiser, and the one
 step function shared by 1-rectified-flow training, reflow and distillation."""
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from models import ExponentialMovingAverage, VelocityField, create_model, num_cl
 from rectified_flow_pytorch import RectifiedFlow, flow_math
 from speed.precision import training_autocast
 
-REFLOW_LOSSES = ('l2', 'lpips', 'lpips+l2')
+REFLOW_LOSSES = ('l2', 'lpips', 'lpips+l2', 'lpips_huber')
 VGG16_WEIGHTS_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
 
 
@@ -52,11 +53,15 @@ def learning_rate(config, step):
   return config.optim.lr * min(step / warmup, 1.0) if warmup > 0 else config.optim.lr
 
 
-def reflow_time_schedule(schedule, eps):
+def reflow_time_schedule(schedule, eps, u_shaped_a=4.0):
   """``times(batch_size, device)`` of a reflow stage (Liu et al. 2022, Sec. 3.3), or None for 'uniform'.
 
   'uniform': t ~ U[eps, 1] (reflow: the next rectified flow); 't0': t = eps (one-step distillation); 't1': t = 1
-  (one-step inversion); an integer k: t uniform on the k-step Euler grid eps + i (1 - eps) / k (k-step distillation).
+  (one-step inversion); an integer k: t uniform on the k-step Euler grid eps + i (1 - eps) / k (k-step distillation);
+  'u_shaped': the 2-rectified flow++'s U-shaped times (Lee et al. 2024), density proportional to exp(a t) +
+  exp(a (1 - t)) = 2 e^(a / 2) cosh(a (t - 1/2)) with a = ``u_shaped_a`` (their code's ``--a``; 4 in their runs),
+  drawn by the library's ``flow_math.TIME_DISTRIBUTIONS['u_shaped']``, whose cosh(a' (2t - 1)) has a' = a / 2, and
+  squeezed into [eps, 1] as ``flow_math.sample_times`` does.
   """
   schedule = str(schedule)
   if schedule == 'uniform':
@@ -65,11 +70,17 @@ def reflow_time_schedule(schedule, eps):
     return lambda batch_size, device, generator=None: torch.full((batch_size,), eps, device=device)
   if schedule == 't1':
     return lambda batch_size, device, generator=None: torch.ones(batch_size, device=device)
+  if schedule == 'u_shaped':
+    if not u_shaped_a > 0:
+      raise ValueError(f'reflow.u_shaped_a must be > 0 (4 in Lee et al. 2024), got {u_shaped_a}')
+    return lambda batch_size, device, generator=None: flow_math.sample_times(
+        batch_size, 'u_shaped', eps=eps, device=device, generator=generator, a=u_shaped_a / 2)
   if schedule.isdigit() and int(schedule) >= 1:
     k = int(schedule)
     return lambda batch_size, device, generator=None: (
         torch.randint(0, k, (batch_size,), device=device, generator=generator) * (1.0 - eps) / k + eps)
-  raise ValueError(f"Unknown reflow.reflow_t_schedule {schedule!r}; valid: 'uniform', 't0', 't1', or an integer k >= 1")
+  raise ValueError(f"Unknown reflow.reflow_t_schedule {schedule!r}; valid: 'uniform', 't0', 't1', 'u_shaped', or an "
+                   "integer k >= 1")
 
 
 def build_lpips(weights_path='', random_backbone=False):
@@ -98,6 +109,17 @@ def lpips_distance(lpips_model, x, y):
   x = F.interpolate(x, size=(224, 224), mode='bilinear', align_corners=False)
   y = F.interpolate(y, size=(224, 224), mode='bilinear', align_corners=False)
   return lpips_model(x, y).reshape(-1)
+
+
+def lpips_huber_flow(flow, lpips_model):
+  """The library's ``RectifiedFlow(loss='lpips_huber')`` on ``flow``'s network and settings, with LPIPS measured as
+  ``lpips_distance`` does: (pseudo-Huber + LPIPS) between the data estimate X1_hat and X1, weighted 1 / (1 - t)
+  (Lee et al. 2024's LPIPS-Huber with its 1/t weighting, in this library's time). Its times are always given."""
+  return RectifiedFlow(flow.model, time_cond_kwarg=flow.time_cond_kwarg, predict=flow.predict,
+                       time_eps=flow.time_eps, loss='lpips_huber',
+                       perceptual_loss=functools.partial(lpips_distance, lpips_model), noise_std=flow.noise_std,
+                       num_classes=flow.num_classes, label_cond_kwarg=flow.label_cond_kwarg,
+                       label_dropout=flow.label_dropout)
 
 
 def draw_noise_and_times(flow, x1, generator=None, global_batch=None, rows=slice(None), times_fn=None, labels=None,
@@ -129,7 +151,8 @@ def get_loss_fn(config, flow, reflow=False, lpips_model=None, times_fn=None):
   flow, after label dropout when ``train``. The noise and times are drawn from ``generator``
   for a global batch of ``global_batch`` of which ``x1`` holds ``rows`` (``draw_noise_and_times``). Reflow stages
   take their time schedule and loss from ``config.reflow``: 'l2' is the flow's own loss on the pairs, 'lpips' the
-  LPIPS between the one-step estimate X1_hat = X_t + (1 - t) v and X1, 'lpips+l2' their sum. ``times_fn(size,
+  LPIPS between the one-step estimate X1_hat = X_t + (1 - t) v and X1, 'lpips+l2' their sum, 'lpips_huber' the
+  library's LPIPS-Huber loss (``lpips_huber_flow``; the 2-rectified flow++'s, Lee et al. 2024). ``times_fn(size,
   device, generator)``, where given, replaces the time distribution of 1-RF training (a seam for replaying given
   times, as tests/test_training_parity.py does).
   """
@@ -140,18 +163,22 @@ def get_loss_fn(config, flow, reflow=False, lpips_model=None, times_fn=None):
       return flow(x1, noise=noise if x0 is None else x0, times=times, labels=labels, label_drops=drops)
 
     return flow_loss
-  times_fn = reflow_time_schedule(config.reflow.reflow_t_schedule, config.training.time_eps)
+  times_fn = reflow_time_schedule(config.reflow.reflow_t_schedule, config.training.time_eps,
+                                  config.reflow.u_shaped_a)
   loss_name = config.reflow.reflow_loss
   if loss_name not in REFLOW_LOSSES:
     raise ValueError(f'Unknown reflow.reflow_loss {loss_name!r}; valid: {list(REFLOW_LOSSES)}')
   if loss_name != 'l2' and lpips_model is None:
     raise ValueError(f"reflow.reflow_loss={loss_name!r} needs an LPIPS model")
+  huber_flow = lpips_huber_flow(flow, lpips_model) if loss_name == 'lpips_huber' else None
 
   def loss_fn(x0, x1, generator=None, global_batch=None, rows=slice(None), labels=None, train=True):
     noise, times, drops = draw_noise_and_times(flow, x1, generator, global_batch, rows, times_fn, labels, train)
     noise = noise if x0 is None else x0
     if loss_name == 'l2':
       return flow(x1, noise=noise, times=times, labels=labels, label_drops=drops)
+    if huber_flow is not None:
+      return huber_flow(x1, noise=noise, times=times, labels=labels, label_drops=drops)
     noise, times, x_t, prediction = flow.predict_on_path(x1, noise=noise, times=times, labels=labels,
                                                          label_drops=drops)
     clean = flow_math.to_clean(flow.predict, prediction, x_t, times)

@@ -65,8 +65,9 @@ def get_default_configs():
 
   config.reflow = reflow = ml_collections.ConfigDict()
   reflow.reflow_type = 'generate_data_from_z0'  # generate_data_from_z0, train_reflow or train_online_reflow.
-  reflow.reflow_t_schedule = 'uniform'  # 'uniform' (k-RF), 't0' (1-step distillation), 't1' (inversion), or k.
-  reflow.reflow_loss = 'l2'  # 'l2', 'lpips' or 'lpips+l2' (LPIPS with 't0').
+  reflow.reflow_t_schedule = 'uniform'  # 'uniform' (k-RF), 't0' (1-step distillation), 't1' (inversion), k, 'u_shaped'.
+  reflow.u_shaped_a = 4.0  # 'u_shaped' times: density exp(a t) + exp(a (1 - t)) (2-RF++: a = 4, Lee et al. 2024).
+  reflow.reflow_loss = 'l2'  # 'l2', 'lpips' or 'lpips+l2' (LPIPS with 't0'), 'lpips_huber' (2-RF++).
   reflow.last_flow_ckpt = ''  # Checkpoint of the teacher flow (pairs come from its EMA weights).
   reflow.init_from_ema = False  # Start the student from the teacher's EMA weights (published: raw weights).
   reflow.data_root = ''  # Folder of the generated pairs (one seed_{seed} subfolder per generating run).

@@ -54,6 +54,32 @@ def test_reflow_time_schedules():
   assert torch.allclose(torch.unique(grid), expected)
   with pytest.raises(ValueError, match="'uniform', 't0', 't1'"):
     losses.reflow_time_schedule('t2', eps)
+  with pytest.raises(ValueError, match='u_shaped_a must be > 0'):
+    losses.reflow_time_schedule('u_shaped', eps, u_shaped_a=0.0)
+
+
+def u_shaped_cdf(t, a):
+  """CDF of Lee et al. 2024's U-shaped density, proportional to exp(a t) + exp(a (1 - t)) = 2 e^(a/2) cosh(a (t - 1/2))
+  on [0, 1]."""
+  return (np.sinh(a * (t - 0.5)) + np.sinh(a / 2)) / (2 * np.sinh(a / 2))
+
+
+@pytest.mark.parametrize('a', [4.0, 2.0])
+def test_u_shaped_schedule_draws_lee_et_al_times_heavier_at_both_ends(a):
+  """The 'u_shaped' reflow times are the library's u_shaped draws, with the density of Lee et al.'s code (t_dist.py,
+  ``--a``) squeezed into [eps, 1]: a histogram of 200,000 draws matches its ten bins to 0.005, and both end bins
+  hold more than uniform times would (the middle ones less)."""
+  eps, n = 1e-3, 200000
+  times = losses.reflow_time_schedule('u_shaped', eps, u_shaped_a=a)(n, 'cpu', torch.Generator().manual_seed(0))
+  library = flow_math.sample_times(n, 'u_shaped', eps=eps, generator=torch.Generator().manual_seed(0), a=a / 2)
+  assert torch.equal(times, library)
+  assert times.dtype == torch.float32 and eps <= times.min() and times.max() <= 1.0
+  unsqueezed = ((times - eps) / (1 - eps)).double().numpy()
+  edges = np.linspace(0.0, 1.0, 11)
+  observed = np.histogram(unsqueezed, bins=edges)[0] / n
+  expected = np.diff(u_shaped_cdf(edges, a))
+  np.testing.assert_allclose(observed, expected, atol=0.005)
+  assert observed[0] > 0.1 + 0.01 and observed[-1] > 0.1 + 0.01 and observed[4:6].max() < 0.1 - 0.01
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,6 +294,92 @@ def test_reflow_lpips_losses_are_the_lpips_package_on_the_one_step_estimate_plus
   torch.testing.assert_close(ours['lpips'], perceptual.mean())
   torch.testing.assert_close(ours['lpips+l2'], (perceptual + l2).mean())
   assert perceptual.min() > 0 and l2.min() > 0
+
+
+def test_lpips_huber_reflow_loss_is_the_librarys_on_the_u_shaped_times():
+  """reflow.reflow_loss='lpips_huber' is the library's RectifiedFlow(loss='lpips_huber') with the lpips package on
+  224x224 images, at the 'u_shaped' times drawn after the noise; and, written out, (pseudo-Huber(X1_hat, X1) +
+  LPIPS(X1_hat, X1)) / (1 - t) with X1_hat = X_t + (1 - t) v."""
+  import lpips
+  import torch.nn.functional as F
+
+  from rectified_flow_pytorch import RectifiedFlow
+
+  torch.manual_seed(0)
+  lpips_model = losses.build_lpips(random_backbone=True)
+  config = tiny_digits_config()
+  config.model.init_scale = 1.0  # Not the published near-zero output layer: v enters both terms visibly.
+  config.reflow.reflow_t_schedule, config.reflow.u_shaped_a, config.reflow.reflow_loss = 'u_shaped', 3.0, 'lpips_huber'
+  net = models.create_model(config).eval()  # No dropout: the loss and the references see the same network.
+  flow = losses.build_rectified_flow(config, net)
+  batch, eps = 3, config.training.time_eps
+  z0, z1 = torch.randn(batch, 1, 16, 16), torch.rand(batch, 1, 16, 16) * 2 - 1
+
+  def up(x):
+    return F.interpolate(x.repeat(1, 3, 1, 1), size=(224, 224), mode='bilinear', align_corners=False)
+
+  reference_lpips = lpips.LPIPS(net='vgg', pnet_rand=True, verbose=False)
+  reference_lpips.net.load_state_dict(lpips_model.net.state_dict())  # The same random backbone.
+  with torch.no_grad():
+    ours = losses.get_loss_fn(config, flow, reflow=True, lpips_model=lpips_model)(
+        z0, z1, generator=torch.Generator().manual_seed(5), global_batch=batch)
+    generator = torch.Generator().manual_seed(5)
+    torch.randn(z1.shape, generator=generator)  # The noise, drawn first (a pair brings its own z0).
+    times = flow_math.sample_times(batch, 'u_shaped', eps=eps, generator=generator, a=1.5)
+    library = RectifiedFlow(models.VelocityField(net), time_cond_kwarg='times', loss='lpips_huber',
+                            perceptual_loss=lambda x, y: reference_lpips(up(x), up(y)))(z1, noise=z0, times=times)
+    t = times.reshape(-1, 1, 1, 1)
+    x_t = t * z1 + (1 - t) * z0
+    estimate = x_t + (1 - t) * net(x_t, times * 999)
+    c = 0.00054 * 16  # 0.00054 sqrt(d), d = 256
+    huber = torch.sqrt((estimate - z1).square().flatten(1).sum(1) + c * c) - c
+    perceptual = reference_lpips(up(estimate), up(z1)).reshape(-1)
+    written_out = ((huber + perceptual) / (1 - times)).mean()
+  torch.testing.assert_close(ours, library)
+  torch.testing.assert_close(ours, written_out)
+  assert huber.min() > 0 and perceptual.min() > 0 and times.max() - times.min() > 0.1
+
+
+def test_a_2rfpp_config_trains_on_generated_pairs(teacher, tmp_path, monkeypatch):
+  """The 2-RF++ recipe of configs/rectified_flow/cifar10_2rfpp_train.py on the tiny model: two updates on pairs of
+  the teacher at U-shaped times (Lee et al.'s a = 4: the library's 2) with the LPIPS-Huber loss (the random-backbone
+  LPIPS); the student starts from the teacher's EMA weights (reflow.init_from_ema, tested above)."""
+  from configs.rectified_flow.cifar10_2rfpp_train import get_config as cifar10_2rfpp_config
+  from configs.rectified_flow.cifar10_2rfpp_train import set_2rfpp_recipe
+
+  recipe = cifar10_2rfpp_config().reflow
+  assert (recipe.reflow_type, recipe.reflow_t_schedule, recipe.u_shaped_a, recipe.reflow_loss,
+          recipe.init_from_ema) == ('train_reflow', 'u_shaped', 4.0, 'lpips_huber', True)
+  reflow.generate_reflow_pairs(reflow_config(teacher, tmp_path / 'pairs'), str(tmp_path / 'gen'))
+  config = set_2rfpp_recipe(reflow_config(teacher, tmp_path / 'pairs', reflow_type='train_reflow'))
+  lpips_model = losses.build_lpips(random_backbone=True)
+  lpips_inputs, schedules = [], []
+  lpips_model.register_forward_pre_hook(lambda module, inputs: lpips_inputs.append(inputs[0].shape))
+  monkeypatch.setattr(losses, 'build_lpips', lambda *args, **kwargs: lpips_model)
+  sample_times = flow_math.sample_times
+
+  def recorded_sample_times(batch_size, distribution='uniform', **kwargs):
+    schedules.append((distribution, kwargs.get('a')))
+    return sample_times(batch_size, distribution, **kwargs)
+
+  monkeypatch.setattr(flow_math, 'sample_times', recorded_sample_times)
+  pseudo_huber, huber_inputs = flow_math.per_sample_pseudo_huber, []
+
+  def recorded_pseudo_huber(prediction, target, c=None):
+    huber_inputs.append(prediction.shape)
+    return pseudo_huber(prediction, target, c)
+
+  monkeypatch.setattr(flow_math, 'per_sample_pseudo_huber', recorded_pseudo_huber)
+  workdir = tmp_path / 'student'
+  state = run_lib.reflow(config, str(workdir))
+  assert state['step'] == 2 and (workdir / 'checkpoints' / 'checkpoint_1.pth').is_file()
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  training_losses = [r['training_loss'] for r in records if 'training_loss' in r]
+  assert len(training_losses) == 2 and np.all(np.isfinite(training_losses))
+  assert len(schedules) >= 2 and set(schedules) == {('u_shaped', 2.0)}  # Every draw of times, held-out ones too.
+  # The two updates' LPIPS-Huber loss on their batches: pseudo-Huber on the (B, C, H, W) estimates, LPIPS at 224x224.
+  assert huber_inputs[:2] == [torch.Size([8, 1, 16, 16])] * 2
+  assert lpips_inputs[:2] == [torch.Size([8, 3, 224, 224])] * 2
 
 
 class RecordingField(torch.nn.Module):

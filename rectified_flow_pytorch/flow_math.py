@@ -29,7 +29,9 @@ def _logit_normal(u, mean=0.0, std=1.0):
 
 
 def _u_shaped(u, a=4.0):
-  """p(t) proportional to cosh(a (2t - 1)), heavier at both ends (Lee et al. 2024, a = 4), by its inverse CDF."""
+  """p(t) proportional to cosh(a (2t - 1)), heavier at both ends, by its inverse CDF. That is Lee et al. 2024's
+  U-shaped density exp(a' t) + exp(a' (1 - t)) with a' = 2a: their a' = 4 is a = 2 here (the default a = 4 is twice
+  as sharp; the framework's ``reflow.u_shaped_a`` takes their a' and halves it)."""
   return 0.5 * (1.0 + torch.asinh((2.0 * u - 1.0) * math.sinh(a)) / a)
 
 

@@ -297,7 +297,8 @@ def test_eval_on_a_missing_workdir_is_a_clear_error(tmp_path):
 KEYS_ADDED_LATER = ('model.num_classes', 'model.fused_norm', 'training.label_dropout', 'sampling.guidance_scale',
                     'sampling.guidance_t_min', 'sampling.guidance_t_max', 'sampling.precision',
                     'sampling.ode_state_dtype', 'reflow.teacher_guidance_scale', 'reflow.teacher_guidance_t_min',
-                    'reflow.teacher_guidance_t_max', 'eval.labels', 'allow_pickle_checkpoints')
+                    'reflow.teacher_guidance_t_max', 'eval.labels', 'allow_pickle_checkpoints', 'model.time_inputs',
+                    'reflow.u_shaped_a')
 
 
 def without_keys(tree, keys):

@@ -173,10 +173,7 @@ def main():
   timings.append(['all', f'{sum(BUDGETS.values())}', f'{time.perf_counter() - started:.0f}'])
   lines.extend(['', '## Time of each part', ''] + gpu_report.markdown_table(['part', 'budget (s)', 'seconds'],
                                                                            timings))
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, 'w', encoding='utf-8') as handle:
-    handle.write('\n'.join(lines) + '\n')
-  print(f'\nwrote {args.out}')
+  gpu_report.write_report(args.out, lines)
 
 
 if __name__ == '__main__':

@@ -49,7 +49,7 @@ import losses  # noqa: E402
 import run_lib  # noqa: E402
 import sampling  # noqa: E402
 from benchmarks import demo_speed, sampling_speed, train_step  # noqa: E402
-from benchmarks.timing import synchronize, timed  # noqa: E402
+from benchmarks.timing import peak_rss_bytes, synchronize, timed  # noqa: E402
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_config  # noqa: E402
 from datasets import Batch  # noqa: E402
 from speed import cuda_graphs  # noqa: E402
@@ -116,7 +116,7 @@ def peak_memory_gib(device):
   """CUDA: the most memory allocated since the last reset; CPU: the process's peak RSS."""
   if device.type == 'cuda':
     return torch.cuda.max_memory_allocated(device) / 2**30
-  return train_step.peak_rss_bytes() / 2**30
+  return peak_rss_bytes() / 2**30
 
 
 def reset_peak_memory(device):
@@ -529,10 +529,15 @@ def main():
     table = section(args)
     print('\n' + '\n'.join(table), flush=True)
     lines += [''] + table
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, 'w', encoding='utf-8') as handle:
+  write_report(args.out, lines)
+
+
+def write_report(path, lines):
+  """Writes the markdown ``lines`` to ``path`` (its folder made if needed) and says so."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w', encoding='utf-8') as handle:
     handle.write('\n'.join(lines) + '\n')
-  print(f'\nwrote {args.out}')
+  print(f'\nwrote {path}')
 
 
 if __name__ == '__main__':

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import losses  # noqa: E402
 import models  # noqa: E402
 import run_lib  # noqa: E402
-from benchmarks.timing import timed_call  # noqa: E402
+from benchmarks.timing import peak_rss_bytes, timed_call  # noqa: E402
 from configs.rectified_flow.cifar10_rf_gaussian_ddpmpp import get_config as ddpmpp_config  # noqa: E402
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_config  # noqa: E402
 from rectified_flow_pytorch import MeanFlow, RectifiedFlow  # noqa: E402
@@ -58,10 +57,6 @@ class ZeroInterval(nn.Module):
 
   def forward(self, x, times, labels=None):
     return self.field(x, times, labels=labels, end_times=times)
-
-
-def peak_rss_bytes():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB.
 
 
 def machine(device):

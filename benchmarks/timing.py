@@ -1,5 +1,6 @@
 """Timing of the benchmark scripts: calls timed with the device synchronised before and after, so that the time
 covers the work a call queued on a GPU and not only its launch."""
+import resource
 import time
 
 import torch
@@ -9,6 +10,11 @@ def synchronize(device):
   """Waits until ``device`` (a torch.device) has finished its queued work; nothing to wait for on the CPU."""
   if device.type == 'cuda':
     torch.cuda.synchronize(device)
+
+
+def peak_rss_bytes():
+  """This process's peak resident memory so far, in bytes (the CPU's figure of peak memory)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB.
 
 
 def timed_call(device, fn):

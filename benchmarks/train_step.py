@@ -19,7 +19,6 @@ DDPM++ (zero-initialised output layer, learning rate still warming up) cannot te
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import losses  # noqa: E402
 import run_lib  # noqa: E402
-from benchmarks.timing import timed, timed_call  # noqa: E402
+from benchmarks.timing import peak_rss_bytes, timed, timed_call  # noqa: E402
 from configs.rectified_flow.celeba_hq_pytorch_rf_gaussian import get_config as ncsnpp256_config  # noqa: E402
 from configs.rectified_flow.cifar10_rf_gaussian_ddpmpp import get_config as ddpmpp_config  # noqa: E402
 from datasets import Batch  # noqa: E402
@@ -39,10 +38,6 @@ from speed.precision import PRECISIONS  # noqa: E402
 
 MODELS = {'ddpmpp': ('CIFAR-10 DDPM++ 32x32', ddpmpp_config),
           'ncsnpp256': ('CelebA-HQ NCSN++ 256x256', ncsnpp256_config)}
-
-
-def peak_rss_bytes():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB.
 
 
 def matmul_flops_per_second(device, size, repeats, dtype=torch.float32):

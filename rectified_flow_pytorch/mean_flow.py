@@ -1,14 +1,14 @@
 """``MeanFlow``: a network of the average velocity over a time interval, trained from scratch, sampled in 1 or a few
 steps (Geng, Deng, Bai, Kolter, He 2025, "Mean Flows for One-step Generative Modeling")."""
 import torch
-from torch import nn
 
 from rectified_flow_pytorch import flow_math
+from rectified_flow_pytorch.rectified_flow import FlowFromNoise
 
 LOSS_REDUCTIONS = ('sum', 'mean')
 
 
-class MeanFlow(nn.Module):
+class MeanFlow(FlowFromNoise):
   """A MeanFlow from Gaussian noise (t = 0) to data (t = 1) around ``model``, which predicts average velocities.
 
   Along the flow dz/dt = v(z, t) of the rectified-flow interpolation X_t = (1 - t) X0 + t X1 (velocity X1 - X0), the
@@ -62,7 +62,8 @@ class MeanFlow(nn.Module):
                adaptive_weight_power=1.0, adaptive_weight_constant=1e-3, loss_reduction='sum', noise_std=1.0,
                num_classes=0, label_cond_kwarg='labels', label_dropout=0.0, guidance_scale=1.0, guidance_mix=0.0,
                guidance_interval=None):
-    super().__init__()
+    super().__init__(model, noise_std=noise_std, num_classes=num_classes, label_cond_kwarg=label_cond_kwarg,
+                     label_dropout=label_dropout)
     if time_distribution not in flow_math.TIME_DISTRIBUTIONS:
       raise ValueError(f'Unknown time_distribution={time_distribution!r}; '
                        f'valid: {sorted(flow_math.TIME_DISTRIBUTIONS)}')
@@ -73,12 +74,6 @@ class MeanFlow(nn.Module):
                        f'{adaptive_weight_constant}')
     if loss_reduction not in LOSS_REDUCTIONS:
       raise ValueError(f'Unknown loss_reduction={loss_reduction!r}; valid: {list(LOSS_REDUCTIONS)}')
-    if not isinstance(num_classes, int) or num_classes < 0:
-      raise ValueError(f'num_classes must be 0 (unconditional) or a positive number of classes, got {num_classes!r}')
-    if not 0.0 <= label_dropout < 1.0:
-      raise ValueError(f'label_dropout must be in [0, 1), got {label_dropout}')
-    if label_dropout and not num_classes:
-      raise ValueError(f'label_dropout={label_dropout} needs a class-conditional flow: pass num_classes=')
     flow_math.check_guidance_interval(guidance_interval)
     if (guidance_scale != 1.0 or guidance_mix != 0.0) and not (num_classes and label_dropout):
       raise ValueError(f'guidance_scale={guidance_scale}, guidance_mix={guidance_mix} train classifier-free '
@@ -86,7 +81,6 @@ class MeanFlow(nn.Module):
                        f'the network also learns the unconditional velocity')
     if time_distribution_kwargs is None:
       time_distribution_kwargs = {'mean': 0.4, 'std': 1.0} if time_distribution == 'logit_normal' else {}
-    self.model = model
     self.time_cond_kwarg = time_cond_kwarg
     self.end_time_cond_kwarg = end_time_cond_kwarg
     self.time_distribution = time_distribution
@@ -95,34 +89,13 @@ class MeanFlow(nn.Module):
     self.adaptive_weight_power = adaptive_weight_power
     self.adaptive_weight_constant = adaptive_weight_constant
     self.loss_reduction = loss_reduction
-    self.noise_std = noise_std
-    self.num_classes = num_classes
-    self.label_cond_kwarg = label_cond_kwarg
-    self.label_dropout = label_dropout
     self.guidance_scale = guidance_scale
     self.guidance_mix = guidance_mix
     self.guidance_interval = guidance_interval
-    self.data_shape = None
-    self.last_sample_nfe = None
 
   @property
   def guided(self):
     return self.guidance_scale != 1.0 or self.guidance_mix != 0.0
-
-  def model_labels(self, labels, batch_size, device):
-    """The (B,) labels the model receives: ``labels``, or all null labels where None; None when unconditional."""
-    if not self.num_classes:
-      if labels is not None:
-        raise ValueError('labels= needs a class-conditional flow: MeanFlow(model, num_classes=...)')
-      return None
-    if labels is None:
-      return flow_math.null_labels(batch_size, self.num_classes, device)
-    flow_math.check_labels(labels, self.num_classes, batch_size)
-    if labels.device.type == 'cpu' and labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) <= (
-        self.num_classes):  # Checked where it costs no device synchronisation.
-      raise ValueError(f'labels must lie in [0, {self.num_classes}] ({self.num_classes} = no label), got '
-                       f'[{int(labels.min())}, {int(labels.max())}]')
-    return labels.to(device=device, dtype=torch.long)
 
   def _call_model(self, x, times, end_times, model_labels, model_kwargs):
     """The network at (x, t, s) with labels already resolved by ``model_labels`` (or None)."""
@@ -142,9 +115,6 @@ class MeanFlow(nn.Module):
     """The instantaneous velocity v(x, t) = u_theta(x, t, t), for an ODE solver (``solvers.solve``)."""
     return self.average_velocity(x, times, times, labels, **model_kwargs)
 
-  def sample_noise(self, shape, device=None, dtype=torch.float32, generator=None):
-    return torch.randn(shape, device=device, dtype=dtype, generator=generator) * self.noise_std
-
   def sample_time_pairs(self, batch_size, device=None, dtype=torch.float32, generator=None):
     """(B,) start and end times t <= s: two draws of ``time_distribution``, t the earlier and s the later, and
     s = t for each sample with probability 1 - ``interval_fraction`` (Geng et al. 2025, Sec. 4.3)."""
@@ -153,17 +123,6 @@ class MeanFlow(nn.Module):
     times, end_times = torch.minimum(*draws), torch.maximum(*draws)
     intervals = torch.rand(batch_size, device=device, generator=generator) < self.interval_fraction
     return times, torch.where(intervals, end_times, times)
-
-  def training_labels(self, labels, batch_size, device, label_drops=None):
-    """``labels`` after label dropout: rows where ``label_drops`` (B,) is True become the null label; when it is
-    None, drops are drawn with probability ``label_dropout`` in training mode (``self.training``) only."""
-    if labels is None or not self.num_classes:
-      return labels
-    if label_drops is None:
-      if not (self.training and self.label_dropout):
-        return labels
-      label_drops = flow_math.draw_label_drops(batch_size, self.label_dropout, device=labels.device)
-    return flow_math.drop_labels(labels, label_drops, self.num_classes)
 
   @torch.no_grad()
   def guided_velocity(self, x_t, times, velocity, model_labels, **model_kwargs):
@@ -234,10 +193,6 @@ class MeanFlow(nn.Module):
     return self.per_sample_loss(data, noise=noise, times=times, end_times=end_times, labels=labels,
                                 label_drops=label_drops, **model_kwargs).mean()
 
-  def _device(self):
-    param = next(self.model.parameters(), None)
-    return param.device if param is not None else torch.device('cpu')
-
   @torch.no_grad()
   def sample(self, batch_size=1, steps=1, noise=None, data_shape=None, labels=None, **model_kwargs):
     """Maps noise (t = 0) to data (t = 1) in ``steps`` jumps z <- z + (s - t) u_theta(z, t, s) on a uniform grid.
@@ -248,16 +203,7 @@ class MeanFlow(nn.Module):
     """
     if not isinstance(steps, int) or steps < 1:
       raise ValueError(f'steps must be a positive integer, got {steps!r}')
-    if labels is not None and noise is None:
-      if batch_size not in (1, len(labels)):
-        raise ValueError(f'batch_size={batch_size} but {len(labels)} labels were given: pass one label per sample')
-      batch_size = len(labels)
-    if noise is None:
-      shape = data_shape or self.data_shape
-      if shape is None:
-        raise ValueError('The data shape is unknown: call the flow on a data batch first, or pass data_shape= '
-                         'or noise=')
-      noise = self.sample_noise((batch_size, *shape), device=self._device())
+    noise = self.starting_noise(batch_size, noise, data_shape, labels)
     model_labels = self.model_labels(labels, noise.shape[0], noise.device)
     grid = torch.linspace(0.0, 1.0, steps + 1, dtype=noise.dtype, device=noise.device)
     x = noise

@@ -9,7 +9,76 @@ from rectified_flow_pytorch import flow_math, solvers
 LOSSES = ('mse', 'pseudo_huber', 'lpips_huber')
 
 
-class RectifiedFlow(nn.Module):
+class FlowFromNoise(nn.Module):
+  """What every flow of this library shares: ``model``, the Gaussian source X0 ~ N(0, noise_std^2 I) at t = 0, class
+  labels (``num_classes``, the null label ``num_classes``, ``label_dropout``), the data shape seen in training and
+  the starting noise of a sample. ``RectifiedFlow`` and ``MeanFlow`` build on it."""
+
+  def __init__(self, model, *, noise_std=1.0, num_classes=0, label_cond_kwarg='labels', label_dropout=0.0):
+    super().__init__()
+    if not isinstance(num_classes, int) or num_classes < 0:
+      raise ValueError(f'num_classes must be 0 (unconditional) or a positive number of classes, got {num_classes!r}')
+    if not 0.0 <= label_dropout < 1.0:
+      raise ValueError(f'label_dropout must be in [0, 1), got {label_dropout}')
+    if label_dropout and not num_classes:
+      raise ValueError(f'label_dropout={label_dropout} needs a class-conditional flow: pass num_classes=')
+    self.model = model
+    self.noise_std = noise_std
+    self.num_classes = num_classes
+    self.label_cond_kwarg = label_cond_kwarg
+    self.label_dropout = label_dropout
+    self.data_shape = None
+    self.last_sample_nfe = None
+
+  def model_labels(self, labels, batch_size, device):
+    """The (B,) labels the model receives: ``labels``, or all null labels where None; None when unconditional."""
+    if not self.num_classes:
+      if labels is not None:
+        raise ValueError(f'labels= needs a class-conditional flow: {type(self).__name__}(model, num_classes=...)')
+      return None
+    if labels is None:
+      return flow_math.null_labels(batch_size, self.num_classes, device)
+    flow_math.check_labels(labels, self.num_classes, batch_size)
+    if labels.device.type == 'cpu' and labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) <= (
+        self.num_classes):  # Checked where it costs no device synchronisation.
+      raise ValueError(f'labels must lie in [0, {self.num_classes}] ({self.num_classes} = no label), got '
+                       f'[{int(labels.min())}, {int(labels.max())}]')
+    return labels.to(device=device, dtype=torch.long)
+
+  def sample_noise(self, shape, device=None, dtype=torch.float32, generator=None):
+    return torch.randn(shape, device=device, dtype=dtype, generator=generator) * self.noise_std
+
+  def training_labels(self, labels, batch_size, device, label_drops=None):
+    """``labels`` after label dropout: rows where ``label_drops`` (B,) is True become the null label; when it is
+    None, drops are drawn with probability ``label_dropout`` in training mode (``self.training``) only."""
+    if labels is None or not self.num_classes:
+      return labels
+    if label_drops is None:
+      if not (self.training and self.label_dropout):
+        return labels
+      label_drops = flow_math.draw_label_drops(batch_size, self.label_dropout, device=labels.device)
+    return flow_math.drop_labels(labels, label_drops, self.num_classes)
+
+  def _device(self):
+    param = next(self.model.parameters(), None)
+    return param.device if param is not None else torch.device('cpu')
+
+  def starting_noise(self, batch_size, noise=None, data_shape=None, labels=None):
+    """The start of a sample: ``noise`` if given, else N(0, noise_std^2 I) of ``batch_size`` (the number of
+    ``labels`` when they are given) times ``data_shape`` (default: the data shape seen in training)."""
+    if noise is not None:
+      return noise
+    if labels is not None:
+      if batch_size not in (1, len(labels)):
+        raise ValueError(f'batch_size={batch_size} but {len(labels)} labels were given: pass one label per sample')
+      batch_size = len(labels)
+    shape = data_shape or self.data_shape
+    if shape is None:
+      raise ValueError('The data shape is unknown: call the flow on a data batch first, or pass data_shape= or noise=')
+    return self.sample_noise((batch_size, *shape), device=self._device())
+
+
+class RectifiedFlow(FlowFromNoise):
   """A rectified flow from Gaussian noise (t = 0) to data (t = 1) around ``model``.
 
   Args:
@@ -36,13 +105,8 @@ class RectifiedFlow(nn.Module):
   def __init__(self, model, *, time_cond_kwarg='times', predict='flow', time_distribution='uniform',
                time_distribution_kwargs=None, time_eps=1e-3, loss='mse', perceptual_loss=None,
                loss_reduction='mean', noise_std=1.0, num_classes=0, label_cond_kwarg='labels', label_dropout=0.0):
-    super().__init__()
-    if not isinstance(num_classes, int) or num_classes < 0:
-      raise ValueError(f'num_classes must be 0 (unconditional) or a positive number of classes, got {num_classes!r}')
-    if not 0.0 <= label_dropout < 1.0:
-      raise ValueError(f'label_dropout must be in [0, 1), got {label_dropout}')
-    if label_dropout and not num_classes:
-      raise ValueError(f'label_dropout={label_dropout} needs a class-conditional flow: pass num_classes=')
+    super().__init__(model, noise_std=noise_std, num_classes=num_classes, label_cond_kwarg=label_cond_kwarg,
+                     label_dropout=label_dropout)
     if predict not in flow_math.PREDICTIONS:
       raise ValueError(f'Unknown predict={predict!r}; valid: {list(flow_math.PREDICTIONS)}')
     if time_distribution not in flow_math.TIME_DISTRIBUTIONS:
@@ -54,7 +118,6 @@ class RectifiedFlow(nn.Module):
       raise ValueError("loss='lpips_huber' needs perceptual_loss=, e.g. lpips.LPIPS(net='vgg')")
     if not 0.0 <= time_eps < 1.0:
       raise ValueError(f'time_eps must be in [0, 1), got {time_eps}')
-    self.model = model
     self.time_cond_kwarg = time_cond_kwarg
     self.predict = predict
     self.time_distribution = time_distribution
@@ -63,27 +126,6 @@ class RectifiedFlow(nn.Module):
     self.loss_name = loss
     self.perceptual_loss = perceptual_loss
     self.loss_reduction = loss_reduction
-    self.noise_std = noise_std
-    self.num_classes = num_classes
-    self.label_cond_kwarg = label_cond_kwarg
-    self.label_dropout = label_dropout
-    self.data_shape = None
-    self.last_sample_nfe = None
-
-  def model_labels(self, labels, batch_size, device):
-    """The (B,) labels the model receives: ``labels``, or all null labels where None; None when unconditional."""
-    if not self.num_classes:
-      if labels is not None:
-        raise ValueError('labels= needs a class-conditional flow: RectifiedFlow(model, num_classes=...)')
-      return None
-    if labels is None:
-      return flow_math.null_labels(batch_size, self.num_classes, device)
-    flow_math.check_labels(labels, self.num_classes, batch_size)
-    if labels.device.type == 'cpu' and labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) <= (
-        self.num_classes):  # Checked where it costs no device synchronisation.
-      raise ValueError(f'labels must lie in [0, {self.num_classes}] ({self.num_classes} = no label), got '
-                       f'[{int(labels.min())}, {int(labels.max())}]')
-    return labels.to(device=device, dtype=torch.long)
 
   def predict_raw(self, x, times, labels=None, **model_kwargs):
     """The model's output at (x, t) for a (B, ...) batch and (B,) times in [0, 1] (and (B,) labels)."""
@@ -132,23 +174,9 @@ class RectifiedFlow(nn.Module):
     conditional, unconditional = both.chunk(2)
     return flow_math.guided_velocity(conditional, unconditional, guidance_scale, times, guidance_interval)
 
-  def sample_noise(self, shape, device=None, dtype=torch.float32, generator=None):
-    return torch.randn(shape, device=device, dtype=dtype, generator=generator) * self.noise_std
-
   def sample_times(self, batch_size, device=None, dtype=torch.float32, generator=None):
     return flow_math.sample_times(batch_size, self.time_distribution, eps=self.time_eps, device=device, dtype=dtype,
                              generator=generator, **self.time_distribution_kwargs)
-
-  def training_labels(self, labels, batch_size, device, label_drops=None):
-    """``labels`` after label dropout: rows where ``label_drops`` (B,) is True become the null label; when it is
-    None, drops are drawn with probability ``label_dropout`` in training mode (``self.training``) only."""
-    if labels is None or not self.num_classes:
-      return labels
-    if label_drops is None:
-      if not (self.training and self.label_dropout):
-        return labels
-      label_drops = flow_math.draw_label_drops(batch_size, self.label_dropout, device=labels.device)
-    return flow_math.drop_labels(labels, label_drops, self.num_classes)
 
   def predict_on_path(self, data, noise=None, times=None, labels=None, label_drops=None, **model_kwargs):
     """Draws (X0, t) where not given and returns (noise, times, X_t, the model's prediction at (X_t, t)).
@@ -182,10 +210,6 @@ class RectifiedFlow(nn.Module):
     return self.per_sample_loss(data, noise=noise, times=times, labels=labels, label_drops=label_drops,
                                 **model_kwargs).mean()
 
-  def _device(self):
-    param = next(self.model.parameters(), None)
-    return param.device if param is not None else torch.device('cpu')
-
   @torch.no_grad()
   def sample(self, batch_size=1, steps=16, noise=None, data_shape=None, solver='euler', reverse=False, rtol=1e-5,
              atol=1e-5, labels=None, guidance_scale=1.0, guidance_interval=None, **model_kwargs):
@@ -198,16 +222,7 @@ class RectifiedFlow(nn.Module):
     the times it guides (``velocity``; None: all). The number of network evaluations per sample is stored in
     ``self.last_sample_nfe`` (twice the solver's calls when guided).
     """
-    if labels is not None and noise is None:
-      if batch_size not in (1, len(labels)):
-        raise ValueError(f'batch_size={batch_size} but {len(labels)} labels were given: pass one label per sample')
-      batch_size = len(labels)
-    if noise is None:
-      shape = data_shape or self.data_shape
-      if shape is None:
-        raise ValueError('The data shape is unknown: call the flow on a data batch first, or pass data_shape= '
-                         'or noise=')
-      noise = self.sample_noise((batch_size, *shape), device=self._device())
+    noise = self.starting_noise(batch_size, noise, data_shape, labels)
     evaluations_per_call = 2 if self.is_guided(labels, guidance_scale, guidance_interval) else 1
     labels = None if labels is None else self.model_labels(labels, noise.shape[0], noise.device)
     t0, t1 = (1.0, 0.0) if reverse else (0.0, 1.0)

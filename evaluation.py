@@ -22,7 +22,10 @@ import distributed
 import evaluation_tf
 import pretrained_weights
 import sampling
-from rectified_flow_pytorch import flow_math, likelihood, solvers
+from rectified_flow_pytorch import MeanFlow, flow_math, likelihood, solvers
+
+# eval.metrics_backend: torch-fidelity's Inception, TF-GAN's functions on TF-Hub's Inception, the digits' own CNN.
+METRICS_BACKENDS = ('torch', 'tfgan', 'digits')
 
 INCEPTION_WEIGHTS_URL = ('https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/'
                          'weights-inception-2015-12-05-6726825d.pth')
@@ -224,30 +227,37 @@ def wait_for_file(path, timeout_seconds, poll_seconds=5.0):
 
 
 def write_sweep_table(eval_dir):
-  """report.csv over every report_{N}.json in ``eval_dir`` and, when FIDs exist, fid.png (FID per checkpoint)."""
+  """report.csv over every report_{N}.json (report_{N}_{k}step.json: sampled in k steps) in ``eval_dir`` and, when
+  FIDs (or digit FDs) exist, fid.png (per checkpoint; a line per step count)."""
   reports = []
   for name in os.listdir(eval_dir):
     if name.startswith('report_') and name.endswith('.json'):
       with open(os.path.join(eval_dir, name), encoding='utf-8') as handle:
         reports.append(json.load(handle))
-  reports.sort(key=lambda r: r['checkpoint'])
+  reports.sort(key=lambda r: (r['checkpoint'], r.get('sample_steps', 0)))
   columns = ['checkpoint', 'step', 'num_samples', 'fid', 'inception_score', 'inception_score_split_mean',
              'inception_score_split_std', 'kid', 'kid_std', 'nfe_mean', 'network_calls_mean', 'straightness',
-             'eval_loss', 'bpd', 'sampler', 'seconds']
+             'eval_loss', 'bpd', 'sampler', 'seconds', 'sample_steps', 'digit_fd']  # The last two added later.
   with atomic_files.atomic_open(os.path.join(eval_dir, 'report.csv'), 'w') as handle:
     writer = csv.DictWriter(handle, fieldnames=columns, extrasaction='ignore')
     writer.writeheader()
     writer.writerows(reports)
-  points = [(r['checkpoint'], r['fid']) for r in reports if r.get('fid') is not None]
+  metric = 'fid' if any(r.get('fid') is not None for r in reports) else 'digit_fd'
+  points = [(r['checkpoint'], r[metric], r.get('sample_steps')) for r in reports if r.get(metric) is not None]
   if points:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot([p[0] for p in points], [p[1] for p in points], marker='o')
+    for steps in sorted({p[2] for p in points}, key=lambda n: n or 0):  # One line per step count.
+      line = [p for p in points if p[2] == steps]
+      axis.plot([p[0] for p in line], [p[1] for p in line], marker='o',
+                label=None if steps is None else f'{steps} step(s)')
+    if any(p[2] is not None for p in points):
+      axis.legend()
     axis.set_xlabel('checkpoint')
-    axis.set_ylabel('FID')
+    axis.set_ylabel('FID' if metric == 'fid' else 'digit FD')
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(os.path.join(eval_dir, 'fid.png'), dpi=100)
@@ -269,16 +279,22 @@ def held_out_batches(config, split, limit=0):
 
 @torch.no_grad()
 def held_out_loss(config, flow, device):
-  """Mean training loss of the current weights over the held-out split (fixed noise and times)."""
+  """Mean training loss of the current weights over the held-out split (fixed noise and times: uniform on
+  [time_eps, 1] for a rectified flow, the training distribution of (t, s) pairs for a MeanFlow)."""
   scaler = datasets.get_data_scaler(config)
   generator = torch.Generator().manual_seed(config.seed)
   total, count = 0.0, 0
   for batch in held_out_batches(config, 'test'):
     x1, labels = scaler(batch.x1).to(device), batch.labels
     noise = (torch.randn(x1.shape, generator=generator) * flow.noise_std).to(device)
-    times = flow_math.sample_times(x1.shape[0], 'uniform', eps=flow.time_eps, generator=generator).to(device)
+    if isinstance(flow, MeanFlow):  # Its own (t, s) pairs: the loss it trains on.
+      times = {key: value.to(device) for key, value in zip(
+          ('times', 'end_times'), flow.sample_time_pairs(x1.shape[0], generator=generator))}
+    else:
+      times = {'times': flow_math.sample_times(x1.shape[0], 'uniform', eps=flow.time_eps,
+                                               generator=generator).to(device)}
     labels = None if labels is None else labels.to(device)
-    total += flow.per_sample_loss(x1, noise=noise, times=times, labels=labels).sum().item()
+    total += flow.per_sample_loss(x1, noise=noise, **times, labels=labels).sum().item()
     count += x1.shape[0]
   return total / count
 
@@ -367,11 +383,21 @@ def metrics_backend(config, device):
   """(reference statistics, Inception network, its name) of ``eval.metrics_backend`` when the sweep computes FID /
   IS / KID (``eval.enable_sampling`` without ``enable_figures_only``), else (None, None, None): 'torch' is
   torch-fidelity's Inception, 'tfgan' TF-GAN's functions on TF-Hub's Inception (torch-fidelity's if TF-Hub's is
-  unavailable). Reads the statistics and the weights now, so that a missing file fails before any sampling."""
+  unavailable). Reads the statistics and the weights now, so that a missing file fails before any sampling.
+  'digits' needs neither: the digits' Frechet distance uses ``evaluation_digits``' CNN, trained here (no download).
+  """
   e = config.eval
-  if e.metrics_backend not in ('torch', 'tfgan'):
-    raise ValueError(f"Unknown eval.metrics_backend {e.metrics_backend!r}; valid: 'torch', 'tfgan'")
+  if e.metrics_backend not in METRICS_BACKENDS:
+    raise ValueError(f'Unknown eval.metrics_backend {e.metrics_backend!r}; valid: {list(METRICS_BACKENDS)}')
   reference, inception, inception_name = None, None, None
+  if e.metrics_backend == 'digits':
+    import evaluation_digits  # Here: it builds on this module's Frechet distance.
+
+    if config.data.dataset != 'DIGITS' or config.data.image_size != evaluation_digits.IMAGE_SIZE:
+      raise ValueError(f"eval.metrics_backend='digits' measures the built-in digits at {evaluation_digits.IMAGE_SIZE}"
+                       f"x{evaluation_digits.IMAGE_SIZE} (data.dataset='DIGITS', data.image_size=16), not "
+                       f"{config.data.dataset} at {config.data.image_size}: use 'torch' for other datasets")
+    return None, None, None
   if e.enable_sampling and not e.enable_figures_only:
     reference = load_reference_statistics(e.stats_path)
     if e.metrics_backend == 'tfgan':
@@ -386,8 +412,16 @@ def metrics_backend(config, device):
 
 def sample_quality(config, results, reference):
   """FID, Inception Scores and KID of ``results`` (``sample_checkpoint``'s pool_3 and logits) against the
-  ``reference`` statistics, by ``eval.metrics_backend``."""
+  ``reference`` statistics, by ``eval.metrics_backend``; for 'digits', ``digit_fd``: the Frechet distance between
+  the samples (as saved, 8-bit) and all 1,797 digits in the features of ``evaluation_digits``' classifier."""
   e = config.eval
+  if e.metrics_backend == 'digits':
+    import evaluation_digits
+
+    real, _, _ = evaluation_digits.real_digits()
+    samples = torch.from_numpy(results['images']).float() / 127.5 - 1.0  # As saved, in the classifier's [-1, 1].
+    return {'digit_fd': evaluation_digits.frechet_distance_digits(evaluation_digits.digit_classifier(), samples,
+                                                                  real)}
   if e.metrics_backend == 'tfgan':
     report = evaluation_tf.tfgan_metrics(results['logits'], results['pool_3'], reference['pool_3'],
                                          (reference['mu'], reference['sigma']))

@@ -8,10 +8,13 @@ import torch.nn.functional as F
 
 import pretrained_weights
 from models import ExponentialMovingAverage, VelocityField, create_model, num_classes
-from rectified_flow_pytorch import RectifiedFlow, flow_math
+from rectified_flow_pytorch import MeanFlow, RectifiedFlow, flow_math
+from sampling import checked_interval
 from speed.precision import training_autocast
 
-REFLOW_LOSSES = ('l2', 'lpips', 'lpips+l2', 'lpips_huber')
+REFLOW_LOSSES = ('l2', 'lpips', 'lpips+l2', 'lpips_huber', 'pseudo_huber')
+LPIPS_LOSSES = ('lpips', 'lpips+l2', 'lpips_huber')  # The reflow losses that need the LPIPS network (VGG16 weights).
+OBJECTIVES = ('rectified_flow', 'meanflow')
 VGG16_WEIGHTS_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
 
 
@@ -24,6 +27,47 @@ def build_rectified_flow(config, net):
                        time_eps=config.training.time_eps,
                        loss_reduction='mean' if config.training.reduce_mean else 'sum',
                        num_classes=classes, label_dropout=config.training.label_dropout if classes else 0.0)
+
+
+def check_objective(config):
+  """Raises a ValueError that says how to fix a ``training.objective`` this framework cannot train as configured."""
+  objective = config.training.objective
+  if objective not in OBJECTIVES:
+    raise ValueError(f'Unknown training.objective {objective!r}; valid: {list(OBJECTIVES)}')
+  if objective != 'meanflow':
+    return
+  if config.model.time_inputs != 2:
+    raise ValueError(f"training.objective='meanflow' needs a network of two times (the start t and end s of a step): "
+                     f"set --config.model.time_inputs=2 (it is {config.model.time_inputs})")
+  if config.model.fused_norm:
+    raise ValueError("training.objective='meanflow' differentiates the network in forward mode (torch.func.jvp), "
+                     "which has never run through the fused GroupNorm + SiLU kernel (CUDA): set "
+                     "--config.model.fused_norm=False")
+
+
+def build_flow(config, net):
+  """The flow that ``training.objective`` trains around ``net``: ``build_rectified_flow`` or ``build_mean_flow``."""
+  check_objective(config)
+  if config.training.objective == 'meanflow':
+    return build_mean_flow(config, net)
+  return build_rectified_flow(config, net)
+
+
+def build_mean_flow(config, net):
+  """The library's ``MeanFlow`` around ``net`` (a network of two times, ``model.time_inputs = 2``) with the settings
+  of ``config.meanflow``; ``VelocityField`` gives the network t * 999 and (s - t) * 999. A class-conditional model
+  drops labels with ``training.label_dropout``; guidance is trained in (``meanflow.guidance_*``)."""
+  m, classes = config.meanflow, num_classes(config)
+  distribution_kwargs = ({'mean': m.time_mean, 'std': m.time_std} if m.time_distribution == 'logit_normal' else {})
+  interval = checked_interval('meanflow.guidance', m.guidance_t_min, m.guidance_t_max)
+  field = VelocityField(net, channels_last=config.training.channels_last)
+  return MeanFlow(field, time_distribution=m.time_distribution, time_distribution_kwargs=distribution_kwargs,
+                  interval_fraction=m.interval_fraction,
+                  adaptive_weight_power=m.adaptive_weight_power, adaptive_weight_constant=m.adaptive_weight_constant,
+                  loss_reduction='mean' if config.training.reduce_mean else 'sum',
+                  noise_std=config.sampling.init_noise_scale, num_classes=classes,
+                  label_dropout=config.training.label_dropout if classes else 0.0,
+                  guidance_scale=m.guidance_scale, guidance_mix=m.guidance_mix, guidance_interval=interval)
 
 
 def get_optimizer(config, params, device=torch.device('cpu')):
@@ -111,37 +155,48 @@ def lpips_distance(lpips_model, x, y):
   return lpips_model(x, y).reshape(-1)
 
 
-def lpips_huber_flow(flow, lpips_model):
-  """The library's ``RectifiedFlow(loss='lpips_huber')`` on ``flow``'s network and settings, with LPIPS measured as
-  ``lpips_distance`` does: (pseudo-Huber + LPIPS) between the data estimate X1_hat and X1, weighted 1 / (1 - t)
-  (Lee et al. 2024's LPIPS-Huber with its 1/t weighting, in this library's time). Its times are always given."""
+def library_loss_flow(flow, loss, lpips_model=None):
+  """The library's ``RectifiedFlow(loss=loss)`` on ``flow``'s network and settings. 'lpips_huber': (pseudo-Huber +
+  LPIPS) between the data estimate X1_hat and X1, weighted 1 / (1 - t) (Lee et al. 2024's LPIPS-Huber with its 1/t
+  weighting, in this library's time), LPIPS measured as ``lpips_distance`` does; 'pseudo_huber': the pseudo-Huber
+  distance of the velocity to X1 - X0 (c = 0.00054 sqrt(d)), the recipe's loss without LPIPS, for runs without the
+  VGG16 weights. Its times are always given."""
+  perceptual = functools.partial(lpips_distance, lpips_model) if loss == 'lpips_huber' else None
   return RectifiedFlow(flow.model, time_cond_kwarg=flow.time_cond_kwarg, predict=flow.predict,
-                       time_eps=flow.time_eps, loss='lpips_huber',
-                       perceptual_loss=functools.partial(lpips_distance, lpips_model), noise_std=flow.noise_std,
+                       time_eps=flow.time_eps, loss=loss, perceptual_loss=perceptual, noise_std=flow.noise_std,
                        num_classes=flow.num_classes, label_cond_kwarg=flow.label_cond_kwarg,
                        label_dropout=flow.label_dropout)
 
 
+def draw_times(flow, size, device, dtype=torch.float32, generator=None, times_fn=None):
+  """The times of ``size`` training samples as the flow's keyword arguments: {'times': (size,)} for a rectified
+  flow (``times_fn(size, device, generator)`` where given), {'times', 'end_times'} (t <= s) for a ``MeanFlow``."""
+  if isinstance(flow, MeanFlow):
+    times, end_times = flow.sample_time_pairs(size, device=device, dtype=dtype, generator=generator)
+    return {'times': times, 'end_times': end_times}
+  if times_fn is None:
+    return {'times': flow.sample_times(size, device=device, dtype=dtype, generator=generator)}
+  return {'times': times_fn(size, device, generator)}
+
+
 def draw_noise_and_times(flow, x1, generator=None, global_batch=None, rows=slice(None), times_fn=None, labels=None,
                          train=True):
-  """(X0, t, label drops) for ``rows`` of a global batch whose rows ``x1`` are: drawn for all ``global_batch`` rows
-  and sliced, so that a sample gets the same noise, time and label dropout whatever the number of processes and
-  micro-batches. Label drops (``flow.label_dropout``, after the times) are drawn only in training with labels, so
-  the random streams of unconditional runs are those of before; otherwise they are None, or all False (held-out
-  losses with labels)."""
+  """(X0, times, label drops) for ``rows`` of a global batch whose rows ``x1`` are: drawn for all ``global_batch``
+  rows and sliced, so that a sample gets the same noise, times and label dropout whatever the number of processes
+  and micro-batches. ``times`` are the flow's time arguments (``draw_times``). Label drops (``flow.label_dropout``,
+  after the times) are drawn only in training with labels, so the random streams of unconditional runs are those
+  of before; otherwise they are None, or all False (held-out losses with labels)."""
   size = global_batch or x1.shape[0]
   noise = flow.sample_noise((size, *x1.shape[1:]), device=x1.device, dtype=x1.dtype, generator=generator)[rows]
-  if times_fn is None:
-    times = flow.sample_times(size, device=x1.device, dtype=x1.dtype, generator=generator)
-  else:
-    times = times_fn(size, x1.device, generator)
+  times = {key: value[rows] for key, value in draw_times(flow, size, x1.device, x1.dtype, generator,
+                                                          times_fn).items()}
   drops = None
   if labels is not None:
     if train and flow.label_dropout:
       drops = flow_math.draw_label_drops(size, flow.label_dropout, device=x1.device, generator=generator)[rows]
     else:
       drops = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
-  return noise, times[rows], drops
+  return noise, times, drops
 
 
 def get_loss_fn(config, flow, reflow=False, lpips_model=None, times_fn=None):
@@ -152,7 +207,8 @@ def get_loss_fn(config, flow, reflow=False, lpips_model=None, times_fn=None):
   for a global batch of ``global_batch`` of which ``x1`` holds ``rows`` (``draw_noise_and_times``). Reflow stages
   take their time schedule and loss from ``config.reflow``: 'l2' is the flow's own loss on the pairs, 'lpips' the
   LPIPS between the one-step estimate X1_hat = X_t + (1 - t) v and X1, 'lpips+l2' their sum, 'lpips_huber' the
-  library's LPIPS-Huber loss (``lpips_huber_flow``; the 2-rectified flow++'s, Lee et al. 2024). ``times_fn(size,
+  library's LPIPS-Huber loss (``library_loss_flow``; the 2-rectified flow++'s, Lee et al. 2024), 'pseudo_huber'
+  the library's pseudo-Huber loss on the velocity (no LPIPS, no download). ``times_fn(size,
   device, generator)``, where given, replaces the time distribution of 1-RF training (a seam for replaying given
   times, as tests/test_training_parity.py does).
   """
@@ -160,21 +216,24 @@ def get_loss_fn(config, flow, reflow=False, lpips_model=None, times_fn=None):
 
     def flow_loss(x0, x1, generator=None, global_batch=None, rows=slice(None), labels=None, train=True):
       noise, times, drops = draw_noise_and_times(flow, x1, generator, global_batch, rows, times_fn, labels, train)
-      return flow(x1, noise=noise if x0 is None else x0, times=times, labels=labels, label_drops=drops)
+      return flow(x1, noise=noise if x0 is None else x0, **times, labels=labels, label_drops=drops)
 
     return flow_loss
+  if isinstance(flow, MeanFlow):
+    raise ValueError("training.objective='meanflow' trains from data (--mode train); the reflow stages train "
+                     "rectified flows: set --config.training.objective=rectified_flow for them")
   times_fn = reflow_time_schedule(config.reflow.reflow_t_schedule, config.training.time_eps,
                                   config.reflow.u_shaped_a)
   loss_name = config.reflow.reflow_loss
   if loss_name not in REFLOW_LOSSES:
     raise ValueError(f'Unknown reflow.reflow_loss {loss_name!r}; valid: {list(REFLOW_LOSSES)}')
-  if loss_name != 'l2' and lpips_model is None:
+  if loss_name in LPIPS_LOSSES and lpips_model is None:
     raise ValueError(f"reflow.reflow_loss={loss_name!r} needs an LPIPS model")
-  huber_flow = lpips_huber_flow(flow, lpips_model) if loss_name == 'lpips_huber' else None
+  huber_flow = library_loss_flow(flow, loss_name, lpips_model) if loss_name.endswith('huber') else None
 
   def loss_fn(x0, x1, generator=None, global_batch=None, rows=slice(None), labels=None, train=True):
     noise, times, drops = draw_noise_and_times(flow, x1, generator, global_batch, rows, times_fn, labels, train)
-    noise = noise if x0 is None else x0
+    noise, times = noise if x0 is None else x0, times['times']
     if loss_name == 'l2':
       return flow(x1, noise=noise, times=times, labels=labels, label_drops=drops)
     if huber_flow is not None:

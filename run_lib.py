@@ -165,8 +165,8 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
         net, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
   if training.compile:
     train_module = torch.compile(train_module)
-  flow = losses.build_rectified_flow(config, net)  # Sampling and held-out losses: the plain network.
-  train_flow = losses.build_rectified_flow(config, train_module)
+  flow = losses.build_flow(config, net)  # Sampling and held-out losses: the plain network.
+  train_flow = losses.build_flow(config, train_module)  # A MeanFlow's JVP runs through DDP's module too.
   train_step = losses.get_step_fn(
       config, losses.get_loss_fn(config, train_flow, reflow=reflow, lpips_model=lpips_model), params,
       state['optimizer'], state['ema'], train=True, device=device, generator=path_generator,
@@ -189,7 +189,9 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
 
   snapshot_size, snapshot_labels, grid_columns = snapshot_grid_layout(config, device)
   shape = (snapshot_size, data.num_channels, data.image_size, data.image_size)
-  sample_fn = sampling.get_sampling_fn(config, shape)
+  # One grid per step count of sampling.sample_steps (sample_{N}step.png), or one sample.png.
+  sample_fns = {steps: sampling.get_sampling_fn(sampling.with_sample_steps(config, steps), shape)
+                for steps in sampling.sample_step_counts(config)}
   # The same noise at every snapshot, so that grids show the progress of one set of samples.
   snapshot_noise = (torch.randn(shape, generator=torch.Generator().manual_seed(config.seed))
                     * config.sampling.init_noise_scale).to(device)
@@ -252,14 +254,16 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
 
         if main_process and training.snapshot_sampling and (is_snapshot or step in training.sample_grid_steps):
           net.eval()
-          with state['ema'].average_parameters(params):
-            samples, nfe = sample_fn(flow, noise=snapshot_noise, labels=snapshot_labels)
-          images = inverse_scaler(samples).clamp(0.0, 1.0)
-          grid_path = sampling.save_sample_grid(images, os.path.join(sample_dir(workdir, step), 'sample.png'),
-                                                nrow=grid_columns)
-          metrics.log(step, sample_nfe=nfe)
-          logging.info('step: %d, wrote %s (EMA weights, %s sampler, NFE %d)', step, grid_path,
-                       config.sampling.use_ode_sampler, nfe)
+          for steps, sample_fn in sample_fns.items():
+            with state['ema'].average_parameters(params):
+              samples, nfe = sample_fn(flow, noise=snapshot_noise, labels=snapshot_labels)
+            images = inverse_scaler(samples).clamp(0.0, 1.0)
+            name = 'sample.png' if steps is None else f'sample_{steps}step.png'
+            grid_path = sampling.save_sample_grid(images, os.path.join(sample_dir(workdir, step), name),
+                                                  nrow=grid_columns)
+            metrics.log(step, **{'sample_nfe' if steps is None else f'sample_nfe_{steps}step': nfe})
+            logging.info('step: %d, wrote %s (EMA weights, %s sampler, NFE %d)', step, grid_path,
+                         config.sampling.use_ode_sampler, nfe)
         if main_process and is_snapshot:
           path = checkpoints.snapshot_checkpoint_path(workdir, step // training.snapshot_freq)
           checkpoints.save_checkpoint(path, state, config, data_generator, path_generator)
@@ -279,6 +283,10 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
 def reflow(config, workdir):
   """--mode reflow: ``reflow.reflow_type`` generate_data_from_z0, train_reflow or train_online_reflow."""
   r = config.reflow
+  if config.training.objective != 'rectified_flow':
+    raise ValueError(f"--mode reflow makes and trains rectified flows, not training.objective="
+                     f"{config.training.objective!r}: set --config.training.objective=rectified_flow (MeanFlows train "
+                     f"from data with --mode train)")
   if r.reflow_type == 'generate_data_from_z0':
     return generate_reflow_pairs(config, workdir)
   if r.reflow_type not in ('train_reflow', 'train_online_reflow'):
@@ -290,7 +298,7 @@ def reflow(config, workdir):
   if not resuming or r.reflow_type == 'train_online_reflow':
     teacher_net, _ = load_teacher(config, device)  # Also fails early, clearly, when the teacher is missing.
   lpips_model = None
-  if r.reflow_loss != 'l2':
+  if r.reflow_loss in losses.LPIPS_LOSSES:
     lpips_model = losses.build_lpips(r.lpips_weights_path).to(device)
   initialize = initialize_student_from_teacher(config, device)
   if r.reflow_type == 'train_reflow':
@@ -320,7 +328,7 @@ def evaluate(config, workdir, eval_folder):
   # Fails before any sampling, not after hours of it.
   reference, inception, inception_name = evaluation.metrics_backend(config, device)
   state = losses.build_training_state(config, device)
-  flow = losses.build_rectified_flow(config, state['model'])
+  flow = losses.build_flow(config, state['model'])
   params = [p for p in state['model'].parameters() if p.requires_grad]
 
   for ckpt in range(e.begin_ckpt, e.end_ckpt + 1):
@@ -337,50 +345,68 @@ def evaluate(config, workdir, eval_folder):
       logging.error('Checkpoint %s skipped: %s', path, error)
       continue
     started = time.time()
-    report = {'checkpoint': ckpt, 'step': state['step'], 'checkpoint_sha256': evaluation.file_sha256(path)}
+    base = {'checkpoint': ckpt, 'step': state['step'], 'checkpoint_sha256': evaluation.file_sha256(path)}
     flow.eval()
     with state['ema'].average_parameters(params):
       if e.enable_loss and main_process:
-        report['eval_loss'] = evaluation.held_out_loss(config, flow, device)
+        base['eval_loss'] = evaluation.held_out_loss(config, flow, device)
       if e.enable_bpd and main_process:
-        report['bpd'], report['bpd_nfe_mean'] = evaluation.bits_per_dim(config, flow, device)
-      if e.enable_sampling or e.enable_figures_only:
-        manifest = {'checkpoint_sha256': report['checkpoint_sha256'], 'seed': config.seed,
-                    'round_size': e.batch_size, 'image_shape': [config.data.num_channels, config.data.image_size,
-                                                                config.data.image_size],
-                    'inception': inception_name,
-                    **sampling.sampler_settings(config)}
-        with distributed.main_process_first():  # Rank 0 writes (or checks) the manifest first.
-          rounds = evaluation.SampleRounds(os.path.join(eval_dir, f'ckpt_{ckpt}'), manifest)
-        if e.enable_figures_only:
-          config_one_round = config.copy_and_resolve_references()
-          config_one_round.eval.num_samples = min(e.batch_size, 64)
-          results = evaluation.sample_checkpoint(config_one_round, flow, rounds, None, device)
-        else:
-          results = evaluation.sample_checkpoint(config, flow, rounds, inception, device)
+        base['bpd'], base['bpd_nfe_mean'] = evaluation.bits_per_dim(config, flow, device)
+      # One report (and sample folder) per step count of sampling.sample_steps, or one for sampling.sample_N.
+      for steps in sampling.sample_step_counts(config) if e.enable_sampling or e.enable_figures_only else (None,):
+        suffix = '' if steps is None else f'_{steps}step'
+        report = dict(base) if steps is None else {**base, 'sample_steps': steps}
+        if e.enable_sampling or e.enable_figures_only:
+          sampled = evaluate_samples(sampling.with_sample_steps(config, steps), flow, device,
+                                     os.path.join(eval_dir, f'ckpt_{ckpt}{suffix}'), inception, inception_name,
+                                     reference, base['checkpoint_sha256'])
+          if sampled is None:  # Not rank 0.
+            continue
+          report.update(sampled)
         if not main_process:
           continue
-        if 'labels' in results:  # One row per class.
-          grid, columns = sampling.per_class_grid(torch.from_numpy(results['images']), results['labels'], per_class=8)
-        else:
-          grid, columns = torch.from_numpy(results['images'][:64]), None
-        sampling.save_sample_grid(grid.float() / 255.0, os.path.join(rounds.folder, 'sample_grid.png'), nrow=columns)
-        report.update(num_samples=int(len(results['images'])), sampler=config.sampling.use_ode_sampler,
-                      nfe_mean=float(results['nfe'].mean()), network_calls_mean=float(results['network_calls'].mean()),
-                      straightness=float(results['straightness'].mean()))
-        if 'labels' in results:
-          report['guidance_scale'] = sampling.guidance_scale(config)
-          if sampling.guidance_interval(config) is not None:
-            report['guidance_interval'] = list(sampling.guidance_interval(config))
-          report.update(evaluation.class_agreement(config, results['images'], results['labels']))
-        if inception is not None:
-          report.update(evaluation.sample_quality(config, results, reference))
-    if not main_process:
-      continue
-    report['seconds'] = time.time() - started
-    atomic_files.write_json(os.path.join(eval_dir, f'report_{ckpt}.json'), report)
-    logging.info('checkpoint %d: %s', ckpt, {k: v for k, v in report.items() if k != 'checkpoint_sha256'})
+        report['seconds'] = time.time() - started
+        atomic_files.write_json(os.path.join(eval_dir, f'report_{ckpt}{suffix}.json'), report)
+        logging.info('checkpoint %d%s: %s', ckpt, suffix,
+                     {k: v for k, v in report.items() if k != 'checkpoint_sha256'})
+        started = time.time()
   return evaluation.write_sweep_table(eval_dir) if main_process else None
+
+
+def evaluate_samples(config, flow, device, folder, inception, inception_name, reference, sha256):
+  """Samples one checkpoint's evaluation (resumable rounds in ``folder``) with ``config``'s sampler and returns its
+  part of the report (rank 0; None on the others): NFE, straightness, the grid, and FID / IS / KID or the digits'
+  FD (``eval.metrics_backend``), class agreement for a class-conditional model."""
+  e = config.eval
+  manifest = {'checkpoint_sha256': sha256, 'seed': config.seed, 'round_size': e.batch_size,
+              'image_shape': [config.data.num_channels, config.data.image_size, config.data.image_size],
+              'inception': inception_name, **sampling.sampler_settings(config)}
+  with distributed.main_process_first():  # Rank 0 writes (or checks) the manifest first.
+    rounds = evaluation.SampleRounds(folder, manifest)
+  if e.enable_figures_only:
+    config_one_round = config.copy_and_resolve_references()
+    config_one_round.eval.num_samples = min(e.batch_size, 64)
+    results = evaluation.sample_checkpoint(config_one_round, flow, rounds, None, device)
+  else:
+    results = evaluation.sample_checkpoint(config, flow, rounds, inception, device)
+  if not distributed.is_main_process():
+    return None
+  if 'labels' in results:  # One row per class.
+    grid, columns = sampling.per_class_grid(torch.from_numpy(results['images']), results['labels'], per_class=8)
+  else:
+    grid, columns = torch.from_numpy(results['images'][:64]), None
+  sampling.save_sample_grid(grid.float() / 255.0, os.path.join(rounds.folder, 'sample_grid.png'), nrow=columns)
+  report = {'num_samples': int(len(results['images'])), 'sampler': config.sampling.use_ode_sampler,
+            'nfe_mean': float(results['nfe'].mean()), 'network_calls_mean': float(results['network_calls'].mean()),
+            'straightness': float(results['straightness'].mean())}
+  if 'labels' in results:
+    report['guidance_scale'] = sampling.guidance_scale(config)
+    if sampling.guidance_interval(config) is not None:
+      report['guidance_interval'] = list(sampling.guidance_interval(config))
+    report.update(evaluation.class_agreement(config, results['images'], results['labels']))
+  if not e.enable_figures_only and (inception is not None or e.metrics_backend == 'digits'):
+    report.update(evaluation.sample_quality(config, results, reference))
+  return report
 
 
 def compute_reference_stats(config, workdir):

@@ -5,10 +5,14 @@ from torchvision.utils import save_image
 
 import atomic_files
 from models import num_classes
-from rectified_flow_pytorch import flow_math, solvers
+from rectified_flow_pytorch import MeanFlow, flow_math, solvers
 from speed import cuda_graphs
 from speed.precision import autocast, check_sampling_precision
 
+# sampling.use_ode_sampler: the solvers of the library, and MeanFlow's own jumps z + (s - t) u(z, t, s).
+SAMPLERS = (*solvers.SOLVERS, 'mean_flow')
+# Samplers with a fixed number of steps (sampling.sample_N), which sampling.sample_steps may vary.
+FIXED_STEP_SAMPLERS = (*solvers.FIXED_STEP_SOLVERS, 'mean_flow')
 # sampling.ode_state_dtype: the dtype of the solver's state x and of its step control (RK45's error estimate).
 ODE_STATE_DTYPES = {'float32': torch.float32, 'float64': torch.float64}
 # Settings that change samples but were added after evaluation folders and pair folders existed: recorded in their
@@ -57,6 +61,39 @@ def check_sampling_options(config):
   if guidance_scale(config) != 1.0 and not num_classes(config):
     raise ValueError(f'sampling.guidance_scale={guidance_scale(config)} needs a class-conditional model '
                      f'(model.num_classes > 0); use 1.0 for an unconditional one')
+  mean_flow = config.training.objective == 'meanflow'
+  if mean_flow and guidance_scale(config) != 1.0:
+    raise ValueError(f"sampling.guidance_scale={guidance_scale(config)}: a MeanFlow's guidance is trained into the "
+                     f"network (meanflow.guidance_scale), so it samples with one evaluation per step; set "
+                     f"--config.sampling.guidance_scale=1")
+  if s.use_ode_sampler == 'mean_flow' and not mean_flow:
+    raise ValueError("sampling.use_ode_sampler='mean_flow' jumps with a MeanFlow's average velocity: it needs "
+                     "training.objective='meanflow'; a rectified flow samples with 'euler' or 'rk45'")
+  sample_step_counts(config)
+
+
+def sample_step_counts(config):
+  """The step counts that snapshot grids and the eval sweep sample at: ``sampling.sample_steps``, or (None,), the
+  configured ``sampling.sample_N`` alone, when it is empty. Counts need a fixed-step sampler."""
+  counts = tuple(int(n) for n in config.sampling.sample_steps)
+  if not counts:
+    return (None,)
+  if config.sampling.use_ode_sampler not in FIXED_STEP_SAMPLERS:
+    raise ValueError(f'sampling.sample_steps={counts} needs a fixed-step sampler ({list(FIXED_STEP_SAMPLERS)}), '
+                     f'not {config.sampling.use_ode_sampler!r}: set --config.sampling.use_ode_sampler=euler (or '
+                     f'mean_flow), or --config.sampling.sample_steps=()')
+  if min(counts) < 1 or len(set(counts)) != len(counts):
+    raise ValueError(f'sampling.sample_steps={counts}: give distinct step counts >= 1, e.g. (1, 2)')
+  return counts
+
+
+def with_sample_steps(config, steps):
+  """``config`` sampling with ``steps`` steps (a copy with ``sampling.sample_N = steps``); itself for None."""
+  if steps is None:
+    return config
+  config = config.copy_and_resolve_references()
+  config.sampling.sample_N = steps
+  return config
 
 
 def sample_labels(config, first, count):
@@ -133,9 +170,11 @@ def sampler_settings(config):
   return settings
 
 
-def network_velocity(flow, precision='fp32', guidance=1.0, interval=None):
+def network_velocity(flow, precision='fp32', guidance=1.0, interval=None, step=None):
   """v(x, t, labels=None) of ``flow`` with the network in its own parameter dtype, whatever the dtype of the
   solver's state; with labels, guided by ``guidance`` over the times of ``interval`` (``RectifiedFlow.velocity``).
+  For a ``MeanFlow`` it is the average velocity u(x, t, min(t + step, 1)), the jump of a step of length ``step``
+  (None: u(x, t, t), the instantaneous velocity, for an ODE solver); its guidance is trained in.
 
   x (B, ...) and t (B,) are cast to the dtype of the network's first floating-point parameter, the network runs
   (under bf16 autocast for ``precision='bf16'``) and its velocity is cast back to the dtype of x. The autocast
@@ -145,13 +184,18 @@ def network_velocity(flow, precision='fp32', guidance=1.0, interval=None):
   check_sampling_precision(precision)
 
   def velocity(x, t, labels=None):
+    state_dtype = x.dtype
     parameter = next((p for p in flow.parameters() if p.is_floating_point()), None)
     network_dtype = parameter.dtype if parameter is not None else x.dtype
+    x, t_network = x.to(network_dtype), t.to(network_dtype)
     with autocast(precision, x.device.type, cache_enabled=False):
-      v = flow.velocity(x.to(network_dtype), t.to(network_dtype), labels=labels,
-                        guidance_scale=1.0 if labels is None else guidance,
-                        guidance_interval=None if labels is None else interval)
-    return v.to(x.dtype)
+      if isinstance(flow, MeanFlow):
+        end = t_network if step is None else (t_network + step).clamp(max=1.0)
+        v = flow.average_velocity(x, t_network, end, labels=labels)
+      else:
+        v = flow.velocity(x, t_network, labels=labels, guidance_scale=1.0 if labels is None else guidance,
+                          guidance_interval=None if labels is None else interval)
+    return v.to(state_dtype)
 
   return velocity
 
@@ -177,10 +221,15 @@ def get_sampling_fn(config, shape):
   ``sampling.cuda_graph`` the network call is replayed from a CUDA graph per batch shape (``speed.cuda_graphs``), kept
   for the last flow sampled and checked against its weights' memory at the start of every sample. Samples come
   back in the noise's dtype (float32), as the published sampler's ``.type(torch.float32)`` of solve_ivp's result.
+
+  A ``MeanFlow`` (``training.objective='meanflow'``) samples with 'mean_flow': ``sample_N`` jumps
+  z <- z + (s - t) u(z, t, s) on the uniform grid from t = 0 to 1, one network evaluation each (the Euler loop with
+  the average velocity over each step); an ODE solver ('euler', 'rk45', ...) integrates its instantaneous velocity
+  u(z, t, t) instead.
   """
   name = config.sampling.use_ode_sampler
-  if name not in solvers.SOLVERS:
-    raise ValueError(f'Unknown sampling.use_ode_sampler {name!r}; valid samplers: {list(solvers.SOLVERS)}')
+  if name not in SAMPLERS:
+    raise ValueError(f'Unknown sampling.use_ode_sampler {name!r}; valid samplers: {list(SAMPLERS)}')
   check_sampling_options(config)
   eps, steps, tol = config.training.time_eps, config.sampling.sample_N, config.sampling.ode_tol
   sync_every = config.sampling.rk45_sync_every
@@ -198,12 +247,15 @@ def get_sampling_fn(config, shape):
   def velocity_of(flow):
     if last['flow'] is not flow:
       last['flow'] = flow
-      last['velocity'] = cuda_graphs.GraphedVelocity(network_velocity(flow, precision, guidance, interval),
+      step = 1.0 / steps if name == 'mean_flow' else None
+      last['velocity'] = cuda_graphs.GraphedVelocity(network_velocity(flow, precision, guidance, interval, step),
                                                      module=flow, enabled=use_cuda_graph)
     last['velocity'].refresh()  # Recaptures where a parameter was given new memory since the last sample.
     return last['velocity']
 
   def sample(flow, noise=None, on_step=None, generator=None, labels=None):
+    if name == 'mean_flow' and not isinstance(flow, MeanFlow):
+      raise ValueError("sampling.use_ode_sampler='mean_flow' needs a MeanFlow (training.objective='meanflow')")
     if noise is None:
       noise = flow.sample_noise(shape, device=flow._device())
     graphed = velocity_of(flow)
@@ -215,12 +267,15 @@ def get_sampling_fn(config, shape):
       velocity = graphed
     else:
       labels = flow.model_labels(labels, noise.shape[0], noise.device)
-      evaluations_per_call = 2 if flow.is_guided(labels, guidance, interval) else 1
+      if not isinstance(flow, MeanFlow) and flow.is_guided(labels, guidance, interval):
+        evaluations_per_call = 2
 
       def velocity(x, t):
         return graphed(x, t, labels)
     x = noise.to(state_dtype)
-    if name == 'euler':  # The published grid: t_i = eps + i (1 - eps) / N with steps of 1/N.
+    if name == 'mean_flow':  # MeanFlow's grid: t_i = i / N, each step a jump with u(x, t_i, t_i + 1 / N).
+      solution = solvers.euler(velocity, x, steps=steps, t0=0.0, t1=1.0, on_step=on_step)
+    elif name == 'euler':  # The published grid: t_i = eps + i (1 - eps) / N with steps of 1/N.
       solution = solvers.euler(velocity, x, steps=steps, t0=eps, t1=1.0, step_size=1.0 / steps,
                                sigma_variance=sigma_variance, noise_std=flow.noise_std, generator=generator,
                                on_step=on_step)

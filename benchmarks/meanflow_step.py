@@ -5,9 +5,9 @@ that the comparison is the objective's cost and not the network's:
 
   rectified flow  ``RectifiedFlow`` around the network called with end_times = times (an interval of length 0):
                   one forward, one backward;
-  MeanFlow        ``MeanFlow`` (its defaults: 25% intervals, adaptive weight p = 1): one ``torch.func.jvp`` of the
-                  network along (v, 1, 0), which computes the forward and its tangent together, and the backward of
-                  the forward's output.
+  MeanFlow        ``MeanFlow`` (its defaults: 25% intervals, adaptive weight p = 1): one forward-mode pass of the
+                  network with dual numbers along (v, 1, 0) (``torch.autograd.forward_ad``), which computes the
+                  forward and its tangent together, and the backward of the forward's output.
 
 One step is forward + backward + Adam (``losses.get_optimizer``: the training's Adam, fused where available) on a
 fixed random batch; no clipping, no EMA. Each objective runs in its own process (the CPU's peak RSS only grows),

@@ -25,10 +25,11 @@ def get_default_configs():
   training.allow_tf32 = True  # TF32 matmuls and convolutions on CUDA (no effect on the CPU).
   training.time_eps = 1e-3  # Training times t ~ U[time_eps, 1]; samplers integrate from time_eps to 1.
   training.label_dropout = 0.1  # Class-conditional runs: fraction of labels replaced by the null class (guidance).
+  training.objective = 'rectified_flow'  # 'rectified_flow' (published) or 'meanflow' (config.meanflow; time_inputs 2).
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.init_noise_scale = 1.0  # Std of the Gaussian source X0 in training and sampling.
-  sampling.use_ode_sampler = 'rk45'  # 'rk45' (adaptive Dormand-Prince) or 'euler'.
+  sampling.use_ode_sampler = 'rk45'  # 'rk45' (adaptive Dormand-Prince), 'euler', or 'mean_flow' (MeanFlow jumps).
   sampling.ode_tol = 1e-5  # rtol = atol of the RK45 sampler.
   sampling.rk45_sync_every = 0  # RK45 steps per host read of its done flag; 0: 4 on CUDA (no per-step sync), 1 on CPU.
   sampling.sample_N = 1000  # Number of steps of the Euler sampler.
@@ -36,6 +37,7 @@ def get_default_configs():
   sampling.ode_state_dtype = 'float32'  # Solver state and step control: 'float32' or 'float64' (scipy's, published).
   sampling.precision = 'fp32'  # Network arithmetic when sampling: 'fp32' or 'bf16' (autocast around the network call).
   sampling.cuda_graph = True  # On CUDA, replay the network call from a CUDA graph captured per batch shape.
+  sampling.sample_steps = ()  # Step counts (euler, mean_flow) of the snapshot grids and eval sweep; (): sample_N.
   sampling.snapshot_batch_size = 64  # Images in each snapshot sample grid (class-conditional: rows of classes).
   sampling.guidance_scale = 1.0  # Classifier-free guidance w: v_null + w (v_cond - v_null); 1 = no guidance.
   sampling.guidance_t_min = 0.0  # Guidance acts only where t_min <= t <= t_max (t = 0 noise, 1 data); elsewhere w = 1.
@@ -57,17 +59,30 @@ def get_default_configs():
   evaluate.stats_path = 'assets/stats/cifar10_stats.npz'  # Reference statistics (pool_3, or mu and sigma).
   evaluate.stats_num_images = 0  # Training images used by --mode stats (0: all).
   evaluate.inception_weights_path = ''  # Local Inception weights file; empty: torch hub cache, downloaded once.
-  evaluate.metrics_backend = 'torch'  # 'torch' (torch-fidelity) or 'tfgan' (TF-GAN's functions, TF-Hub Inception).
+  evaluate.metrics_backend = 'torch'  # 'torch' (torch-fidelity), 'tfgan' (TF-Hub Inception), 'digits' (digit CNN FD).
   evaluate.inception_score_splits = 10  # Splits of the common IS protocol (the published one-split IS is also given).
   evaluate.kid_subsets = 100  # Random subsets averaged by KID.
   evaluate.kid_subset_size = 1000  # Samples per KID subset.
   evaluate.labels = 'all'  # Class-conditional: 'all' (sample i gets class i mod num_classes) or a list '3,5,7'.
 
+  # training.objective = 'meanflow' (Geng et al. 2025), in this project's time (t = 0 noise, t = 1 data).
+  config.meanflow = meanflow = ml_collections.ConfigDict()
+  meanflow.time_distribution = 'logit_normal'  # Each of the two times of a pair (flow_math.TIME_DISTRIBUTIONS).
+  meanflow.time_mean = 0.4  # Logit-normal mean and std; the paper's lognorm(m, s) is (-m, s) here.
+  meanflow.time_std = 1.0
+  meanflow.interval_fraction = 0.25  # Pairs with s > t (the paper's ratio of r != t); the rest are s = t.
+  meanflow.adaptive_weight_power = 1.0  # p of the weight 1 / (||error||^2 + c)^p (0: none).
+  meanflow.adaptive_weight_constant = 1e-3  # c of that weight.
+  meanflow.guidance_scale = 1.0  # Class-conditional: the guidance w trained into the network (1: none).
+  meanflow.guidance_mix = 0.0  # kappa of the trained-in guidance (Geng et al. 2025, App. B.1).
+  meanflow.guidance_t_min = 0.0  # The trained-in guidance acts where t_min <= t <= t_max.
+  meanflow.guidance_t_max = 1.0
+
   config.reflow = reflow = ml_collections.ConfigDict()
   reflow.reflow_type = 'generate_data_from_z0'  # generate_data_from_z0, train_reflow or train_online_reflow.
   reflow.reflow_t_schedule = 'uniform'  # 'uniform' (k-RF), 't0' (1-step distillation), 't1' (inversion), k, 'u_shaped'.
   reflow.u_shaped_a = 4.0  # 'u_shaped' times: density exp(a t) + exp(a (1 - t)) (2-RF++: a = 4, Lee et al. 2024).
-  reflow.reflow_loss = 'l2'  # 'l2', 'lpips' or 'lpips+l2' (LPIPS with 't0'), 'lpips_huber' (2-RF++).
+  reflow.reflow_loss = 'l2'  # 'l2', 'lpips', 'lpips+l2' (with 't0'), 'lpips_huber' (2-RF++), 'pseudo_huber'.
   reflow.last_flow_ckpt = ''  # Checkpoint of the teacher flow (pairs come from its EMA weights).
   reflow.init_from_ema = False  # Start the student from the teacher's EMA weights (published: raw weights).
   reflow.data_root = ''  # Folder of the generated pairs (one seed_{seed} subfolder per generating run).

@@ -46,9 +46,22 @@ def dense(in_dim, out_dim, init_scale=1.0):
   return linear
 
 
+class GroupNorm32(nn.GroupNorm):
+  """``nn.GroupNorm`` (the same parameters and state dict) that runs in float32 under autocast on every device, as
+  CUDA's autocast does for group_norm; on the CPU autocast would run it in bf16 with a float32 weight, whose forward
+  mode derivative (MeanFlow's ``torch.func.jvp``) comes out float32 beside a bf16 value, a pair the next convolution
+  rejects. Outside autocast it is ``nn.GroupNorm``."""
+
+  def forward(self, x):
+    if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
+      return super().forward(x)
+    with torch.autocast(x.device.type, enabled=False):
+      return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps)
+
+
 def group_norm(channels):
-  """GroupNorm with min(C // 4, 32) groups and eps 1e-6, as in the published models."""
-  return nn.GroupNorm(num_groups=min(channels // 4, 32), num_channels=channels, eps=1e-6)
+  """GroupNorm with min(C // 4, 32) groups and eps 1e-6, as in the published models (``GroupNorm32``)."""
+  return GroupNorm32(num_groups=min(channels // 4, 32), num_channels=channels, eps=1e-6)
 
 
 def group_norm_silu(x, weight, bias, num_groups, eps):

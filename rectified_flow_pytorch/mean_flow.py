@@ -1,6 +1,7 @@
 """``MeanFlow``: a network of the average velocity over a time interval, trained from scratch, sampled in 1 or a few
 steps (Geng, Deng, Bai, Kolter, He 2025, "Mean Flows for One-step Generative Modeling")."""
 import torch
+from torch.autograd import forward_ad
 
 from rectified_flow_pytorch import flow_math
 from rectified_flow_pytorch.rectified_flow import FlowFromNoise
@@ -19,7 +20,7 @@ class MeanFlow(FlowFromNoise):
       u(z_t, t, s) = v(z_t, t) + (s - t) d/dt u(z_t, t, s),   d/dt u = (du/dz) v + du/dt (partial),
   the total derivative being the Jacobian-vector product of (z, t, s) -> u with the tangent (v, 1, 0). Training
   regresses u_theta(z_t, t, s) on the target sg(v + (s - t) d/dt u_theta) with v the conditional velocity X1 - X0
-  (Geng et al. 2025, Sec. 4.1; one ``torch.func.jvp``); with s = t the target is v, that of a rectified flow.
+  (Geng et al. 2025, Sec. 4.1; one forward-mode pass); with s = t the target is v, that of a rectified flow.
   Sampling takes k steps z_{i+1} = z_i + (t_{i+1} - t_i) u(z_i, t_i, t_{i+1}) on the uniform grid
   0 = t_0 < ... < t_k = 1, one network evaluation each.
 
@@ -150,15 +151,19 @@ class MeanFlow(FlowFromNoise):
   def average_velocity_and_target(self, x_t, times, end_times, velocity, labels=None, **model_kwargs):
     """(u_theta(x_t, t, s), sg(v + (s - t) d/dt u_theta(x_t, t, s))) for a (B, ...) batch on the path, (B,) times
     t <= s and the velocity v (B, ...) that moves x_t (the tangent's z part); d/dt u_theta by one forward-mode
-    ``torch.func.jvp`` along (v, 1, 0). The first carries the gradient, the target none."""
+    pass along (v, 1, 0) (``torch.autograd.forward_ad``). The first carries the gradient, the target none."""
     model_labels = self.model_labels(labels, x_t.shape[0], x_t.device)
-
-    def network(z, t, s):
-      return self._call_model(z, t, s, model_labels, model_kwargs)
-
     velocity = velocity.detach()
-    tangents = (velocity, torch.ones_like(times), torch.zeros_like(end_times))
-    prediction, total_derivative = torch.func.jvp(network, (x_t, times, end_times), tangents)
+    # Dual numbers (torch.autograd.forward_ad) rather than torch.func.jvp: the model is called as itself, so that a
+    # DistributedDataParallel wrapper runs its own forward (bucket rebuilds, gradient hooks) outside any functorch
+    # transform. The end time s has tangent 0: it enters as a plain tensor.
+    with forward_ad.dual_level():
+      output = self._call_model(forward_ad.make_dual(x_t, velocity),
+                                forward_ad.make_dual(times, torch.ones_like(times)), end_times, model_labels,
+                                model_kwargs)
+      prediction, total_derivative = forward_ad.unpack_dual(output)
+    if total_derivative is None:  # The output does not depend on z or t.
+      total_derivative = torch.zeros_like(prediction)
     interval = flow_math.append_dims(end_times - times, x_t.dim()).to(x_t.dtype)
     return prediction, (velocity + interval * total_derivative).detach()
 

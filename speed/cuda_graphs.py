@@ -146,6 +146,8 @@ def graph_capture_obstacle(config, device, optimizer):
     return 'training.compile is on (torch.compile makes its own graphs)'
   if training.precision == 'fp16':
     return "training.precision='fp16': the grad scaler reads its overflow flag on the host"
+  if training.objective == 'meanflow':
+    return "training.objective='meanflow': its update (a torch.func.jvp) has not been captured on a GPU yet"
   if not all(group.get('fused') for group in optimizer.param_groups):
     return 'optim.fused is off: the unfused Adam reads its step counts and the non-finite flag on the host'
   return None

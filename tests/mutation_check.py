@@ -87,7 +87,7 @@ FAULTS = [
           'sigma_t * math.sqrt(dt) * next(noises)', 'sigma_t * dt * next(noises)',
           ['tests/test_samplers.py', '-k', 'stochastic'], 'the stochastic Euler noise scaled by dt, not sqrt(dt)'),
     Fault('eval_folder_ignores_checkpoint', 'run_lib.py',
-          "manifest = {'checkpoint_sha256': report['checkpoint_sha256'], 'seed': config.seed,",
+          "manifest = {'checkpoint_sha256': sha256, 'seed': config.seed,",
           "manifest = {'seed': config.seed,",
           ['tests/test_evaluation.py', '-k', 'eval_sweep_writes'], 'eval rounds of another checkpoint mixed in'),
     Fault('lpips_l2_half_weight', 'losses.py',
@@ -131,6 +131,22 @@ FAULTS = [
           ['tests/test_training_parity.py'], 'learning-rate warm-up one update ahead'),
     Fault('adam_beta2_0_99', 'losses.py', 'betas=(optim.beta1, 0.999)', 'betas=(optim.beta1, 0.99)',
           ['tests/test_training_parity.py'], "Adam's beta2 0.99 instead of the published 0.999"),
+    # MeanFlow in the framework (training.objective = 'meanflow').
+    Fault('meanflow_bypasses_ddp', 'run_lib.py',
+          'train_flow = losses.build_flow(config, train_module)', 'train_flow = losses.build_flow(config, net)',
+          ['tests/test_distributed.py', '-k', 'meanflow'], "MeanFlow's forward-mode pass around DDP, not through it"),
+    Fault('meanflow_time_tangent_zero', 'rectified_flow_pytorch/mean_flow.py',
+          'forward_ad.make_dual(times, torch.ones_like(times))', 'forward_ad.make_dual(times, torch.zeros_like(times))',
+          ['tests/test_mean_flow.py', '-k', 'finite_differences'], 'the tangent (v, 0, 0): d/dt u without its t part'),
+    Fault('mean_flow_sampler_instantaneous', 'sampling.py',
+          'end = t_network if step is None else (t_network + step).clamp(max=1.0)', 'end = t_network',
+          ['tests/test_meanflow_training.py', '-k', 'sampler'], "the 'mean_flow' sampler jumps with u(z, t, t)"),
+    Fault('meanflow_eval_steps_ignored', 'sampling.py',
+          '  config.sampling.sample_N = steps\n', '',
+          ['tests/test_meanflow_training.py', '-k', 'eval_sweep'], 'every step count of the sweep samples sample_N'),
+    Fault('group_norm_bf16_on_the_cpu', 'models/layers.py',
+          'if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):', 'if True:',
+          ['tests/test_meanflow_training.py', '-k', 'bf16'], "GroupNorm in bf16 under the CPU's autocast"),
 ]
 
 

@@ -89,6 +89,18 @@ def test_two_processes_train_a_class_conditional_model_like_one(tmp_path):
   assert any('label_embedding' in key for key in final_state(tmp_path / 'one')[1])
 
 
+def test_two_processes_train_a_meanflow_like_one(tmp_path):
+  """training.objective='meanflow': the JVP runs through DDP's module, so its gradients are all-reduced like those of
+  the rectified flow (a JVP on the plain network would leave each process with its own half's gradient)."""
+  meanflow = train_overrides(**{'training.objective': 'meanflow', 'model.time_inputs': '2',
+                                'meanflow.interval_fraction': '0.5', 'sampling.use_ode_sampler': 'mean_flow',
+                                'sampling.sample_N': '1'})
+  launch(tmp_path / 'one', 'train', meanflow, processes=1)
+  launch(tmp_path / 'two', 'train', meanflow, processes=2)
+  assert_close_states(tmp_path / 'two', tmp_path / 'one')
+  assert any('interval_embedding' in key for key in final_state(tmp_path / 'one')[1])
+
+
 def test_an_uneven_split_is_a_clear_error(tmp_path):
   result = launch(tmp_path, 'train', train_overrides(**{'training.batch_size': '6', 'training.grad_accum_steps': '2'}),
                   processes=2, check=False)

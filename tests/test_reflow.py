@@ -340,6 +340,31 @@ def test_lpips_huber_reflow_loss_is_the_librarys_on_the_u_shaped_times():
   assert huber.min() > 0 and perceptual.min() > 0 and times.max() - times.min() > 0.1
 
 
+def test_pseudo_huber_reflow_loss_is_the_pseudo_huber_distance_of_the_velocity():
+  """reflow.reflow_loss='pseudo_huber' (the 2-RF++ recipe without LPIPS) is, written out, the batch mean of
+  sqrt(||v(X_t, t) - (X1 - X0)||^2 + c^2) - c with c = 0.00054 sqrt(d), at the schedule's times drawn after the
+  noise; it needs no LPIPS model."""
+  torch.manual_seed(0)
+  config = tiny_digits_config()
+  config.model.init_scale = 1.0
+  config.reflow.reflow_t_schedule, config.reflow.reflow_loss = 'u_shaped', 'pseudo_huber'
+  net = models.create_model(config).eval()
+  flow = losses.build_rectified_flow(config, net)
+  batch, eps = 3, config.training.time_eps
+  z0, z1 = torch.randn(batch, 1, 16, 16), torch.rand(batch, 1, 16, 16) * 2 - 1
+  with torch.no_grad():
+    ours = losses.get_loss_fn(config, flow, reflow=True)(z0, z1, generator=torch.Generator().manual_seed(5),
+                                                         global_batch=batch)
+    generator = torch.Generator().manual_seed(5)
+    torch.randn(z1.shape, generator=generator)  # The noise, drawn first (a pair brings its own z0).
+    times = flow_math.sample_times(batch, 'u_shaped', eps=eps, generator=generator, a=2.0)
+    t = times.reshape(-1, 1, 1, 1)
+    x_t = t * z1 + (1 - t) * z0
+    c = 0.00054 * 16  # 0.00054 sqrt(d), d = 256
+    written_out = (torch.sqrt((net(x_t, times * 999) - (z1 - z0)).square().flatten(1).sum(1) + c * c) - c).mean()
+  torch.testing.assert_close(ours, written_out)
+
+
 def test_a_2rfpp_config_trains_on_generated_pairs(teacher, tmp_path, monkeypatch):
   """The 2-RF++ recipe of configs/rectified_flow/cifar10_2rfpp_train.py on the tiny model: two updates on pairs of
   the teacher at U-shaped times (Lee et al.'s a = 4: the library's 2) with the LPIPS-Huber loss (the random-backbone

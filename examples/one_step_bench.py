@@ -1,0 +1,212 @@
+"""One-step generation on the digits (CPU, no download): three routes on the same DDPM++, with the same number of
+training updates each, measured by the same evaluation sweep (``run_lib.evaluate``, eval.metrics_backend='digits').
+
+  reflow    1-RF (U/2 updates) -> pairs -> 2-RF (U/4) -> pairs -> one-step distillation (U/4), Liu et al. 2022
+  2rfpp     the same 1-RF and pairs -> one reflow with the 2-RF++ recipe (U/2): U-shaped times (a = 4), the student
+            from the 1-RF's EMA weights, and the LPIPS-Huber loss with --lpips-weights (a VGG16 file), else its
+            pseudo-Huber part alone (no download)
+  meanflow  MeanFlow from scratch (U updates), cifar10_meanflow.py's settings on the digits
+
+Every route's final checkpoint is swept at 1 and 2 steps (Euler from t = eps for the rectified flows, MeanFlow jumps
+for the MeanFlow) and at 32 steps, where the straightness of the sampling path is measured; the table gives the
+digits' Frechet distance (FD), the straightness, the total updates and the total wall time (stages shared by two
+routes count for both), as mean and spread over the seeds. Pair generation is counted in wall time, not in updates.
+
+  python examples/one_step_bench.py                       # U = 2000, 3 seeds: a few hours on 2 CPU cores
+  python examples/one_step_bench.py --updates 1000 --seeds 0
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import atomic_files  # noqa: E402
+import run_lib  # noqa: E402
+from configs.rectified_flow.cifar10_meanflow import set_meanflow  # noqa: E402
+from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_config  # noqa: E402
+
+ROUTES = ('reflow', '2rfpp', 'meanflow')
+STEPS = (1, 2, 32)
+
+
+def base_config(args, seed, updates):
+  """The digits demo's DDPM++ and data, trained for ``updates`` updates with one snapshot at the end."""
+  config = digits_config()
+  config.seed = seed
+  config.device = 'cpu'
+  if args.small:  # A smaller network for a quick look (every route gets it).
+    config.model.nf, config.model.ch_mult, config.model.attn_resolutions = 16, (1, 2), (8,)
+  training = config.training
+  training.batch_size = args.batch
+  training.n_iters = updates
+  training.snapshot_freq = training.snapshot_freq_for_preemption = updates
+  training.snapshot_sampling = False
+  training.sample_grid_steps = ()
+  training.eval_freq = 10 ** 9
+  training.log_freq = max(1, min(50, updates))
+  config.optim.warmup = min(config.optim.warmup, max(1, updates // 10))
+  return config
+
+
+def reflow_config(args, seed, updates, teacher, pairs, kind):
+  """A reflow stage on the digits (the demo pipeline's settings): 'pairs' from ``teacher`` into ``pairs``, or a
+  student trained for ``updates`` updates on ``pairs`` ('2rf', 'distill', '2rfpp')."""
+  config = base_config(args, seed, max(updates, 1))
+  r = config.reflow
+  r.last_flow_ckpt, r.data_root = teacher, pairs
+  r.total_number_of_samples, r.pairs_per_shard = args.pairs, min(500, args.pairs)
+  config.sampling.ode_tol = 1e-3
+  if kind == 'pairs':
+    r.reflow_type = 'generate_data_from_z0'
+    return config
+  r.reflow_type = 'train_reflow'
+  config.optim.lr, config.optim.warmup = 2e-4, min(100, max(1, updates // 10))
+  if kind == '2rf':
+    r.reflow_t_schedule = 'uniform'
+  elif kind == 'distill':
+    r.reflow_t_schedule = 't0'
+  else:  # 2-RF++: cifar10_2rfpp_train.py's recipe; the LPIPS part only where its weights are given.
+    r.reflow_t_schedule, r.u_shaped_a, r.init_from_ema = 'u_shaped', 4.0, True
+    r.reflow_loss = 'lpips_huber' if args.lpips_weights else 'pseudo_huber'
+    r.lpips_weights_path = args.lpips_weights
+  return config
+
+
+def checkpoint(workdir):
+  return os.path.join(workdir, 'checkpoints', 'checkpoint_1.pth')
+
+
+def timed(seconds, key, function, *arguments):
+  started = time.time()
+  function(*arguments)
+  seconds[key] = time.time() - started
+
+
+def sweep(config, workdir, sampler, samples):
+  """The eval sweep of the stage's final checkpoint at STEPS steps: {steps: report}."""
+  config = config.copy_and_resolve_references()
+  e = config.eval
+  e.begin_ckpt = e.end_ckpt = 1
+  e.enable_sampling, e.metrics_backend = True, 'digits'
+  e.num_samples, e.batch_size = samples, min(500, samples)
+  config.sampling.use_ode_sampler, config.sampling.sample_steps = sampler, STEPS
+  return {r['sample_steps']: r for r in run_lib.evaluate(config, workdir, 'bench_eval')}
+
+
+def run_seed(args, seed):
+  """Trains and sweeps every route for one seed; returns {route: {'reports', 'updates', 'seconds'}}."""
+  root = os.path.join(args.workdir, f'seed_{seed}')
+  u = args.updates
+  dirs = {name: os.path.join(root, name) for name in ('1rf', 'pairs_1rf', '2rf', 'pairs_2rf', 'distill', '2rfpp',
+                                                     'meanflow')}
+  seconds = {}
+  timed(seconds, '1rf', run_lib.train, base_config(args, seed, u // 2), dirs['1rf'])
+  timed(seconds, 'pairs_1rf', run_lib.reflow,
+        reflow_config(args, seed, 0, checkpoint(dirs['1rf']), dirs['pairs_1rf'], 'pairs'), os.path.join(root, 'tmp'))
+  two_rf = reflow_config(args, seed, u // 4, checkpoint(dirs['1rf']), dirs['pairs_1rf'], '2rf')
+  timed(seconds, '2rf', run_lib.reflow, two_rf, dirs['2rf'])
+  timed(seconds, 'pairs_2rf', run_lib.reflow,
+        reflow_config(args, seed, 0, checkpoint(dirs['2rf']), dirs['pairs_2rf'], 'pairs'), os.path.join(root, 'tmp'))
+  distill = reflow_config(args, seed, u - u // 2 - u // 4, checkpoint(dirs['2rf']), dirs['pairs_2rf'], 'distill')
+  timed(seconds, 'distill', run_lib.reflow, distill, dirs['distill'])
+  plus = reflow_config(args, seed, u - u // 2, checkpoint(dirs['1rf']), dirs['pairs_1rf'], '2rfpp')
+  timed(seconds, '2rfpp', run_lib.reflow, plus, dirs['2rfpp'])
+  meanflow = set_meanflow(base_config(args, seed, u))
+  meanflow.sampling.sample_steps = ()
+  timed(seconds, 'meanflow', run_lib.train, meanflow, dirs['meanflow'])
+
+  stages = {'reflow': ('1rf', 'pairs_1rf', '2rf', 'pairs_2rf', 'distill'), '2rfpp': ('1rf', 'pairs_1rf', '2rfpp'),
+            'meanflow': ('meanflow',)}
+  updates = {'reflow': u // 2 + u // 4 + (u - u // 2 - u // 4), '2rfpp': u // 2 + (u - u // 2), 'meanflow': u}
+  finals = {'reflow': (distill, dirs['distill'], 'euler'), '2rfpp': (plus, dirs['2rfpp'], 'euler'),
+            'meanflow': (meanflow, dirs['meanflow'], 'mean_flow')}
+  results = {}
+  for route in ROUTES:
+    config, workdir, sampler = finals[route]
+    results[route] = {'reports': sweep(config, workdir, sampler, args.samples), 'updates': updates[route],
+                      'seconds': sum(seconds[stage] for stage in stages[route]),
+                      'eval_folder': os.path.join(workdir, 'bench_eval')}
+  return results
+
+
+def spread(values):
+  values = np.asarray(values, dtype=float)
+  if len(values) == 1:
+    return f'{values[0]:.2f}'
+  return f'{values.mean():.2f} ± {values.std(ddof=1):.2f}'
+
+
+def table(all_results, seeds):
+  lines = ['| route | FD, 1 step | FD, 2 steps | FD, 32 steps | straightness, 32 steps | updates | wall time (s) |',
+           '|---|---|---|---|---|---|---|']
+  for route in ROUTES:
+    runs = [all_results[seed][route] for seed in seeds]
+    fd = {k: spread([run['reports'][k]['digit_fd'] for run in runs]) for k in STEPS}
+    straight = spread([run['reports'][32]['straightness'] for run in runs])
+    lines.append(f'| {route} | {fd[1]} | {fd[2]} | {fd[32]} | {straight} | {runs[0]["updates"]} | '
+                 f'{spread([run["seconds"] for run in runs])} |')
+  return '\n'.join(lines)
+
+
+def grid(all_results, seed, path, per_cell=16):
+  """One PNG: a row per route (in ROUTES order), its 1-step samples on the left and 2-step on the right (the
+  first ``per_cell`` samples of the sweep, the same noise for every route)."""
+  from torchvision.utils import make_grid, save_image
+
+  rows = []
+  for route in ROUTES:
+    cells = []
+    for steps in (1, 2):
+      folder = os.path.join(all_results[seed][route]['eval_folder'], f'ckpt_1_{steps}step')
+      with np.load(os.path.join(folder, 'round_00000.npz'), allow_pickle=False) as data:
+        images = torch.from_numpy(data['images'][:per_cell]).float() / 255.0
+      cells.append(make_grid(images, nrow=int(per_cell ** 0.5), padding=1, pad_value=1.0))
+    rows.append(torch.cat([cells[0], torch.ones(cells[0].shape[0], cells[0].shape[1], 4), cells[1]], dim=2))
+  save_image(torch.cat([torch.cat([row, torch.ones(row.shape[0], 4, row.shape[2])], dim=1) for row in rows], dim=1),
+             path)
+  return path
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--updates', type=int, default=2000, help='training updates of every route (default 2000)')
+  parser.add_argument('--pairs', type=int, default=2000, help='reflow pairs generated per pair stage')
+  parser.add_argument('--samples', type=int, default=1000, help='samples per step count in the sweep')
+  parser.add_argument('--batch', type=int, default=64, help='global batch of every route (the demo: 64)')
+  parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+  parser.add_argument('--workdir', default='logs/one_step_bench')
+  parser.add_argument('--lpips-weights', default='', help='VGG16 weights file: 2-RF++ with its LPIPS-Huber loss')
+  parser.add_argument('--small', action='store_true', help='a smaller DDPM++ for every route (a quick look)')
+  args = parser.parse_args(argv)
+  if args.updates < 4:
+    parser.error('--updates must be at least 4 (the reflow route splits it into 2 + 1 + 1 quarters)')
+  if args.pairs < args.batch:
+    parser.error(f'--pairs ({args.pairs}) must hold at least one batch (--batch {args.batch})')
+  os.makedirs(args.workdir, exist_ok=True)
+  all_results = {seed: run_seed(args, seed) for seed in args.seeds}
+  text = table(all_results, args.seeds)
+  png = grid(all_results, args.seeds[0], os.path.join(args.workdir, 'one_step_bench.png'))
+  summary = {str(seed): {route: {'digit_fd': {k: run['reports'][k]['digit_fd'] for k in STEPS},
+                                 'straightness_32': run['reports'][32]['straightness'], 'updates': run['updates'],
+                                 'seconds': run['seconds']} for route, run in routes.items()}
+             for seed, routes in all_results.items()}
+  atomic_files.write_json(os.path.join(args.workdir, 'one_step_bench.json'), summary)
+  header = (f'digits, DDPM++ ({"small" if args.small else "the demo size"}), {args.updates} updates of batch '
+            f'{args.batch} per route, '
+            f'{args.pairs} pairs, {args.samples} samples, seeds {args.seeds}; torch {torch.__version__}, '
+            f'{torch.get_num_threads()} threads')
+  with open(os.path.join(args.workdir, 'one_step_bench.md'), 'w', encoding='utf-8') as handle:
+    handle.write(f'{header}\n\n{text}\n\nGrid (rows: {", ".join(ROUTES)}; left 1 step, right 2 steps): {png}\n')
+  print(header)
+  print(text)
+  print(f'grid: {png}')
+  return summary
+
+
+if __name__ == '__main__':
+  main()

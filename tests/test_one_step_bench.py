@@ -1,0 +1,34 @@
+"""examples/one_step_bench.py at a toy size: every route trains the same number of updates and is measured by the
+eval sweep's own reports (no metric code of its own); the table, the json and the side-by-side grid are written."""
+import json
+import math
+
+from PIL import Image
+
+from examples import one_step_bench
+
+
+def test_the_bench_runs_every_route_and_reports_what_the_eval_sweep_measured(tmp_path):
+  summary = one_step_bench.main(['--updates', '8', '--batch', '8', '--pairs', '24', '--samples', '16', '--seeds', '0',
+                                 '--small', '--workdir', str(tmp_path)])
+  routes = summary['0']
+  assert set(routes) == {'reflow', '2rfpp', 'meanflow'}
+  assert {route['updates'] for route in routes.values()} == {8}
+  finals = {'reflow': 'distill', '2rfpp': '2rfpp', 'meanflow': 'meanflow'}
+  for name, route in routes.items():
+    for steps in (1, 2, 32):
+      report = json.loads((tmp_path / 'seed_0' / finals[name] / 'bench_eval' / f'report_1_{steps}step.json')
+                          .read_text())
+      assert report['digit_fd'] == route['digit_fd'][steps] and math.isfinite(report['digit_fd'])
+      assert report['nfe_mean'] == steps and report['num_samples'] == 16
+      assert report['sampler'] == ('mean_flow' if name == 'meanflow' else 'euler')
+    assert route['straightness_32'] >= 0 and route['seconds'] > 0
+  # The 2-RF++ route trained with the recipe's times and, without VGG16 weights, its pseudo-Huber loss.
+  resolved = json.loads((tmp_path / 'seed_0' / '2rfpp' / 'config.json').read_text())['reflow']
+  assert (resolved['reflow_t_schedule'], resolved['reflow_loss'], resolved['init_from_ema']) == (
+      'u_shaped', 'pseudo_huber', True)
+  table = (tmp_path / 'one_step_bench.md').read_text()
+  assert all(f'| {name} |' in table for name in routes)
+  # Three rows (routes) of two 4x4 grids (1 and 2 steps) of 16x16 digits with 1-pixel padding, 4-pixel gaps.
+  cell = 4 * (16 + 1) + 1
+  assert Image.open(tmp_path / 'one_step_bench.png').size == (2 * cell + 4, 3 * (cell + 4))

@@ -12,6 +12,8 @@ file), so the whole check ends within ``sum(BUDGETS)`` seconds plus start-up, ho
 - ``forward``: the full DDPM++ forward at batch 1024 as the samplers call it, fp32 (TF32) and bf16;
 - ``rk45``: RK45 at batch 1024 on the digits DDPM++ (eager, graphed, bf16, float64 state) against scipy;
 - ``demo``: the digits demo (``main.py``, 1,000 updates) with the fastest settings that passed their tests;
+- ``meanflow``: the MeanFlow train step against the rectified-flow step on the CIFAR-10 DDPM++ of two times at
+  batch 64 (benchmarks/meanflow_step.py, 5 timed steps each);
 - for each fast option, whether it should become the default: every test of it passed and the step with it is at
   least ``FASTER`` times the step without it.
 
@@ -40,11 +42,12 @@ from benchmarks import gpu_report  # noqa: E402
 REPO_ROOT = gpu_report.REPO_ROOT
 # Seconds per part on the GPU: 450 in all, under the 8 minutes of a device window with start-up to spare. The
 # tests' module took under 3 minutes on an H100 before the capture tests were added; a train row is about 25 s
-# (start-up, cuDNN autotuning, 3 + 10 + 2 updates, one census update); the demo's 1,000 updates of a 1.3M model.
-BUDGETS = {'tests': 170, 'train': 170, 'forward': 30, 'rk45': 45, 'demo': 35}
+# (start-up, cuDNN autotuning, 3 + 10 + 2 updates, one census update); the demo's 1,000 updates of a 1.3M model;
+# the MeanFlow part two processes of 7 steps each.
+BUDGETS = {'tests': 170, 'train': 160, 'forward': 25, 'rk45': 35, 'demo': 30, 'meanflow': 30}
 FASTER = 1.03  # An option becomes a default only if its step is at least 3% faster (timing noise is ~1%).
-TRAIN_ROWS = ('fp32, TF32 off (baseline)', 'fp32, TF32 off, unfused Adam (published numerics)', 'fp32, TF32', 'bf16',
-              'bf16 channels_last', 'defaults', 'defaults with model.fused_norm', 'defaults with training.cuda_graph')
+TRAIN_ROWS = ('fp32, TF32 off (baseline)', 'fp32, TF32', 'bf16', 'bf16 channels_last', 'defaults',
+              'defaults with model.fused_norm', 'defaults with training.cuda_graph')
 FORWARD_ROWS = ('fp32, TF32', 'bf16')
 DEMO_UPDATES = 1000
 # (option, its --config override for the demo, the train row with it, the row without it, the tests that must
@@ -58,6 +61,23 @@ OPTIONS = (
     ('training.channels_last=True', '--config.training.channels_last=True', 'bf16 channels_last', 'bf16',
      ('bf16-True',)),
 )
+
+
+def run_meanflow_step(budget, smoke):
+  """Markdown lines of benchmarks/meanflow_step.py (MeanFlow against rectified flow, each in its own process),
+  stopped after ``budget`` s."""
+  sizes = (['--model', 'digits', '--batch', '4', '--steps', '2', '--warmup', '1', '--device', 'cpu'] if smoke else
+           ['--model', 'ddpmpp', '--batch', '64', '--steps', '5', '--warmup', '2', '--device', 'cuda'])
+  command = [sys.executable, os.path.join(REPO_ROOT, 'benchmarks', 'meanflow_step.py'), *sizes]
+  try:
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=budget)
+  except subprocess.TimeoutExpired:
+    return ['## MeanFlow step', '', f'stopped: ran past its {budget} s budget']
+  if completed.returncode:
+    tail = (completed.stdout + completed.stderr).strip().splitlines()[-5:]
+    return ['## MeanFlow step', '', f'failed (exit status {completed.returncode}): ' + ' / '.join(tail)]
+  body = completed.stdout[completed.stdout.index('machine:'):].strip().splitlines()
+  return ['## MeanFlow step', '', f'`{" ".join(["python benchmarks/meanflow_step.py", *sizes])}`', ''] + body
 
 
 def run_tests(budget, smoke):
@@ -170,6 +190,7 @@ def main():
   print('\n'.join(verdict_lines), flush=True)
   args.child_timeout = BUDGETS['demo']
   part('demo', lambda budget: gpu_report.demo_section(args, chosen))
+  part('meanflow', lambda budget: run_meanflow_step(budget, smoke))
   timings.append(['all', f'{sum(BUDGETS.values())}', f'{time.perf_counter() - started:.0f}'])
   lines.extend(['', '## Time of each part', ''] + gpu_report.markdown_table(['part', 'budget (s)', 'seconds'],
                                                                            timings))

@@ -1,6 +1,7 @@
 """The device code paths on CUDA: the fast step against the fp32 eager step (also with labels, bf16 and the fused
 norm inside a captured update), online reflow, no host read inside an update, the default step's loss curve, exact
-resume, RK45 (also guided, from CUDA graphs) against the CPU, device-resident batches against the loader.
+resume, RK45 (also guided, from CUDA graphs) against the CPU, device-resident batches against the loader; MeanFlow's
+loss and gradients against the CPU (fp32, bf16), its resume, and its sampler replayed from CUDA graphs.
 
 Every comparison moves tensors to the CPU. The module is skipped with a reason where CUDA is absent; on one H100 it
 takes under 3 minutes:
@@ -9,6 +10,7 @@ takes under 3 minutes:
 """
 import copy
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -467,3 +469,76 @@ def test_resident_8_bit_batches_on_cuda_are_the_loaders_batches(world, rank, mic
     assert on_cuda.device.type == 'cuda'
     difference = (on_cuda.cpu() - on_cpu).abs().max().item()
     assert torch.equal(on_cuda.cpu(), on_cpu), f'max |difference| {difference:.3g}'
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MeanFlow (training.objective = 'meanflow') on CUDA.
+
+def meanflow_cuda_config(updates, **settings):
+  config = cuda_config(n_iters=updates, snapshot_freq=100, snapshot_freq_for_preemption=updates)
+  config.training.objective, config.model.time_inputs = 'meanflow', 2
+  config.meanflow.interval_fraction = 0.5
+  config.sampling.use_ode_sampler, config.sampling.sample_N = 'mean_flow', 2
+  config.training.precision, config.training.allow_tf32 = 'fp32', False
+  for name, value in settings.items():
+    section, key = name.split('.')
+    config[section][key] = value
+  return config
+
+
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_the_meanflow_loss_on_cuda_matches_the_cpu(precision):
+  """The library's MeanFlow loss (the forward-mode pass and its target) on the same network, data, noise and (t, s)
+  pairs: on CUDA in fp32 (TF32 off) within 1e-4 of the CPU, under bf16 autocast within 5% of it; the gradients
+  agree as closely."""
+  config = meanflow_cuda_config(1)
+  torch.manual_seed(0)
+  net = models.create_model(config).eval()
+  with torch.no_grad():
+    for p in net.parameters():  # Away from the near-zero output layers of the initialisation.
+      p.add_(torch.randn_like(p) * 0.05)
+  generator = torch.Generator().manual_seed(1)
+  x1 = torch.rand(8, 1, 16, 16, generator=generator) * 2 - 1
+  noise = torch.randn(x1.shape, generator=generator)
+  times, end_times = losses.build_flow(config, net).sample_time_pairs(8, generator=generator)
+  results = {}
+  for device in ('cpu', 'cuda'):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model = copy.deepcopy(net).to(device)
+    flow = losses.build_flow(config, model)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == 'bf16' and device == 'cuda'):
+      loss = flow(x1.to(device), noise=noise.to(device), times=times.to(device), end_times=end_times.to(device))
+    loss.backward()
+    results[device] = (loss.detach().cpu(), [p.grad.cpu() for p in model.parameters()])
+  tolerance = 1e-4 if precision == 'fp32' else 5e-2
+  torch.testing.assert_close(results['cuda'][0], results['cpu'][0], rtol=tolerance, atol=0)
+  for cuda_grad, cpu_grad in zip(results['cuda'][1], results['cpu'][1]):
+    assert (cuda_grad - cpu_grad).abs().max() <= tolerance * max(cpu_grad.abs().max(), 1e-6) + 1e-6
+
+
+def test_a_meanflow_run_on_cuda_trains_resumes_and_ignores_the_cuda_graph_option(tmp_path, deterministic_cudnn,
+                                                                                 caplog):
+  """4 updates equal 2 + a restart + 2 on CUDA; training.cuda_graph is ignored for a MeanFlow (logged), not an
+  error."""
+  caplog.set_level(logging.INFO)
+  uninterrupted = run_lib.train(meanflow_cuda_config(4, **{'training.cuda_graph': True}), str(tmp_path / 'a'))
+  run_lib.train(meanflow_cuda_config(2, **{'training.cuda_graph': True}), str(tmp_path / 'b'))
+  resumed = run_lib.train(meanflow_cuda_config(4, **{'training.cuda_graph': True}), str(tmp_path / 'b'))
+  assert_states_close(flat_state(uninterrupted), flat_state(resumed), rtol=1e-5)
+  assert all(torch.isfinite(p).all() for p in resumed['model'].parameters())
+  assert "training.cuda_graph is on but not used: training.objective='meanflow'" in caplog.text
+
+
+@pytest.mark.parametrize('steps', [1, 2])
+def test_the_mean_flow_sampler_replayed_from_a_cuda_graph_equals_the_eager_one(steps):
+  config = meanflow_cuda_config(1, **{'sampling.sample_N': steps})
+  torch.manual_seed(0)
+  net = models.create_model(config).cuda().eval()
+  flow = losses.build_flow(config, net)
+  noise = torch.randn(4, 1, 16, 16, device='cuda')
+  samples = {}
+  for graphed in (False, True):
+    config.sampling.cuda_graph = graphed
+    samples[graphed] = sampling.get_sampling_fn(config, noise.shape)(flow, noise=noise).x
+  torch.testing.assert_close(samples[True], samples[False], rtol=1e-5, atol=1e-5)
+  torch.testing.assert_close(samples[False], flow.sample(noise=noise, steps=steps), rtol=1e-4, atol=1e-4)

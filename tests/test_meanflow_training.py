@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import checkpoints
 import datasets
 import evaluation
 import evaluation_digits
@@ -177,7 +178,6 @@ def test_the_eval_sweep_samples_at_1_and_2_steps_with_the_digit_fd_of_the_saved_
   assert [row.split(',')[-2] for row in rows[1:]] == ['1', '2']
 
   state = losses.build_training_state(config, torch.device('cpu'))
-  import checkpoints
   checkpoints.load_checkpoint(str(tmp_path / 'checkpoints' / 'checkpoint_1.pth'), state, load_optimizer=False)
   flow = losses.build_flow(config, state['model']).eval()
   params = list(state['model'].parameters())

@@ -13,8 +13,8 @@ def num_classes(config):
   return config.model.num_classes
 
 
-def model_kwargs_from_config(config):
-  """The keyword arguments of the network named by ``config.model.name``."""
+def ncsnpp_kwargs_from_config(config):
+  """The keyword arguments of ``NCSNpp`` (model.name = 'ncsnpp'); checkpoints record them (``model_config_summary``)."""
   m, d = config.model, config.data
   return dict(image_size=d.image_size, num_channels=d.num_channels, centered=d.centered, nf=m.nf,
               ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
@@ -26,6 +26,17 @@ def model_kwargs_from_config(config):
               scale_by_sigma=m.scale_by_sigma, nonlinearity=m.nonlinearity, normalization=m.normalization,
               sigma_min=m.sigma_min, sigma_max=m.sigma_max, num_scales=m.num_scales,
               num_classes=num_classes(config), time_inputs=m.time_inputs)
+
+
+# model.name -> the function that gives that network its keyword arguments from a config.
+KWARGS_FROM_CONFIG = {'ncsnpp': ncsnpp_kwargs_from_config}
+
+
+def model_kwargs_from_config(config):
+  """The keyword arguments of the network named by ``config.model.name``."""
+  name = config.model.name
+  get_model_class(name)  # An unknown name is an error that lists the registered ones.
+  return KWARGS_FROM_CONFIG[name](config)
 
 
 def model_config_summary(config):

@@ -141,6 +141,12 @@ def get_default_configs():
   model.embedding_type = 'positional'  # Time embedding: 'positional' or 'fourier'.
   model.fourier_scale = 16  # Scale of the Fourier time features.
   model.conv_size = 3  # Convolution kernel size.
+  # model.name = 'dit' (Peebles & Xie 2023, on pixels); it also reads dropout, num_classes and time_inputs.
+  model.dit_size = 'S'  # S, B, L, XL (depth/width/heads 12/384/6, 12/768/12, 24/1024/16, 28/1152/16) or 'custom'.
+  model.patch_size = 2  # Side of the square patches that become tokens (DiT: 2, 4, 8); must divide data.image_size.
+  model.dit_depth = 0  # dit_size 'custom': transformer blocks (0 with a named size).
+  model.dit_hidden_size = 0  # dit_size 'custom': token width, a multiple of 4 and of the heads (0 with a named size).
+  model.dit_num_heads = 0  # dit_size 'custom': attention heads (0 with a named size).
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.fused = True  # Fused Adam kernel (CUDA and the CPU): skips a non-finite update without a host read.

@@ -1,5 +1,5 @@
-"""Model registry, EMA, DDPM++ / NCSN++ and the time wrapper."""
-from models import layers, ncsnpp  # noqa: F401  (ncsnpp registers 'ncsnpp')
+"""Model registry, EMA, DDPM++ / NCSN++, DiT and the time wrapper."""
+from models import dit, layers, ncsnpp  # noqa: F401  (ncsnpp registers 'ncsnpp', dit 'dit')
 from models.ema import ExponentialMovingAverage
 from models.model_registry import get_model_class, registered_models
 from models.velocity import VelocityField
@@ -28,8 +28,21 @@ def ncsnpp_kwargs_from_config(config):
               num_classes=num_classes(config), time_inputs=m.time_inputs)
 
 
+def dit_kwargs_from_config(config):
+  """The keyword arguments of ``DiT`` (model.name = 'dit'): its size from ``model.dit_size`` (or 'custom' and
+  ``model.dit_depth``, ``dit_hidden_size``, ``dit_num_heads``), its patches from ``model.patch_size``."""
+  m, d = config.model, config.data
+  if m.fused_norm:
+    raise ValueError('model.fused_norm fuses the GroupNorm + SiLU of the DDPM++ / NCSN++ residual blocks, which a DiT '
+                     'does not have: set --config.model.fused_norm=False')
+  architecture = dit.dit_architecture(m.dit_size, depth=m.dit_depth, hidden_size=m.dit_hidden_size,
+                                      num_heads=m.dit_num_heads)
+  return dict(image_size=d.image_size, num_channels=d.num_channels, centered=d.centered, patch_size=m.patch_size,
+              **architecture, dropout=m.dropout, num_classes=num_classes(config), time_inputs=m.time_inputs)
+
+
 # model.name -> the function that gives that network its keyword arguments from a config.
-KWARGS_FROM_CONFIG = {'ncsnpp': ncsnpp_kwargs_from_config}
+KWARGS_FROM_CONFIG = {'ncsnpp': ncsnpp_kwargs_from_config, 'dit': dit_kwargs_from_config}
 
 
 def model_kwargs_from_config(config):

@@ -298,7 +298,8 @@ KEYS_ADDED_LATER = ('model.num_classes', 'model.fused_norm', 'training.label_dro
                     'sampling.guidance_t_min', 'sampling.guidance_t_max', 'sampling.precision',
                     'sampling.ode_state_dtype', 'reflow.teacher_guidance_scale', 'reflow.teacher_guidance_t_min',
                     'reflow.teacher_guidance_t_max', 'eval.labels', 'allow_pickle_checkpoints', 'model.time_inputs',
-                    'reflow.u_shaped_a')
+                    'reflow.u_shaped_a', 'model.dit_size', 'model.patch_size', 'model.dit_depth',
+                    'model.dit_hidden_size', 'model.dit_num_heads')
 
 
 def without_keys(tree, keys):

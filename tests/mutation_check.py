@@ -147,6 +147,19 @@ FAULTS = [
     Fault('group_norm_bf16_on_the_cpu', 'models/layers.py',
           'if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):', 'if True:',
           ['tests/test_meanflow_training.py', '-k', 'bf16'], "GroupNorm in bf16 under the CPU's autocast"),
+    # The DiT backbone (model.name = 'dit').
+    Fault('dit_blocks_not_zero_initialised', 'models/dit.py',
+          'linear(hidden_size, 6 * hidden_size, nn.init.zeros_)', 'linear(hidden_size, 6 * hidden_size)',
+          ['tests/test_dit.py', '-k', 'identity'], "adaLN without its Zero: the blocks' gates start non-zero"),
+    Fault('dit_patches_transposed', 'models/dit.py',
+          'patches.permute(0, 5, 1, 3, 2, 4)', 'patches.permute(0, 5, 2, 3, 1, 4)',
+          ['tests/test_dit.py', '-k', 'patch'], 'unpatchify swaps the patch grid\'s rows and columns'),
+    Fault('dit_interval_embedding_not_zero', 'models/dit.py',
+          'FrequencyEmbedding(hidden_size, zero_output=True)', 'FrequencyEmbedding(hidden_size)',
+          ['tests/test_dit.py', '-k', 'two_time'], 'a fresh two-time DiT is not its one-time counterpart'),
+    Fault('dit_fused_attention_under_jvp', 'models/dit.py',
+          'if forward_ad.unpack_dual(queries).tangent is None:', 'if True:',
+          ['tests/test_dit.py', '-k', 'forward_mode or meanflow'], "SDPA's fused kernels under MeanFlow's JVP"),
 ]
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from models import layers
+from models.conditioning import checked_interval, labels_or_null
 from models.model_registry import register_model
 
 _SUPPORTED = {
@@ -192,26 +193,14 @@ class NCSNpp(nn.Module):
       temb = next(modules)(self.act(temb))
     else:
       temb = None
-    if self.time_inputs == 2:
-      if interval_cond is None:
-        raise ValueError('a network with model.time_inputs=2 needs interval_cond=(s - t) * 999, the length of the step '
-                         '[t, s] on the network time scale (VelocityField passes it from end_times=s)')
-      if interval_cond.shape != (x.shape[0],):
-        raise ValueError(f'interval_cond has shape {tuple(interval_cond.shape)}; expected ({x.shape[0]},), one '
-                         f'interval length per sample')
+    interval_cond = checked_interval(interval_cond, self.time_inputs, x.shape[0])
+    if interval_cond is not None:
       interval = layers.positional_time_embedding(interval_cond, self.nf)
       interval = self.interval_embedding[1](self.act(self.interval_embedding[0](interval)))
       temb = temb + interval
-    elif interval_cond is not None:
-      raise ValueError('interval_cond was given to a network of one time: set model.time_inputs=2 to train a network '
-                       'that also takes the interval length s - t (MeanFlow)')
-    if self.num_classes:
-      if labels is None:
-        labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+    labels = labels_or_null(labels, self.num_classes, x.shape[0], x.device)
+    if labels is not None:
       temb = temb + self.label_embedding(labels)
-    elif labels is not None:
-      raise ValueError('labels were given to an unconditional network: set model.num_classes to the number of '
-                       'classes to train a class-conditional one')
     if not self.centered:
       x = 2 * x - 1.0  # Data in [0, 1] -> [-1, 1].
 

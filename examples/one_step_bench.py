@@ -5,7 +5,12 @@ training updates each, measured by the same evaluation sweep (``run_lib.evaluate
   2rfpp     the same 1-RF and pairs -> one reflow with the 2-RF++ recipe (U/2): U-shaped times (a = 4), the student
             from the 1-RF's EMA weights, and the LPIPS-Huber loss with --lpips-weights (a VGG16 file), else its
             pseudo-Huber part alone (no download)
-  meanflow  MeanFlow from scratch (U updates), cifar10_meanflow.py's settings on the digits
+  meanflow  MeanFlow from scratch (U updates): cifar10_meanflow.py's settings on the digits, or with
+            --meanflow-settings imagenet the paper's ImageNet ones (25% of (t, r) with r != t, logit-normal times of
+            mean 0.4 and std 1 in this project's time, adaptive weight p = 1)
+
+--routes runs a subset (the rectified-flow routes share their 1-RF); --model dit gives every route the digits DiT
+demo's network (configs/rectified_flow/digits_dit_demo.py) in place of the DDPM++.
 
 Every route's final checkpoint is swept at 1 and 2 steps (Euler from t = eps for the rectified flows, MeanFlow jumps
 for the MeanFlow) and at 32 steps, where the straightness of the sampling path is measured; the table gives the
@@ -28,18 +33,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import atomic_files  # noqa: E402
 import run_lib  # noqa: E402
 from configs.rectified_flow.cifar10_meanflow import set_meanflow  # noqa: E402
+from configs.rectified_flow.digits_dit_demo import get_config as digits_dit_config  # noqa: E402
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_config  # noqa: E402
 
 ROUTES = ('reflow', '2rfpp', 'meanflow')
 STEPS = (1, 2, 32)
+MODELS = {'ddpmpp': digits_config, 'dit': digits_dit_config}
+# set_meanflow's keyword arguments: the paper's CIFAR-10 settings (its defaults) and its ImageNet ones (Table 4 of
+# Geng et al. 2025: lognorm(-0.4, 1.0) in their time, where t = 0 is data, i.e. mean +0.4 here; 25% r != t; p = 1).
+MEANFLOW_SETTINGS = {'cifar10': {}, 'imagenet': dict(time_mean=0.4, time_std=1.0, interval_fraction=0.25,
+                                                     adaptive_weight_power=1.0)}
 
 
 def base_config(args, seed, updates):
-  """The digits demo's DDPM++ and data, trained for ``updates`` updates with one snapshot at the end."""
-  config = digits_config()
+  """The digits demo's network (--model) and data, trained for ``updates`` updates with one snapshot at the end."""
+  config = MODELS[args.model]()
   config.seed = seed
   config.device = 'cpu'
-  if args.small:  # A smaller network for a quick look (every route gets it).
+  if args.small and args.model == 'dit':  # A smaller network for a quick look (every route gets it).
+    config.model.dit_depth, config.model.dit_hidden_size, config.model.dit_num_heads = 1, 32, 2
+  elif args.small:
     config.model.nf, config.model.ch_mult, config.model.attn_resolutions = 16, (1, 2), (8,)
   training = config.training
   training.batch_size = args.batch
@@ -99,34 +112,41 @@ def sweep(config, workdir, sampler, samples):
 
 
 def run_seed(args, seed):
-  """Trains and sweeps every route for one seed; returns {route: {'reports', 'updates', 'seconds'}}."""
+  """Trains and sweeps the chosen routes for one seed; returns {route: {'reports', 'updates', 'seconds'}}."""
   root = os.path.join(args.workdir, f'seed_{seed}')
   u = args.updates
   dirs = {name: os.path.join(root, name) for name in ('1rf', 'pairs_1rf', '2rf', 'pairs_2rf', 'distill', '2rfpp',
                                                      'meanflow')}
-  seconds = {}
-  timed(seconds, '1rf', run_lib.train, base_config(args, seed, u // 2), dirs['1rf'])
-  timed(seconds, 'pairs_1rf', run_lib.reflow,
-        reflow_config(args, seed, 0, checkpoint(dirs['1rf']), dirs['pairs_1rf'], 'pairs'), os.path.join(root, 'tmp'))
-  two_rf = reflow_config(args, seed, u // 4, checkpoint(dirs['1rf']), dirs['pairs_1rf'], '2rf')
-  timed(seconds, '2rf', run_lib.reflow, two_rf, dirs['2rf'])
-  timed(seconds, 'pairs_2rf', run_lib.reflow,
-        reflow_config(args, seed, 0, checkpoint(dirs['2rf']), dirs['pairs_2rf'], 'pairs'), os.path.join(root, 'tmp'))
-  distill = reflow_config(args, seed, u - u // 2 - u // 4, checkpoint(dirs['2rf']), dirs['pairs_2rf'], 'distill')
-  timed(seconds, 'distill', run_lib.reflow, distill, dirs['distill'])
-  plus = reflow_config(args, seed, u - u // 2, checkpoint(dirs['1rf']), dirs['pairs_1rf'], '2rfpp')
-  timed(seconds, '2rfpp', run_lib.reflow, plus, dirs['2rfpp'])
-  meanflow = set_meanflow(base_config(args, seed, u))
-  meanflow.sampling.sample_steps = ()
-  timed(seconds, 'meanflow', run_lib.train, meanflow, dirs['meanflow'])
+  seconds, finals = {}, {}
+  if 'reflow' in args.routes or '2rfpp' in args.routes:
+    timed(seconds, '1rf', run_lib.train, base_config(args, seed, u // 2), dirs['1rf'])
+    timed(seconds, 'pairs_1rf', run_lib.reflow,
+          reflow_config(args, seed, 0, checkpoint(dirs['1rf']), dirs['pairs_1rf'], 'pairs'),
+          os.path.join(root, 'tmp'))
+  if 'reflow' in args.routes:
+    two_rf = reflow_config(args, seed, u // 4, checkpoint(dirs['1rf']), dirs['pairs_1rf'], '2rf')
+    timed(seconds, '2rf', run_lib.reflow, two_rf, dirs['2rf'])
+    timed(seconds, 'pairs_2rf', run_lib.reflow,
+          reflow_config(args, seed, 0, checkpoint(dirs['2rf']), dirs['pairs_2rf'], 'pairs'),
+          os.path.join(root, 'tmp'))
+    distill = reflow_config(args, seed, u - u // 2 - u // 4, checkpoint(dirs['2rf']), dirs['pairs_2rf'], 'distill')
+    timed(seconds, 'distill', run_lib.reflow, distill, dirs['distill'])
+    finals['reflow'] = (distill, dirs['distill'], 'euler')
+  if '2rfpp' in args.routes:
+    plus = reflow_config(args, seed, u - u // 2, checkpoint(dirs['1rf']), dirs['pairs_1rf'], '2rfpp')
+    timed(seconds, '2rfpp', run_lib.reflow, plus, dirs['2rfpp'])
+    finals['2rfpp'] = (plus, dirs['2rfpp'], 'euler')
+  if 'meanflow' in args.routes:
+    meanflow = set_meanflow(base_config(args, seed, u), **MEANFLOW_SETTINGS[args.meanflow_settings])
+    meanflow.sampling.sample_steps = ()
+    timed(seconds, 'meanflow', run_lib.train, meanflow, dirs['meanflow'])
+    finals['meanflow'] = (meanflow, dirs['meanflow'], 'mean_flow')
 
   stages = {'reflow': ('1rf', 'pairs_1rf', '2rf', 'pairs_2rf', 'distill'), '2rfpp': ('1rf', 'pairs_1rf', '2rfpp'),
             'meanflow': ('meanflow',)}
   updates = {'reflow': u // 2 + u // 4 + (u - u // 2 - u // 4), '2rfpp': u // 2 + (u - u // 2), 'meanflow': u}
-  finals = {'reflow': (distill, dirs['distill'], 'euler'), '2rfpp': (plus, dirs['2rfpp'], 'euler'),
-            'meanflow': (meanflow, dirs['meanflow'], 'mean_flow')}
   results = {}
-  for route in ROUTES:
+  for route in args.routes:
     config, workdir, sampler = finals[route]
     results[route] = {'reports': sweep(config, workdir, sampler, args.samples), 'updates': updates[route],
                       'seconds': sum(seconds[stage] for stage in stages[route]),
@@ -141,10 +161,10 @@ def spread(values):
   return f'{values.mean():.2f} ± {values.std(ddof=1):.2f}'
 
 
-def table(all_results, seeds):
+def table(all_results, seeds, routes):
   lines = ['| route | FD, 1 step | FD, 2 steps | FD, 32 steps | straightness, 32 steps | updates | wall time (s) |',
            '|---|---|---|---|---|---|---|']
-  for route in ROUTES:
+  for route in routes:
     runs = [all_results[seed][route] for seed in seeds]
     fd = {k: spread([run['reports'][k]['digit_fd'] for run in runs]) for k in STEPS}
     straight = spread([run['reports'][32]['straightness'] for run in runs])
@@ -153,13 +173,13 @@ def table(all_results, seeds):
   return '\n'.join(lines)
 
 
-def grid(all_results, seed, path, per_cell=16):
-  """One PNG: a row per route (in ROUTES order), its 1-step samples on the left and 2-step on the right (the
+def grid(all_results, seed, routes, path, per_cell=16):
+  """One PNG: a row per route (in ``routes`` order), its 1-step samples on the left and 2-step on the right (the
   first ``per_cell`` samples of the sweep, the same noise for every route)."""
   from torchvision.utils import make_grid, save_image
 
   rows = []
-  for route in ROUTES:
+  for route in routes:
     cells = []
     for steps in (1, 2):
       folder = os.path.join(all_results[seed][route]['eval_folder'], f'ckpt_1_{steps}step')
@@ -181,27 +201,33 @@ def main(argv=None):
   parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   parser.add_argument('--workdir', default='logs/one_step_bench')
   parser.add_argument('--lpips-weights', default='', help='VGG16 weights file: 2-RF++ with its LPIPS-Huber loss')
-  parser.add_argument('--small', action='store_true', help='a smaller DDPM++ for every route (a quick look)')
+  parser.add_argument('--small', action='store_true', help='a smaller network for every route (a quick look)')
+  parser.add_argument('--routes', nargs='+', choices=ROUTES, default=list(ROUTES), help='the routes to run')
+  parser.add_argument('--model', choices=sorted(MODELS), default='ddpmpp', help="every route's network")
+  parser.add_argument('--meanflow-settings', choices=sorted(MEANFLOW_SETTINGS), default='cifar10',
+                      help="the MeanFlow route's (t, r) sampling and adaptive weight: the paper's CIFAR-10 or "
+                           'ImageNet settings')
   args = parser.parse_args(argv)
+  args.routes = [route for route in ROUTES if route in args.routes]
   if args.updates < 4:
     parser.error('--updates must be at least 4 (the reflow route splits it into 2 + 1 + 1 quarters)')
   if args.pairs < args.batch:
     parser.error(f'--pairs ({args.pairs}) must hold at least one batch (--batch {args.batch})')
   os.makedirs(args.workdir, exist_ok=True)
   all_results = {seed: run_seed(args, seed) for seed in args.seeds}
-  text = table(all_results, args.seeds)
-  png = grid(all_results, args.seeds[0], os.path.join(args.workdir, 'one_step_bench.png'))
+  text = table(all_results, args.seeds, args.routes)
+  png = grid(all_results, args.seeds[0], args.routes, os.path.join(args.workdir, 'one_step_bench.png'))
   summary = {str(seed): {route: {'digit_fd': {k: run['reports'][k]['digit_fd'] for k in STEPS},
                                  'straightness_32': run['reports'][32]['straightness'], 'updates': run['updates'],
                                  'seconds': run['seconds']} for route, run in routes.items()}
              for seed, routes in all_results.items()}
   atomic_files.write_json(os.path.join(args.workdir, 'one_step_bench.json'), summary)
-  header = (f'digits, DDPM++ ({"small" if args.small else "the demo size"}), {args.updates} updates of batch '
-            f'{args.batch} per route, '
-            f'{args.pairs} pairs, {args.samples} samples, seeds {args.seeds}; torch {torch.__version__}, '
-            f'{torch.get_num_threads()} threads')
+  network = {'ddpmpp': 'DDPM++', 'dit': 'DiT'}[args.model]
+  header = (f'digits, {network} ({"small" if args.small else "the demo size"}), {args.updates} updates of batch '
+            f'{args.batch} per route, {args.pairs} pairs, {args.samples} samples, seeds {args.seeds}, MeanFlow with '
+            f'the {args.meanflow_settings} settings; torch {torch.__version__}, {torch.get_num_threads()} threads')
   with open(os.path.join(args.workdir, 'one_step_bench.md'), 'w', encoding='utf-8') as handle:
-    handle.write(f'{header}\n\n{text}\n\nGrid (rows: {", ".join(ROUTES)}; left 1 step, right 2 steps): {png}\n')
+    handle.write(f'{header}\n\n{text}\n\nGrid (rows: {", ".join(args.routes)}; left 1 step, right 2 steps): {png}\n')
   print(header)
   print(text)
   print(f'grid: {png}')

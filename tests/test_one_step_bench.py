@@ -32,3 +32,17 @@ def test_the_bench_runs_every_route_and_reports_what_the_eval_sweep_measured(tmp
   # Three rows (routes) of two 4x4 grids (1 and 2 steps) of 16x16 digits with 1-pixel padding, 4-pixel gaps.
   cell = 4 * (16 + 1) + 1
   assert Image.open(tmp_path / 'one_step_bench.png').size == (2 * cell + 4, 3 * (cell + 4))
+
+
+def test_a_subset_of_routes_with_the_dit_and_the_imagenet_meanflow_settings(tmp_path):
+  summary = one_step_bench.main(['--updates', '4', '--batch', '8', '--samples', '16', '--seeds', '0', '--small',
+                                 '--routes', 'meanflow', '--model', 'dit', '--meanflow-settings', 'imagenet',
+                                 '--workdir', str(tmp_path)])
+  assert set(summary['0']) == {'meanflow'}
+  assert not (tmp_path / 'seed_0' / '1rf').exists()  # The rectified-flow routes' shared stages did not run.
+  resolved = json.loads((tmp_path / 'seed_0' / 'meanflow' / 'config.json').read_text())
+  assert resolved['model']['name'] == 'dit' and resolved['model']['time_inputs'] == 2
+  m = resolved['meanflow']
+  assert (m['time_mean'], m['time_std'], m['interval_fraction'], m['adaptive_weight_power']) == (0.4, 1.0, 0.25, 1.0)
+  assert '| meanflow |' in (tmp_path / 'one_step_bench.md').read_text()
+  assert Image.open(tmp_path / 'one_step_bench.png').size[1] == 4 * (16 + 1) + 1 + 4  # One row.

@@ -22,6 +22,8 @@ import distributed
 import evaluation_tf
 import pretrained_weights
 import sampling
+from datasets import latents
+from models import flow_shape, is_latent
 from rectified_flow_pytorch import MeanFlow, flow_math, likelihood, solvers
 
 # eval.metrics_backend: torch-fidelity's Inception, TF-GAN's functions on TF-Hub's Inception, the digits' own CNN.
@@ -268,9 +270,9 @@ def write_sweep_table(eval_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation of a checkpoint: held-out loss, bits/dim, sampling rounds, class agreement.
 
-def held_out_batches(config, split, limit=0):
-  """Batches of a split in a fixed order, as [0, 1] images (no augmentation)."""
-  dataset = datasets.get_dataset(config, train=split == 'train')
+def held_out_batches(config, split, limit=0, dataset=None):
+  """Batches of a split (or of ``dataset``) in a fixed order, as [0, 1] images (no augmentation)."""
+  dataset = datasets.get_dataset(config, train=split == "train") if dataset is None else dataset
   if limit:
     dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
   return torch.utils.data.DataLoader(dataset, batch_size=config.eval.batch_size, shuffle=False,
@@ -280,11 +282,16 @@ def held_out_batches(config, split, limit=0):
 @torch.no_grad()
 def held_out_loss(config, flow, device):
   """Mean training loss of the current weights over the held-out split (fixed noise and times: uniform on
-  [time_eps, 1] for a rectified flow, the training distribution of (t, s) pairs for a MeanFlow)."""
-  scaler = datasets.get_data_scaler(config)
+  [time_eps, 1] for a rectified flow, the training distribution of (t, s) pairs for a MeanFlow; a latent run's
+  over the posterior means of the held-out images)."""
+  if is_latent(config):
+    scaler = latents.latent_draw(config, augment=False)
+    dataset = latents.latent_dataset(config, train=False, device=device)
+  else:
+    scaler, dataset = datasets.get_data_scaler(config), None
   generator = torch.Generator().manual_seed(config.seed)
   total, count = 0.0, 0
-  for batch in held_out_batches(config, 'test'):
+  for batch in held_out_batches(config, 'test', dataset=dataset):
     x1, labels = scaler(batch.x1).to(device), batch.labels
     noise = (torch.randn(x1.shape, generator=generator) * flow.noise_std).to(device)
     if isinstance(flow, MeanFlow):  # Its own (t, s) pairs: the loss it trains on.
@@ -326,10 +333,9 @@ def sample_checkpoint(config, flow, rounds, inception, device):
   Under torchrun each process makes the rounds r = rank, rank + world, ...; a sample's noise comes from its own
   seed, so the samples do not depend on the number of processes. Rank 0 returns the arrays, the others None.
   """
-  data, e = config.data, config.eval
-  shape = (data.num_channels, data.image_size, data.image_size)
-  sample_fn = sampling.get_sampling_fn(config, (e.batch_size, *shape))
-  inverse_scaler = datasets.get_data_inverse_scaler(config)
+  e = config.eval
+  sample_fn = sampling.get_sampling_fn(config, (e.batch_size, *flow_shape(config)))
+  to_images = latents.model_to_images(config, device)
   num_rounds = -(-e.num_samples // e.batch_size)
   parts = {}
   for index in tqdm(distributed.shard_indices(num_rounds), desc='sampling rounds', dynamic_ncols=True,
@@ -341,7 +347,7 @@ def sample_checkpoint(config, flow, rounds, inception, device):
       _, labels, solution, straightness = sampling.sample_indexed(config, flow, sample_fn, first, count, device,
                                                                   straightness=True)
       samples = solution.x
-      images = InceptionFeatures.to_uint8(inverse_scaler(samples).clamp(0.0, 1.0)).cpu()
+      images = InceptionFeatures.to_uint8(to_images(samples)).cpu()
       pool_3, logits = inception(images) if inception is not None else (np.zeros((count, 0)), np.zeros((count, 0)))
       part = {'images': images.numpy(), 'pool_3': np.asarray(pool_3), 'logits': np.asarray(logits),
               'nfe': np.full(count, solution.contributing_nfe), 'network_calls': np.full(count, solution.nfe),

@@ -14,7 +14,7 @@ import losses
 import sampling
 from datasets import Batch, reflow_pairs
 from datasets.streams import micro_batches_of, rows_of
-from models import ExponentialMovingAverage, model_config_summary, num_classes
+from models import ExponentialMovingAverage, flow_shape, model_config_summary, num_classes
 from rectified_flow_pytorch import solvers
 from speed import cuda_graphs
 
@@ -78,7 +78,7 @@ def online_pair_batches(config, teacher_velocity, device, generator, training=Tr
   student's own samples); unconditional batches have labels None.
   """
   size = config.training.batch_size
-  shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
+  shape = flow_shape(config)
   steps, eps = config.reflow.online_teacher_steps, config.training.time_eps
   micro_batch, micro_steps = micro_batches_of(config) if training else (size, 1)
   classes = num_classes(config)
@@ -115,7 +115,7 @@ def generate_reflow_pairs(config, workdir):
                      '--config.reflow.data_root=assets/reflow_data/1_rectified_flow')
   net, teacher_sha256 = load_teacher(config, device)
   flow = losses.build_rectified_flow(config, net)
-  shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
+  shape = flow_shape(config)
   settings = {'teacher': os.path.abspath(r.last_flow_ckpt), 'teacher_sha256': teacher_sha256,
               'weights': 'ema', 'pair_format': r.pair_format, 'image_shape': list(shape),
               **sampling.sampler_settings(config)}

@@ -12,12 +12,12 @@ from tqdm import tqdm
 
 import atomic_files
 import checkpoints
-import datasets
 import distributed
 import evaluation
 import interruption
 import losses
 import sampling
+from datasets import latents
 from datasets.streams import (
   data_batches,
   data_generator_for,
@@ -27,7 +27,7 @@ from datasets.streams import (
   pair_batches,
 )
 from metrics_log import MetricsLog
-from models import model_config_summary, num_classes
+from models import flow_shape, model_config_summary, num_classes
 from reflow import (
   generate_reflow_pairs,
   initialize_student_from_teacher,
@@ -129,6 +129,7 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
   sets the initial weights of a fresh run (e.g. the teacher's); ``reflow`` selects the reflow time schedule and
   loss of ``config.reflow``. Under torchrun every process trains its rows (DDP); only rank 0 writes files.
   """
+  latents.check_latent_config(config)
   device = select_device(config)
   configure_backends(config, device)
   main_process = distributed.is_main_process()
@@ -137,7 +138,7 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
   seed_everything(config.seed)
   state = losses.build_training_state(config, device)
   net = state['model']
-  training, data = config.training, config.data
+  training = config.training
   micro_batch, micro_steps = micro_batches_of(config)
   logging.info('Model %s: %s parameters on %s; global batch %d = %d processes x %d micro-batches x %d, %s',
                config.model.name, f'{sum(p.numel() for p in net.parameters()):,}', device, training.batch_size,
@@ -182,13 +183,13 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
       logging.info('training.cuda_graph is on but not used: %s; the updates run eagerly', obstacle)
   eval_step = losses.get_step_fn(config, losses.get_loss_fn(config, flow, reflow=reflow, lpips_model=lpips_model),
                                  params, state['optimizer'], state['ema'], train=False, device=device)
-  inverse_scaler = datasets.get_data_inverse_scaler(config)
+  to_images = latents.model_to_images(config, device)
 
   batches = train_batches(state['step'], device, data_generator)
   held_out = eval_batches(state['step'] // training.eval_freq, device) if main_process else None
 
   snapshot_size, snapshot_labels, grid_columns = snapshot_grid_layout(config, device)
-  shape = (snapshot_size, data.num_channels, data.image_size, data.image_size)
+  shape = (snapshot_size, *flow_shape(config))
   # One grid per step count of sampling.sample_steps (sample_{N}step.png), or one sample.png.
   sample_fns = {steps: sampling.get_sampling_fn(sampling.with_sample_steps(config, steps), shape)
                 for steps in sampling.sample_step_counts(config)}
@@ -257,7 +258,7 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
           for steps, sample_fn in sample_fns.items():
             with state['ema'].average_parameters(params):
               samples, nfe = sample_fn(flow, noise=snapshot_noise, labels=snapshot_labels)
-            images = inverse_scaler(samples).clamp(0.0, 1.0)
+            images = to_images(samples)
             name = 'sample.png' if steps is None else f'sample_{steps}step.png'
             grid_path = sampling.save_sample_grid(images, os.path.join(sample_dir(workdir, step), name),
                                                   nrow=grid_columns)
@@ -287,6 +288,7 @@ def reflow(config, workdir):
     raise ValueError(f"--mode reflow makes and trains rectified flows, not training.objective="
                      f"{config.training.objective!r}: set --config.training.objective=rectified_flow (MeanFlows train "
                      f"from data with --mode train)")
+  latents.check_latent_config(config)
   if r.reflow_type == 'generate_data_from_z0':
     return generate_reflow_pairs(config, workdir)
   if r.reflow_type not in ('train_reflow', 'train_online_reflow'):
@@ -318,6 +320,7 @@ def reflow(config, workdir):
 
 def evaluate(config, workdir, eval_folder):
   """Sweeps checkpoints eval.begin_ckpt..eval.end_ckpt: loss, bpd, samples, FID / IS / KID, straightness, NFE."""
+  latents.check_latent_config(config)
   device = select_device(config)
   main_process = distributed.is_main_process()
   e = config.eval
@@ -380,7 +383,7 @@ def evaluate_samples(config, flow, device, folder, inception, inception_name, re
   e = config.eval
   manifest = {'checkpoint_sha256': sha256, 'seed': config.seed, 'round_size': e.batch_size,
               'image_shape': [config.data.num_channels, config.data.image_size, config.data.image_size],
-              'inception': inception_name, **sampling.sampler_settings(config)}
+              'inception': inception_name, **sampling.sampler_settings(config), **latents.latent_settings(config)}
   with distributed.main_process_first():  # Rank 0 writes (or checks) the manifest first.
     rounds = evaluation.SampleRounds(folder, manifest)
   if e.enable_figures_only:

@@ -4,7 +4,7 @@ import torch
 from torchvision.utils import save_image
 
 import atomic_files
-from models import num_classes
+from models import flow_shape, num_classes
 from rectified_flow_pytorch import MeanFlow, flow_math, solvers
 from speed import cuda_graphs
 from speed.precision import autocast, check_sampling_precision
@@ -126,7 +126,7 @@ def sample_indexed(config, flow, sample_fn, first, count, device, straightness=F
   Returns (noise on ``device``, labels on the CPU or None, the ``solvers.ODESolution``, and with ``straightness``
   the (count,) straightness of each path (``solvers.StraightnessMeter``), else None).
   """
-  shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
+  shape = flow_shape(config)
   noise = flow_math.indexed_noise(config.seed, first, count, shape, flow.noise_std).to(device)
   labels = sample_labels(config, first, count)
   meter = solvers.StraightnessMeter(noise) if straightness else None

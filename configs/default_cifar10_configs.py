@@ -110,6 +110,20 @@ def get_default_configs():
   data.device_resident = True  # Training images on the training device when they fit (no loader, same order).
   data.device_resident_max_gb = 4.0  # Largest training set (as uint8 for 8-bit images) kept on the device.
 
+  # Latent-space training (datasets/latents.py): the flow learns an autoencoder's latents of the data.image_size
+  # images, cached once under data.root/latent_cache/; samples are decoded for grids, FID and the digits' FD.
+  config.latent = latent = ml_collections.ConfigDict()
+  latent.autoencoder = ''  # '' (pixel space), or a diffusers AutoencoderKL: a local folder, or a hub id (its cache).
+  latent.subfolder = ''  # Folder of the autoencoder inside latent.autoencoder (e.g. 'vae' of a pipeline).
+  latent.download = False  # Fetch a hub id that is not in the Hugging Face cache (else: an error saying where).
+  latent.factors_from_autoencoder = True  # x = (z - shift) * scale with the autoencoder's scaling/shift_factor.
+  latent.scale_factor = 1.0  # scale, when latent.factors_from_autoencoder is False.
+  latent.shift_factor = 0.0  # shift, when latent.factors_from_autoencoder is False.
+  latent.sample_posterior = True  # Train on z ~ N(mean, var) of the encoder (DiT); False: on the mean.
+  latent.cache_dtype = 'float16'  # The cached moments: 'float16' (half the disk) or 'float32'.
+  latent.encode_batch_size = 64  # Images per autoencoder call (encoding and decoding).
+  latent.cache_dir = ''  # Folder of the latent caches; '': data.root/latent_cache.
+
   config.model = model = ml_collections.ConfigDict()
   model.name = 'ncsnpp'  # Registered network (models.registered_models()).
   model.ema_rate = 0.999999  # EMA decay of the weights used for sampling and evaluation.

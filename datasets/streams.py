@@ -8,8 +8,8 @@ import torch
 
 import datasets
 import distributed
-from datasets import reflow_pairs
-from models import num_classes
+from datasets import latents, reflow_pairs
+from models import flow_shape, is_latent, num_classes
 
 
 def micro_batches_of(config):
@@ -73,10 +73,13 @@ def data_generator_for(config, device):
 
 def data_batches(config, start_batch, device, generator=None):
   """Training micro-batches ``Batch(None, x1, rows, labels)`` of the configured dataset on ``device``, augmented, in
-  model space (labels: those of a class-conditional model, else None)."""
+  model space (labels: those of a class-conditional model, else None); in a latent run, latents drawn from the
+  cached moments (``latents.draw_latents``)."""
   data = config.data
-  dataset = datasets.get_dataset(config, train=True)
+  latent = is_latent(config)
+  dataset = latents.latent_dataset(config, train=True, device=device) if latent else datasets.get_dataset(config)
   scaler = datasets.get_data_scaler(config)
+  draw = latents.latent_draw(config, augment=True) if latent else None
   micro_steps = config.training.grad_accum_steps
   replay = None
   stream = training_stream(config, dataset, start_batch, device, config.seed, resident=True)
@@ -87,18 +90,24 @@ def data_batches(config, start_batch, device, generator=None):
       else:
         generator.set_state(replay)
     batch = batch.to(device, non_blocking=True)
-    x1 = datasets.augment(batch.x1, random_flip=data.random_flip, uniform_dequantization=data.uniform_dequantization,
-                          generator=generator, global_batch=config.training.batch_size, rows=batch.rows)
-    yield batch._replace(x1=scaler(x1))
+    if latent:
+      x1 = draw(batch.x1, generator=generator, global_batch=config.training.batch_size, rows=batch.rows)
+    else:
+      x1 = scaler(datasets.augment(batch.x1, random_flip=data.random_flip, generator=generator, rows=batch.rows,
+                                   uniform_dequantization=data.uniform_dequantization,
+                                   global_batch=config.training.batch_size))
+    yield batch._replace(x1=x1)
 
 
 def held_out_data_batches(config, start_batch, device):
   """``Batch(None, x1, labels=labels)`` of the held-out split on ``device`` in model space, not augmented (for the
-  evaluation loss)."""
-  dataset = datasets.get_dataset(config, train=False)
+  evaluation loss; a latent run's: the posterior means of the held-out images)."""
+  latent = is_latent(config)
+  dataset = latents.latent_dataset(config, train=False, device=device) if latent else datasets.get_dataset(
+      config, train=False)
   batches = datasets.endless_batches(dataset, min(config.training.batch_size, len(dataset)), seed=config.seed + 1,
                                      start_batch=start_batch)
-  scaler = datasets.get_data_scaler(config)
+  scaler = latents.latent_draw(config, augment=False) if latent else datasets.get_data_scaler(config)
   for batch in batches:
     batch = batch.to(device, non_blocking=True)
     yield batch._replace(x1=scaler(batch.x1))
@@ -108,7 +117,7 @@ def pair_batches(config, start_batch, device, generator=None):
   """Training micro-batches ``Batch(z0, z1, rows, labels)`` on ``device``, read lazily from the pair shards under
   ``reflow.data_root`` (labels: those of a class-conditional teacher's pairs, else None)."""
   del generator  # Pairs are not augmented.
-  shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
+  shape = flow_shape(config)
   pairs = reflow_pairs.PairShards(config.reflow.data_root, shape, num_classes(config))
   for batch in training_stream(config, pairs, start_batch, device, config.seed):
     yield batch.to(device, non_blocking=True)
@@ -116,7 +125,7 @@ def pair_batches(config, start_batch, device, generator=None):
 
 def held_out_pair_batches(config, start_batch, device):
   """``Batch(z0, z1, labels=labels)`` of the pairs in another order on ``device``, for the evaluation loss."""
-  shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
+  shape = flow_shape(config)
   pairs = reflow_pairs.PairShards(config.reflow.data_root, shape, num_classes(config))
   for batch in datasets.endless_batches(pairs, config.training.batch_size, seed=config.seed + 1,
                                         start_batch=start_batch):

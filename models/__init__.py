@@ -1,11 +1,11 @@
 """Model registry, EMA, DDPM++ / NCSN++, DiT and the time wrapper."""
-from models import dit, layers, ncsnpp  # noqa: F401  (ncsnpp registers 'ncsnpp', dit 'dit')
+from models import autoencoder, dit, layers, ncsnpp  # noqa: F401  (ncsnpp registers 'ncsnpp', dit 'dit')
 from models.ema import ExponentialMovingAverage
 from models.model_registry import get_model_class, registered_models
 from models.velocity import VelocityField
 
-__all__ = ['ExponentialMovingAverage', 'VelocityField', 'create_model', 'model_config_summary', 'num_classes',
-           'registered_models']
+__all__ = ['ExponentialMovingAverage', 'VelocityField', 'create_model', 'flow_shape', 'is_latent',
+           'model_config_summary', 'num_classes', 'registered_models']
 
 
 def num_classes(config):
@@ -13,10 +13,30 @@ def num_classes(config):
   return config.model.num_classes
 
 
+def is_latent(config):
+  """Whether the run trains in an autoencoder's latent space (``latent.autoencoder`` set)."""
+  return bool(config.latent.autoencoder)
+
+
+def flow_shape(config):
+  """(C, H, W) of the space the flow and its network live in: the images', or the autoencoder's latents of the
+  ``data.image_size`` images in a latent run (read from the autoencoder's config, not its weights)."""
+  data = config.data
+  if is_latent(config):
+    return autoencoder.latent_shape(config.latent, data.image_size)
+  return data.num_channels, data.image_size, data.image_size
+
+
+def shape_kwargs(config):
+  """The networks' image_size, num_channels and centered: the data's, or the latents' (taken as they are)."""
+  channels, size, _ = flow_shape(config)
+  return dict(image_size=size, num_channels=channels, centered=config.data.centered or is_latent(config))
+
+
 def ncsnpp_kwargs_from_config(config):
   """The keyword arguments of ``NCSNpp`` (model.name = 'ncsnpp'); checkpoints record them (``model_config_summary``)."""
-  m, d = config.model, config.data
-  return dict(image_size=d.image_size, num_channels=d.num_channels, centered=d.centered, nf=m.nf,
+  m = config.model
+  return dict(**shape_kwargs(config), nf=m.nf,
               ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
               dropout=m.dropout, resamp_with_conv=m.resamp_with_conv, conditional=m.conditional, fir=m.fir,
               fir_kernel=tuple(m.fir_kernel), skip_rescale=m.skip_rescale, resblock_type=m.resblock_type,
@@ -31,13 +51,13 @@ def ncsnpp_kwargs_from_config(config):
 def dit_kwargs_from_config(config):
   """The keyword arguments of ``DiT`` (model.name = 'dit'): its size from ``model.dit_size`` (or 'custom' and
   ``model.dit_depth``, ``dit_hidden_size``, ``dit_num_heads``), its patches from ``model.patch_size``."""
-  m, d = config.model, config.data
+  m = config.model
   if m.fused_norm:
     raise ValueError('model.fused_norm fuses the GroupNorm + SiLU of the DDPM++ / NCSN++ residual blocks, which a DiT '
                      'does not have: set --config.model.fused_norm=False')
   architecture = dit.dit_architecture(m.dit_size, depth=m.dit_depth, hidden_size=m.dit_hidden_size,
                                       num_heads=m.dit_num_heads)
-  return dict(image_size=d.image_size, num_channels=d.num_channels, centered=d.centered, patch_size=m.patch_size,
+  return dict(**shape_kwargs(config), patch_size=m.patch_size,
               **architecture, dropout=m.dropout, num_classes=num_classes(config), time_inputs=m.time_inputs)
 
 

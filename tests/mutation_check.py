@@ -160,6 +160,20 @@ FAULTS = [
     Fault('dit_fused_attention_under_jvp', 'models/dit.py',
           'if forward_ad.unpack_dual(queries).tangent is None:', 'if True:',
           ['tests/test_dit.py', '-k', 'forward_mode or meanflow'], "SDPA's fused kernels under MeanFlow's JVP"),
+    # Latent-space training (issue 24).
+    Fault('latent_mirror_view_never_drawn', 'datasets/latents.py',
+          'moments[:, 1], chosen)', 'chosen, chosen)',
+          ['tests/test_latent.py', '-k', 'draws'], 'training never takes the cached mirror view'),
+    Fault('latent_cache_ignores_the_autoencoder', 'datasets/latents.py',
+          '{vae.signature()}', '',
+          ['tests/test_latent.py', '-k', 'another_autoencoder'], "another autoencoder's run reads the old cache"),
+    Fault('latent_encoding_restarts_after_a_kill', 'datasets/latents.py',
+          "if progress.get('shape') == list(shape):", 'if False:',
+          ['tests/test_latent.py', '-k', 'killed'], 'a killed encoding starts over'),
+    Fault('latent_samples_not_decoded', 'datasets/latents.py',
+          'return loaded[0].decode(autoencoder.model_to_latent(x, scale, shift))',
+          'return autoencoder.model_to_latent(x, scale, shift).clamp(0.0, 1.0)',
+          ['tests/test_latent.py', '-k', 'grid or eval_sweep'], 'grids and the eval sweep show latents, not images'),
 ]
 
 

@@ -1,6 +1,8 @@
-"""One-step generation on the digits (CPU, no download): three routes on the same DDPM++, with the same number of
-training updates each, measured by the same evaluation sweep (``run_lib.evaluate``, eval.metrics_backend='digits').
+"""One-step generation on the digits (CPU, no download): the three one-step routes (and, on request, the 1-RF alone)
+on the same network, with the same number of training updates each, measured by the same evaluation sweep
+(``run_lib.evaluate``, eval.metrics_backend='digits').
 
+  1rf       the 1-RF alone (U updates), also solved by RK45 (the published sampler; FD and its NFE)
   reflow    1-RF (U/2 updates) -> pairs -> 2-RF (U/4) -> pairs -> one-step distillation (U/4), Liu et al. 2022
   2rfpp     the same 1-RF and pairs -> one reflow with the 2-RF++ recipe (U/2): U-shaped times (a = 4), the student
             from the 1-RF's EMA weights, and the LPIPS-Huber loss with --lpips-weights (a VGG16 file), else its
@@ -36,7 +38,7 @@ from configs.rectified_flow.cifar10_meanflow import set_meanflow  # noqa: E402
 from configs.rectified_flow.digits_dit_demo import get_config as digits_dit_config  # noqa: E402
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_config  # noqa: E402
 
-ROUTES = ('reflow', '2rfpp', 'meanflow')
+ROUTES = ('1rf', 'reflow', '2rfpp', 'meanflow')
 STEPS = (1, 2, 32)
 MODELS = {'ddpmpp': digits_config, 'dit': digits_dit_config}
 # set_meanflow's keyword arguments: the paper's CIFAR-10 settings (its defaults) and its ImageNet ones (Table 4 of
@@ -101,12 +103,16 @@ def timed(seconds, key, function, *arguments):
 
 
 def sweep(config, workdir, sampler, samples):
-  """The eval sweep of the stage's final checkpoint at STEPS steps: {steps: report}."""
+  """The eval sweep of the stage's final checkpoint at STEPS steps ({steps: report}), or for sampler 'rk45' by the
+  adaptive solver ({'rk45': report})."""
   config = config.copy_and_resolve_references()
   e = config.eval
   e.begin_ckpt = e.end_ckpt = 1
   e.enable_sampling, e.metrics_backend = True, 'digits'
   e.num_samples, e.batch_size = samples, min(500, samples)
+  if sampler == 'rk45':
+    config.sampling.use_ode_sampler, config.sampling.sample_steps = 'rk45', ()
+    return {'rk45': run_lib.evaluate(config, workdir, 'bench_eval_rk45')[0]}
   config.sampling.use_ode_sampler, config.sampling.sample_steps = sampler, STEPS
   return {r['sample_steps']: r for r in run_lib.evaluate(config, workdir, 'bench_eval')}
 
@@ -115,9 +121,13 @@ def run_seed(args, seed):
   """Trains and sweeps the chosen routes for one seed; returns {route: {'reports', 'updates', 'seconds'}}."""
   root = os.path.join(args.workdir, f'seed_{seed}')
   u = args.updates
-  dirs = {name: os.path.join(root, name) for name in ('1rf', 'pairs_1rf', '2rf', 'pairs_2rf', 'distill', '2rfpp',
-                                                     'meanflow')}
+  dirs = {name: os.path.join(root, name) for name in ('1rf_alone', '1rf', 'pairs_1rf', '2rf', 'pairs_2rf', 'distill',
+                                                     '2rfpp', 'meanflow')}
   seconds, finals = {}, {}
+  if '1rf' in args.routes:
+    alone = base_config(args, seed, u)
+    timed(seconds, '1rf_alone', run_lib.train, alone, dirs['1rf_alone'])
+    finals['1rf'] = (alone, dirs['1rf_alone'], 'euler')
   if 'reflow' in args.routes or '2rfpp' in args.routes:
     timed(seconds, '1rf', run_lib.train, base_config(args, seed, u // 2), dirs['1rf'])
     timed(seconds, 'pairs_1rf', run_lib.reflow,
@@ -142,13 +152,16 @@ def run_seed(args, seed):
     timed(seconds, 'meanflow', run_lib.train, meanflow, dirs['meanflow'])
     finals['meanflow'] = (meanflow, dirs['meanflow'], 'mean_flow')
 
-  stages = {'reflow': ('1rf', 'pairs_1rf', '2rf', 'pairs_2rf', 'distill'), '2rfpp': ('1rf', 'pairs_1rf', '2rfpp'),
-            'meanflow': ('meanflow',)}
-  updates = {'reflow': u // 2 + u // 4 + (u - u // 2 - u // 4), '2rfpp': u // 2 + (u - u // 2), 'meanflow': u}
+  stages = {'1rf': ('1rf_alone',), 'reflow': ('1rf', 'pairs_1rf', '2rf', 'pairs_2rf', 'distill'),
+            '2rfpp': ('1rf', 'pairs_1rf', '2rfpp'), 'meanflow': ('meanflow',)}
+  updates = {'1rf': u, 'reflow': u // 2 + u // 4 + (u - u // 2 - u // 4), '2rfpp': u // 2 + (u - u // 2), 'meanflow': u}
   results = {}
   for route in args.routes:
     config, workdir, sampler = finals[route]
-    results[route] = {'reports': sweep(config, workdir, sampler, args.samples), 'updates': updates[route],
+    reports = sweep(config, workdir, sampler, args.samples)
+    if route == '1rf':
+      reports.update(sweep(config, workdir, 'rk45', args.samples))
+    results[route] = {'reports': reports, 'updates': updates[route],
                       'seconds': sum(seconds[stage] for stage in stages[route]),
                       'eval_folder': os.path.join(workdir, 'bench_eval')}
   return results
@@ -162,13 +175,17 @@ def spread(values):
 
 
 def table(all_results, seeds, routes):
-  lines = ['| route | FD, 1 step | FD, 2 steps | FD, 32 steps | straightness, 32 steps | updates | wall time (s) |',
-           '|---|---|---|---|---|---|---|']
+  lines = ['| route | FD, 1 step | FD, 2 steps | FD, 32 steps | straightness, 32 steps | FD, RK45 (NFE) | updates | '
+           'wall time (s) |', '|---|---|---|---|---|---|---|---|']
   for route in routes:
     runs = [all_results[seed][route] for seed in seeds]
     fd = {k: spread([run['reports'][k]['digit_fd'] for run in runs]) for k in STEPS}
     straight = spread([run['reports'][32]['straightness'] for run in runs])
-    lines.append(f'| {route} | {fd[1]} | {fd[2]} | {fd[32]} | {straight} | {runs[0]["updates"]} | '
+    rk45 = '-'
+    if 'rk45' in runs[0]['reports']:
+      rk45 = (f"{spread([run['reports']['rk45']['digit_fd'] for run in runs])} "
+              f"({spread([run['reports']['rk45']['nfe_mean'] for run in runs])})")
+    lines.append(f'| {route} | {fd[1]} | {fd[2]} | {fd[32]} | {straight} | {rk45} | {runs[0]["updates"]} | '
                  f'{spread([run["seconds"] for run in runs])} |')
   return '\n'.join(lines)
 
@@ -202,7 +219,8 @@ def main(argv=None):
   parser.add_argument('--workdir', default='logs/one_step_bench')
   parser.add_argument('--lpips-weights', default='', help='VGG16 weights file: 2-RF++ with its LPIPS-Huber loss')
   parser.add_argument('--small', action='store_true', help='a smaller network for every route (a quick look)')
-  parser.add_argument('--routes', nargs='+', choices=ROUTES, default=list(ROUTES), help='the routes to run')
+  parser.add_argument('--routes', nargs='+', choices=ROUTES, default=list(ROUTES[1:]),
+                      help='the routes to run (default: the three one-step routes)')
   parser.add_argument('--model', choices=sorted(MODELS), default='ddpmpp', help="every route's network")
   parser.add_argument('--meanflow-settings', choices=sorted(MEANFLOW_SETTINGS), default='cifar10',
                       help="the MeanFlow route's (t, r) sampling and adaptive weight: the paper's CIFAR-10 or "
@@ -217,7 +235,7 @@ def main(argv=None):
   all_results = {seed: run_seed(args, seed) for seed in args.seeds}
   text = table(all_results, args.seeds, args.routes)
   png = grid(all_results, args.seeds[0], args.routes, os.path.join(args.workdir, 'one_step_bench.png'))
-  summary = {str(seed): {route: {'digit_fd': {k: run['reports'][k]['digit_fd'] for k in STEPS},
+  summary = {str(seed): {route: {'digit_fd': {str(k): report['digit_fd'] for k, report in run['reports'].items()},
                                  'straightness_32': run['reports'][32]['straightness'], 'updates': run['updates'],
                                  'seconds': run['seconds']} for route, run in routes.items()}
              for seed, routes in all_results.items()}

@@ -19,7 +19,7 @@ def test_the_bench_runs_every_route_and_reports_what_the_eval_sweep_measured(tmp
     for steps in (1, 2, 32):
       report = json.loads((tmp_path / 'seed_0' / finals[name] / 'bench_eval' / f'report_1_{steps}step.json')
                           .read_text())
-      assert report['digit_fd'] == route['digit_fd'][steps] and math.isfinite(report['digit_fd'])
+      assert report['digit_fd'] == route['digit_fd'][str(steps)] and math.isfinite(report['digit_fd'])
       assert report['nfe_mean'] == steps and report['num_samples'] == 16
       assert report['sampler'] == ('mean_flow' if name == 'meanflow' else 'euler')
     assert route['straightness_32'] >= 0 and route['seconds'] > 0
@@ -36,13 +36,17 @@ def test_the_bench_runs_every_route_and_reports_what_the_eval_sweep_measured(tmp
 
 def test_a_subset_of_routes_with_the_dit_and_the_imagenet_meanflow_settings(tmp_path):
   summary = one_step_bench.main(['--updates', '4', '--batch', '8', '--samples', '16', '--seeds', '0', '--small',
-                                 '--routes', 'meanflow', '--model', 'dit', '--meanflow-settings', 'imagenet',
+                                 '--routes', 'meanflow', '1rf', '--model', 'dit', '--meanflow-settings', 'imagenet',
                                  '--workdir', str(tmp_path)])
-  assert set(summary['0']) == {'meanflow'}
+  assert list(summary['0']) == ['1rf', 'meanflow']
+  rk45 = json.loads((tmp_path / 'seed_0' / '1rf_alone' / 'bench_eval_rk45' / 'report_1.json').read_text())
+  assert rk45['sampler'] == 'rk45' and rk45['nfe_mean'] > 2 and summary['0']['1rf']['digit_fd']['rk45'] == rk45[
+      'digit_fd']
+  assert json.loads((tmp_path / 'seed_0' / '1rf_alone' / 'config.json').read_text())['training']['n_iters'] == 4
   assert not (tmp_path / 'seed_0' / '1rf').exists()  # The rectified-flow routes' shared stages did not run.
   resolved = json.loads((tmp_path / 'seed_0' / 'meanflow' / 'config.json').read_text())
   assert resolved['model']['name'] == 'dit' and resolved['model']['time_inputs'] == 2
   m = resolved['meanflow']
   assert (m['time_mean'], m['time_std'], m['interval_fraction'], m['adaptive_weight_power']) == (0.4, 1.0, 0.25, 1.0)
   assert '| meanflow |' in (tmp_path / 'one_step_bench.md').read_text()
-  assert Image.open(tmp_path / 'one_step_bench.png').size[1] == 4 * (16 + 1) + 1 + 4  # One row.
+  assert Image.open(tmp_path / 'one_step_bench.png').size[1] == 2 * (4 * (16 + 1) + 1 + 4)  # Two rows.

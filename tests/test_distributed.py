@@ -101,6 +101,27 @@ def test_two_processes_train_a_meanflow_like_one(tmp_path):
   assert any('interval_embedding' in key for key in final_state(tmp_path / 'one')[1])
 
 
+def test_two_processes_train_on_latents_like_one(tmp_path):
+  """A latent run: rank 0 encodes the cache while the other waits, and each sample's view and posterior draw follow
+  its row of the global batch, not the rank."""
+  from diffusers import AutoencoderKL
+
+  torch.manual_seed(0)
+  AutoencoderKL(in_channels=1, out_channels=1, down_block_types=('DownEncoderBlock2D',) * 2,
+                up_block_types=('UpDecoderBlock2D',) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                latent_channels=4, norm_num_groups=4, sample_size=16).save_pretrained(str(tmp_path / 'vae'))
+  runs = {}
+  for processes in (1, 2):
+    latent = train_overrides(**{'latent.autoencoder': str(tmp_path / 'vae'), 'latent.cache_dtype': 'float32',
+                                'data.root': str(tmp_path / f'data_{processes}'), 'data.random_flip': 'True'})
+    launch(tmp_path / str(processes), 'train', latent, processes=processes)
+    runs[processes] = tmp_path / str(processes)
+  assert_close_states(runs[2], runs[1])
+  caches = [sorted(os.listdir(tmp_path / f'data_{processes}' / 'latent_cache')) for processes in (1, 2)]
+  assert caches[0] == caches[1] and caches[0]  # The same caches, and nothing partial left.
+  assert not [name for name in caches[0] if 'partial' in name or 'progress' in name]
+
+
 def test_an_uneven_split_is_a_clear_error(tmp_path):
   result = launch(tmp_path, 'train', train_overrides(**{'training.batch_size': '6', 'training.grad_accum_steps': '2'}),
                   processes=2, check=False)

@@ -259,3 +259,21 @@ def test_settings_without_meaning_on_latents_are_clear_errors(tmp_path, autoenco
   config[section][name] = value
   with pytest.raises(ValueError, match=message):
     latents.check_latent_config(config)
+
+
+@pytest.mark.parametrize('variant', ['class_conditional', 'meanflow'])
+def test_class_conditional_and_meanflow_runs_train_on_latents(tmp_path, autoencoder_folder, variant):
+  config = latent_config(tmp_path, autoencoder_folder, n_iters=2, snapshot_freq=2, snapshot_freq_for_preemption=2)
+  if variant == 'class_conditional':
+    config.model.num_classes, config.sampling.guidance_scale = 10, 2.0
+  else:
+    config.training.objective, config.model.time_inputs = 'meanflow', 2
+    config.sampling.use_ode_sampler, config.sampling.sample_N = 'mean_flow', 1
+  run_lib.train(config, str(tmp_path / 'run'))
+  if variant == 'class_conditional':  # The cache keeps each image's label.
+    cached = latents.latent_dataset(config, device=torch.device('cpu'))
+    images = datasets.get_dataset(config)
+    assert [cached[i][1] for i in (0, 5, 100)] == [images[i][1] for i in (0, 5, 100)]
+  weights = final_weights(tmp_path / 'run')
+  assert any(('label_embedding' if variant == 'class_conditional' else 'interval_embedding') in key for key in weights)
+  assert os.path.exists(tmp_path / 'run' / 'samples' / 'iter_2' / 'sample.png')

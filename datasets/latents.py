@@ -82,6 +82,9 @@ def source_fingerprint(dataset, digest):
     array = array.numpy() if isinstance(array, torch.Tensor) else array
     digest.update(f'{array.shape}\0{array.dtype}\n'.encode())
     digest.update(np.ascontiguousarray(array).tobytes())
+    targets = getattr(dataset, 'targets', None)  # torchvision's labels of those images.
+    if targets is not None:
+      digest.update(np.asarray(targets, dtype=np.int64).tobytes())
     return
   for index in range(len(dataset)):
     item = dataset[index]

@@ -1,9 +1,12 @@
 """The DiT backbone (model.name = 'dit'; Peebles & Xie 2023): the patch layout, adaLN-Zero's start (zero output,
 blocks as the identity), its conditioning on time, label and interval, the published sizes, attention by
 scaled_dot_product_attention (also under MeanFlow's forward-mode derivative), the config plumbing and its errors, and
-training, sampling and resuming in the framework's one loop."""
+training, sampling and resuming in the framework's one loop, and every other mode on it: the eval sweep at 1 and 2
+steps, reflow pairs, 2-RF, distillation, 2-RF++, MeanFlow and guided class-conditional sampling."""
 import inspect
 import json
+import math
+import shutil
 
 import pytest
 import torch
@@ -11,15 +14,21 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 import checkpoints
+import datasets
+import evaluation
+import evaluation_digits
 import losses
 import models
+import reflow
 import run_lib
+import sampling
 from configs.default_cifar10_configs import get_default_configs
 from configs.rectified_flow.digits_dit_demo import get_config as digits_dit_config
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_ddpmpp_config
+from datasets import reflow_pairs
 from models import dit
 from models.ncsnpp import NCSNpp
-from rectified_flow_pytorch import MeanFlow, RectifiedFlow
+from rectified_flow_pytorch import MeanFlow, RectifiedFlow, flow_math
 from tests.helpers import flat_state, tiny_digits_config
 
 DIT_KEYS = ('name', 'patch_size', 'dit_size', 'dit_depth', 'dit_hidden_size', 'dit_num_heads')
@@ -359,3 +368,172 @@ def test_an_interrupted_dit_run_resumes_exactly_and_another_size_is_refused(tmp_
     checkpoints.load_checkpoint(str(tmp_path / 'b' / 'checkpoints-meta' / 'checkpoint_4.pth'), state,
                                 architecture=models.model_config_summary(wider))
   assert 'blocks.0.attention.out.bias: (128,) in file, (64,) in model' in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every other mode on the DiT: the eval sweep, pairs, 2-RF, distillation, 2-RF++, MeanFlow at 1 and 2 steps, guidance.
+
+def fast_learner(config):
+  """A learning rate large enough, and an EMA short enough, that 4 updates give a velocity which varies with the
+  image and the time, so that a 1-step and a 2-step sample differ."""
+  config.optim.lr, config.optim.warmup, config.model.ema_rate = 3e-3, 0, 0.5
+  return config
+
+
+@pytest.fixture(scope='module')
+def dit_teacher(tmp_path_factory):
+  """The snapshot after 4 updates of the tiny DiT, where every parameter has moved (see above), so that its output
+  depends on the image and the time; read, never written."""
+  workdir = tmp_path_factory.mktemp('dit_teacher')
+  run_lib.train(fast_learner(tiny_dit_config(n_iters=4, snapshot_freq=4, snapshot_freq_for_preemption=4)),
+                str(workdir))
+  return workdir / 'checkpoints' / 'checkpoint_1.pth'
+
+
+def dit_reflow_config(teacher, data_root, **reflow):
+  config = tiny_dit_config(n_iters=2, snapshot_freq=2, snapshot_freq_for_preemption=1)
+  r = config.reflow
+  r.last_flow_ckpt, r.data_root, r.total_number_of_samples, r.pairs_per_shard = str(teacher), str(data_root), 10, 4
+  config.sampling.sample_N = 3
+  for key, value in reflow.items():
+    r[key] = value
+  return config
+
+
+def digits_sweep(config, workdir, num_samples=12):
+  """``--mode eval`` of checkpoint 1 with the digits' Frechet distance (no Inception, no download)."""
+  config.eval.begin_ckpt = config.eval.end_ckpt = 1
+  config.eval.enable_sampling, config.eval.enable_loss, config.eval.metrics_backend = True, True, 'digits'
+  config.eval.num_samples, config.eval.batch_size = num_samples, 6
+  return run_lib.evaluate(config, str(workdir), 'eval')
+
+
+def saved_samples(folder, rounds):
+  saved = evaluation.SampleRounds(str(folder), json.loads((folder / 'manifest.json').read_text()))
+  return torch.cat([torch.from_numpy(saved.read(i)['images']) for i in range(rounds)])
+
+
+def ema_flow(config, checkpoint):
+  """The flow of ``checkpoint``'s EMA weights."""
+  state = losses.build_training_state(config, torch.device('cpu'))
+  checkpoints.load_checkpoint(str(checkpoint), state, load_optimizer=False)
+  state['ema'].copy_to(list(state['model'].parameters()))
+  return losses.build_flow(config, state['model']).eval()
+
+
+def as_saved(config, samples):
+  return evaluation.InceptionFeatures.to_uint8(datasets.get_data_inverse_scaler(config)(samples).clamp(0, 1))
+
+
+@pytest.mark.parametrize('objective', ['rectified_flow', 'meanflow'])
+def test_the_eval_sweep_of_a_dit_reports_the_digit_fd_of_its_samples_at_1_and_2_steps(objective, dit_teacher,
+                                                                                    tmp_path):
+  """The sweep of a DiT checkpoint at sampling.sample_steps = (1, 2) (Euler for the rectified flow, MeanFlow's
+  jumps for the MeanFlow): one report per step count, whose saved samples are the EMA network's k-step samples of
+  the indexed noise and whose digit_fd is their Frechet distance to the digits."""
+  if objective == 'meanflow':
+    config = fast_learner(meanflow(tiny_dit_config(n_iters=4, snapshot_freq=4, snapshot_freq_for_preemption=4)))
+    run_lib.train(config, str(tmp_path))
+  else:
+    config = fast_learner(tiny_dit_config(n_iters=4, snapshot_freq=4, snapshot_freq_for_preemption=4))
+    (tmp_path / 'checkpoints').mkdir()
+    shutil.copy(dit_teacher, tmp_path / 'checkpoints' / 'checkpoint_1.pth')
+  config.sampling.sample_steps = (1, 2)
+  reports = digits_sweep(config, tmp_path)
+  assert [(r['checkpoint'], r['sample_steps'], r['nfe_mean']) for r in reports] == [(1, 1, 1.0), (1, 2, 2.0)]
+  assert all(math.isfinite(r['eval_loss']) and math.isfinite(r['digit_fd']) for r in reports)
+
+  flow = ema_flow(config, tmp_path / 'checkpoints' / 'checkpoint_1.pth')
+  assert isinstance(flow.model.net, dit.DiT)
+  noise = flow_math.indexed_noise(config.seed, 0, 12, (1, 16, 16))
+  real, _, _ = evaluation_digits.real_digits()
+  samples = {}
+  for report in reports:
+    k = report['sample_steps']
+    images = saved_samples(tmp_path / 'eval' / f'ckpt_1_{k}step', 2)
+    config.sampling.sample_N = k
+    with torch.no_grad():
+      expected = (flow.sample(noise=noise, steps=k) if objective == 'meanflow'
+                  else sampling.get_sampling_fn(config, noise.shape)(flow, noise=noise)[0])
+    assert (images.int() - as_saved(config, expected).int()).abs().max() <= 1  # 8-bit rounding of round-off.
+    assert report['digit_fd'] == pytest.approx(evaluation_digits.frechet_distance_digits(
+        evaluation_digits.digit_classifier(), images.float() / 127.5 - 1.0, real), rel=1e-9)
+    samples[k] = images
+  assert (samples[1].int() - samples[2].int()).abs().max() > 1  # The two rows are two samplers.
+
+
+def test_pairs_of_a_dit_teacher_are_its_ode_solutions(dit_teacher, tmp_path):
+  config = dit_reflow_config(dit_teacher, tmp_path / 'pairs')
+  manifest = reflow.generate_reflow_pairs(config, str(tmp_path / 'run'))
+  assert manifest['count'] == 10 and manifest['nfe']['mean'] == 3
+  pairs = reflow_pairs.PairShards(str(tmp_path / 'pairs'), (1, 16, 16))
+  z0 = torch.stack([pairs[i].x0 for i in range(10)])
+  z1 = torch.stack([pairs[i].x1 for i in range(10)])
+  net, _ = reflow.load_teacher(config, torch.device('cpu'))
+  assert isinstance(net, dit.DiT)
+  expected, _ = sampling.get_sampling_fn(config, z0.shape)(losses.build_rectified_flow(config, net), noise=z0)
+  torch.testing.assert_close(z1, expected, atol=1e-5, rtol=0)
+  assert (z1 - z0).abs().max() > 1e-2  # The teacher moves the noise.
+
+
+@pytest.mark.parametrize('stage', ['2rf', 'distill', '2rfpp'])
+def test_a_dit_student_trains_on_its_teachers_pairs_from_the_teachers_weights(stage, dit_teacher, tmp_path,
+                                                                              monkeypatch):
+  """2-RF (uniform times), one-step distillation (t = 0) and the 2-RF++ recipe (U-shaped times; its pseudo-Huber
+  variant, since LPIPS needs a download) on pairs of the DiT teacher: the student starts from the teacher's weights
+  (its EMA for 2-RF++), draws its times from the stage's schedule, trains 2 updates and resumes for a third."""
+  from configs.rectified_flow.cifar10_2rfpp_train import set_2rfpp_recipe
+
+  reflow.generate_reflow_pairs(dit_reflow_config(dit_teacher, tmp_path / 'pairs'), str(tmp_path / 'gen'))
+  config = dit_reflow_config(dit_teacher, tmp_path / 'pairs', reflow_type='train_reflow',
+                             reflow_t_schedule={'2rf': 'uniform', 'distill': 't0'}.get(stage, 'uniform'))
+  if stage == '2rfpp':
+    set_2rfpp_recipe(config).reflow.reflow_loss = 'pseudo_huber'
+  state = losses.build_training_state(config, torch.device('cpu'))
+  reflow.initialize_student_from_teacher(config, torch.device('cpu'))(state)
+  saved = torch.load(dit_teacher, map_location='cpu', weights_only=True)
+  start = saved['ema']['shadow_params'] if stage == '2rfpp' else [
+      saved['model']['module.' + name] for name, _ in state['model'].named_parameters()]
+  assert all(torch.equal(p, s) for p, s in zip(state['model'].parameters(), start))
+
+  training_times, schedules = [], []
+  forward, sample_times = dit.DiT.forward, flow_math.sample_times
+
+  def recorded_forward(self, x, time_cond, *args, **kwargs):
+    if self.training:
+      training_times.append(time_cond.detach() / 999)
+    return forward(self, x, time_cond, *args, **kwargs)
+
+  def recorded_sample_times(batch_size, distribution='uniform', **kwargs):
+    schedules.append(distribution)
+    return sample_times(batch_size, distribution, **kwargs)
+
+  monkeypatch.setattr(dit.DiT, 'forward', recorded_forward)
+  monkeypatch.setattr(flow_math, 'sample_times', recorded_sample_times)
+  workdir = tmp_path / 'student'
+  state = run_lib.reflow(config, str(workdir))
+  assert state['step'] == 2 and isinstance(state['model'], dit.DiT)
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert sum(math.isfinite(r['training_loss']) for r in records if 'training_loss' in r) == 2
+  times = torch.cat(training_times[:2])  # The network times of the two updates' batches of 8.
+  if stage == 'distill':
+    assert schedules == [] and torch.allclose(times, torch.full((16,), config.training.time_eps))
+  else:
+    assert set(schedules) == {'u_shaped' if stage == '2rfpp' else 'uniform'}
+    assert times.min() >= config.training.time_eps and times.unique().numel() == 16
+  config.training.n_iters = 3
+  assert run_lib.reflow(config, str(workdir))['step'] == 3
+
+
+def test_a_guided_class_conditional_dit_is_swept_with_class_agreement_and_doubled_nfe(tmp_path):
+  """A class-conditional DiT trained with label dropout, swept with guidance w = 2: two network evaluations per
+  sampler step, the digit classifier's agreement with the sampled classes per class, one grid row per digit."""
+  config = class_conditional(tiny_dit_config(n_iters=4, snapshot_freq=4, snapshot_freq_for_preemption=4))
+  run_lib.train(config, str(tmp_path))
+  config.sampling.sample_N = 3
+  report, = digits_sweep(config, tmp_path, num_samples=20)
+  assert report['guidance_scale'] == 2.0 and report['nfe_mean'] == 6
+  per_class = report['class_accuracy_per_class']
+  assert sorted(per_class) == [str(c) for c in range(10)] and all(v in (0.0, 0.5, 1.0) for v in per_class.values())
+  assert report['class_accuracy'] == pytest.approx(sum(per_class.values()) / 10)
+  assert math.isfinite(report['digit_fd'])

@@ -70,15 +70,20 @@ def build_mean_flow(config, net):
                   guidance_scale=m.guidance_scale, guidance_mix=m.guidance_mix, guidance_interval=interval)
 
 
+OPTIMIZERS = {'Adam': torch.optim.Adam, 'AdamW': torch.optim.AdamW}
+
+
 def get_optimizer(config, params, device=torch.device('cpu')):
-  """Adam with the configured lr, (beta1, 0.999), eps and weight decay; the fused kernel (``optim.fused``, on CUDA
-  and the CPU) skips non-finite updates without a host read (``get_step_fn``)."""
+  """``optim.optimizer`` with the configured lr, (beta1, 0.999), eps and weight decay: 'Adam' (published; its weight
+  decay is an L2 term added to the gradient) or 'AdamW' (the decay decoupled from the gradient's moments,
+  Loshchilov & Hutter 2019; the transformers' setting). The fused kernel (``optim.fused``, on CUDA and the CPU) skips
+  non-finite updates without a host read (``get_step_fn``)."""
   optim = config.optim
-  if optim.optimizer != 'Adam':
-    raise ValueError(f"Unknown optim.optimizer {optim.optimizer!r}; valid optimisers: ['Adam']")
+  if optim.optimizer not in OPTIMIZERS:
+    raise ValueError(f"Unknown optim.optimizer {optim.optimizer!r}; valid optimisers: {list(OPTIMIZERS)}")
   fused = {'fused': True} if optim.fused and device.type in ('cuda', 'cpu') else {}
-  return torch.optim.Adam(params, lr=optim.lr, betas=(optim.beta1, 0.999), eps=optim.eps,
-                          weight_decay=optim.weight_decay, **fused)
+  return OPTIMIZERS[optim.optimizer](params, lr=optim.lr, betas=(optim.beta1, 0.999), eps=optim.eps,
+                                    weight_decay=optim.weight_decay, **fused)
 
 
 def build_training_state(config, device):

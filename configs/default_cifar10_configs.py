@@ -164,11 +164,11 @@ def get_default_configs():
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.fused = True  # Fused Adam kernel (CUDA and the CPU): skips a non-finite update without a host read.
-  optim.optimizer = 'Adam'  # Optimiser name.
+  optim.optimizer = 'Adam'  # 'Adam' (published: weight decay as an L2 term) or 'AdamW' (decoupled weight decay).
   optim.lr = 2e-4  # Peak learning rate.
   optim.beta1 = 0.9  # Adam beta1 (beta2 is 0.999).
   optim.eps = 1e-8  # Adam epsilon.
-  optim.weight_decay = 0.0  # L2 weight decay.
+  optim.weight_decay = 0.0  # Weight decay: L2 with 'Adam', decoupled with 'AdamW'.
   optim.warmup = 5000  # Linear learning-rate warm-up, in updates.
   optim.grad_clip = 1.0  # Gradient-norm clip (a negative value disables clipping).
 

@@ -227,6 +227,24 @@ def test_the_published_sizes_and_parameter_counts():
     assert sum(p.numel() for p in net.parameters()) == pytest.approx(parameters, rel=0.01)
 
 
+def test_the_cifar10_dit_config_is_u_vit_s2s_size_and_training_on_a_dit():
+  """configs/rectified_flow/cifar10_dit.py: 13 blocks of width 512 with 8 heads on 2 x 2 patches of CIFAR-10 (256
+  tokens), as many parameters as the CIFAR-10 DDPM++ to 1%, and U-ViT's AdamW settings."""
+  from configs.rectified_flow.cifar10_dit import get_config as cifar10_dit_config
+  from configs.rectified_flow.cifar10_rf_gaussian_ddpmpp import get_config as cifar10_ddpmpp_config
+
+  config = cifar10_dit_config()
+  with torch.device('meta'):
+    net, ddpmpp = models.create_model(config), models.create_model(cifar10_ddpmpp_config())
+  assert isinstance(net, dit.DiT) and len(net.blocks) == 13 and net.position_embedding.shape == (256, 512)
+  assert net.blocks[0].attention.num_heads == 8
+  count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+  assert count(net) == pytest.approx(count(ddpmpp), rel=0.01)
+  o = config.optim
+  assert (o.optimizer, o.lr, o.beta1, o.weight_decay, o.warmup, config.training.batch_size) == (
+      'AdamW', 4e-4, 0.99, 0.03, 2500, 512)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The config plumbing.
 

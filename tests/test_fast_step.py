@@ -159,6 +159,28 @@ def test_updates_are_adam_at_the_warm_up_lr_on_the_gradient_clipped_to_grad_clip
   assert max(float((a - b).abs().max()) for a, b in zip(weights[True], weights[False])) > 1e-5
 
 
+@pytest.mark.parametrize('fused', [True, False])
+def test_weight_decay_is_an_l2_gradient_with_adam_and_decoupled_with_adamw(fused):
+  """One step from zero moments on a zero loss gradient: Adam's decay is the gradient wd * p, whose normalised step
+  moves every weight by lr towards 0; AdamW's shrinks each weight by the factor 1 - lr * wd and adds no step."""
+  config = tiny_digits_config()
+  config.optim.lr, config.optim.weight_decay, config.optim.fused = 0.01, 0.1, fused
+  start = torch.tensor([1.0, -2.0, 0.5])
+  moved = {}
+  for name in ('Adam', 'AdamW'):
+    config.optim.optimizer = name
+    param = torch.nn.Parameter(start.clone())
+    optimizer = losses.get_optimizer(config, [param])
+    param.grad = torch.zeros_like(param)
+    optimizer.step()
+    moved[name] = param.detach()
+  torch.testing.assert_close(moved['Adam'], start - 0.01 * start.sign(), rtol=0, atol=1e-6)
+  torch.testing.assert_close(moved['AdamW'], start * (1 - 0.01 * 0.1), rtol=0, atol=1e-7)
+  config.optim.optimizer = 'SGD'
+  with pytest.raises(ValueError, match=r"Unknown optim.optimizer 'SGD'; valid optimisers: \['Adam', 'AdamW'\]"):
+    losses.get_optimizer(config, [param])
+
+
 def test_ema_update_flag_applies_or_skips_exactly():
   params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
   ema, reference = ExponentialMovingAverage(params, 0.9), ExponentialMovingAverage(params, 0.9)

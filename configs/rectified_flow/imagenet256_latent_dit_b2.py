@@ -7,8 +7,8 @@ Sources of the settings (DiT, Sec. 4, "Training" and "Diffusion"; SiT, Sec. 3 an
 center-cropped to 256x256, random horizontal flips, the latents of Stable Diffusion's VAE (sd-vae-ft-ema on the
 Hugging Face hub, 32x32x4 latents at 256x256, scaled by its scaling_factor 0.18215); AdamW with lr 1e-4 constant, no
 weight decay, no warm-up, batch 256, EMA decay 0.9999; class-conditional on the 1000 classes with 10% of labels
-dropped for classifier-free guidance; DiT-B/2: 12 blocks of width 768, 12 heads, 2x2 patches (Table 1). Adam
-without weight decay is AdamW without weight decay. Their main comparison is at 400K updates (DiT, Table 4).
+dropped for classifier-free guidance; DiT-B/2: 12 blocks of width 768, 12 heads, 2x2 patches (Table 1). Their main
+comparison is at 400K updates (DiT, Table 4).
 
 Not the papers', or not confirmed: the 1000 class folders are read as ``data.root`` (ILSVRC-2012's train folder,
 one sub-folder per class) by the image-folder reader (resize of the shorter side and centre crop, bicubic; ADM's
@@ -53,6 +53,7 @@ def get_config():
   model.ema_rate = 0.9999
 
   optim = config.optim
+  optim.optimizer = 'AdamW'
   optim.lr = 1e-4
   optim.weight_decay = 0.0
   optim.warmup = 0

@@ -40,7 +40,7 @@ def check_objective(config):
     raise ValueError(f"training.objective='meanflow' needs a network of two times (the start t and end s of a step): "
                      f"set --config.model.time_inputs=2 (it is {config.model.time_inputs})")
   if config.model.fused_norm:
-    raise ValueError("training.objective='meanflow' differentiates the network in forward mode (torch.func.jvp), "
+    raise ValueError("training.objective='meanflow' differentiates the network in forward mode (dual numbers), "
                      "which has never run through the fused GroupNorm + SiLU kernel (CUDA): set "
                      "--config.model.fused_norm=False")
 

@@ -14,6 +14,9 @@ file), so the whole check ends within ``sum(BUDGETS)`` seconds plus start-up, ho
 - ``demo``: the digits demo (``main.py``, 1,000 updates) with the fastest settings that passed their tests;
 - ``meanflow``: the MeanFlow train step against the rectified-flow step on the CIFAR-10 DDPM++ of two times at
   batch 64 (benchmarks/meanflow_step.py, 5 timed steps each);
+- ``dit``: the class-conditional DiT-B/2 train step on ImageNet-256 latents at batch 256, fp32 (TF32) and bf16
+  (benchmarks/train_step.py, 5 timed steps each): GFLOP per image, images/s and the fraction of the bf16 matmul
+  peak, against issue 24's target of ``DIT_TARGET`` of that peak in bf16;
 - for each fast option, whether it should become the default: every test of it passed and the step with it is at
   least ``FASTER`` times the step without it.
 
@@ -25,6 +28,7 @@ wheels.
 """
 import argparse
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -43,8 +47,11 @@ REPO_ROOT = gpu_report.REPO_ROOT
 # Seconds per part on the GPU: 450 in all, under the 8 minutes of a device window with start-up to spare. The
 # tests' module took under 3 minutes on an H100 before the capture tests were added; a train row is about 25 s
 # (start-up, cuDNN autotuning, 3 + 10 + 2 updates, one census update); the demo's 1,000 updates of a 1.3M model;
-# the MeanFlow part two processes of 7 steps each.
-BUDGETS = {'tests': 170, 'train': 160, 'forward': 25, 'rk45': 35, 'demo': 30, 'meanflow': 30}
+# the MeanFlow part two processes of 7 steps each; the DiT part two processes of 6 steps of DiT-B/2 at batch 256
+# (about 35 TFLOP per step) and the matmul peaks.
+BUDGETS = {'tests': 160, 'train': 140, 'forward': 25, 'rk45': 35, 'demo': 25, 'meanflow': 25, 'dit': 40}
+DIT_TARGET = 0.40  # DiT-B/2 at batch 256 in bf16: the fraction of the bf16 matmul peak asked for (the U-Net: 10%).
+DIT_PRECISIONS = ('fp32', 'bf16')
 FASTER = 1.03  # An option becomes a default only if its step is at least 3% faster (timing noise is ~1%).
 TRAIN_ROWS = ('fp32, TF32 off (baseline)', 'fp32, TF32', 'bf16', 'bf16 channels_last', 'defaults',
               'defaults with model.fused_norm', 'defaults with training.cuda_graph')
@@ -78,6 +85,36 @@ def run_meanflow_step(budget, smoke):
     return ['## MeanFlow step', '', f'failed (exit status {completed.returncode}): ' + ' / '.join(tail)]
   body = completed.stdout[completed.stdout.index('machine:'):].strip().splitlines()
   return ['## MeanFlow step', '', f'`{" ".join(["python benchmarks/meanflow_step.py", *sizes])}`', ''] + body
+
+
+def run_dit_step(budget, smoke):
+  """Markdown lines of the DiT-B/2 train step (benchmarks/train_step.py) in each of ``DIT_PRECISIONS``, each in its
+  own process stopped after its share of ``budget`` s; on the CPU (``smoke``) the digits demo's DiT."""
+  sizes = (['--model', 'digits_dit', '--batch', '4', '--steps', '1', '--matmul-size', '256'] if smoke else
+           ['--model', 'dit_b2_latent', '--batch', '256', '--steps', '5', '--matmul-size', '8192'])
+  rows = []
+  for precision in DIT_PRECISIONS:
+    command = [sys.executable, os.path.join(REPO_ROOT, 'benchmarks', 'train_step.py'), *sizes,
+               '--precision', precision]
+    try:
+      completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT,
+                                 timeout=budget / len(DIT_PRECISIONS))
+    except subprocess.TimeoutExpired:
+      rows.append([precision, f'stopped: ran past {budget / len(DIT_PRECISIONS):.0f} s', '', '', '', ''])
+      continue
+    if completed.returncode:
+      tail = (completed.stdout + completed.stderr).strip().splitlines()[-3:]
+      rows.append([precision, f'failed (exit status {completed.returncode}): ' + ' / '.join(tail), '', '', '', ''])
+      continue
+    result = json.loads(next(line for line in completed.stdout.splitlines() if line.startswith('RESULT '))[7:])
+    fraction = result['bf16_peak_fraction']
+    verdict = (('meets' if fraction >= DIT_TARGET else 'misses') + f' the {DIT_TARGET:.0%} target'
+               if precision == 'bf16' else '')
+    rows.append([precision, f'{result["gflop_per_image"]:.1f}', f'{result["images_per_second"]:.1f}',
+                 f'{result["tflops"]:.3g} (bf16 peak {result["bf16_peak_tflops"]:.3g})', f'{fraction:.1%}', verdict])
+  return (['## DiT train step', '', f'`{" ".join(["python benchmarks/train_step.py", *sizes])} --precision P`', '']
+          + gpu_report.markdown_table(['precision', 'GFLOP/image', 'images/s', 'TFLOP/s', 'of the bf16 peak',
+                                       'target'], rows))
 
 
 def run_tests(budget, smoke):
@@ -191,6 +228,7 @@ def main():
   args.child_timeout = BUDGETS['demo']
   part('demo', lambda budget: gpu_report.demo_section(args, chosen))
   part('meanflow', lambda budget: run_meanflow_step(budget, smoke))
+  part('dit', lambda budget: run_dit_step(budget, smoke))
   timings.append(['all', f'{sum(BUDGETS.values())}', f'{time.perf_counter() - started:.0f}'])
   lines.extend(['', '## Time of each part', ''] + gpu_report.markdown_table(['part', 'budget (s)', 'seconds'],
                                                                            timings))

@@ -1,4 +1,4 @@
-"""Images/s and peak memory of a full-size train step, against this machine's own fp32 matmul FLOP/s.
+"""Images/s and peak memory of a full-size train step, against this machine's own fp32 and bf16 matmul FLOP/s.
 
 One step is what ``--mode train`` runs: forward, backward, gradient clipping, Adam and the EMA update
 (``losses.get_step_fn``). FLOPs per step are counted with ``torch.utils.flop_counter``; the peak is the best
@@ -9,12 +9,21 @@ during the step (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA); each config
   python benchmarks/train_step.py --model ncsnpp256 --batch 1
   python benchmarks/train_step.py --all                     # both models: DDPM++ batch 8, NCSN++ 256 batch 1 and 2
   python benchmarks/train_step.py --options                 # DDPM++ batch 8: each speed option against fp32 eager
+  python benchmarks/train_step.py --transformers --batch 8  # DDPM++ and the DiTs at one batch, against DDPM++
+  python benchmarks/train_step.py --model dit_b2_latent --batch 256 --precision bf16 --matmul-size 8192  # a GPU
 
 ``--options`` runs plain fp32 eager first (the baseline, in the same run) and then bf16, bf16 + channels_last,
 fp16 (grad scaler), channels_last alone and torch.compile variants, each in its own process, and prints
 images/s as a ratio to the baseline and peak memory. Whether an option trains the same model is the business of
 ``benchmarks/precision_curve.py`` (loss curves over hundreds of updates); a few steps of a freshly initialised
 DDPM++ (zero-initialised output layer, learning rate still warming up) cannot tell.
+
+``--transformers`` runs the CIFAR-10 DDPM++ (the baseline, in the same run), the CIFAR-10 DiT of U-ViT-S/2's size
+(configs/rectified_flow/cifar10_dit.py, as many parameters) and the class-conditional DiT-B/2 on the 4 x 32 x 32
+latents of 256 x 256 ImageNet (configs/rectified_flow/imagenet256_latent_dit_b2.py; the step on latents as the cache
+gives them, so no autoencoder runs), each in its own process at ``--batch`` and ``--precision``, and prints GFLOP per
+image, images/s as a ratio to DDPM++, and the fraction of the bf16 matmul peak each step reaches (issue 24's target
+for DiT-B/2 at batch 256 in bf16 on a GPU: 40%; the peak is measured at ``--matmul-size``, which on a GPU wants 8192).
 """
 import argparse
 import json
@@ -29,15 +38,35 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import losses  # noqa: E402
+import models  # noqa: E402
 import run_lib  # noqa: E402
-from benchmarks.timing import peak_rss_bytes, timed, timed_call  # noqa: E402
+from benchmarks.timing import count_cpu_attention_flops, peak_rss_bytes, timed, timed_call  # noqa: E402
 from configs.rectified_flow.celeba_hq_pytorch_rf_gaussian import get_config as ncsnpp256_config  # noqa: E402
+from configs.rectified_flow.cifar10_dit import get_config as cifar10_dit_config  # noqa: E402
 from configs.rectified_flow.cifar10_rf_gaussian_ddpmpp import get_config as ddpmpp_config  # noqa: E402
+from configs.rectified_flow.digits_dit_demo import get_config as digits_dit_config  # noqa: E402
+from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_config  # noqa: E402
+from configs.rectified_flow.imagenet256_latent_dit_b2 import get_config as imagenet_dit_b2_config  # noqa: E402
 from datasets import Batch  # noqa: E402
 from speed.precision import PRECISIONS  # noqa: E402
 
+
+def latent_dit_b2_config():
+  """imagenet256_latent_dit_b2.py's flow and network on latents as its cache gives them: 4 x 32 x 32, the 1000
+  classes; without the autoencoder, which the train step does not call."""
+  config = imagenet_dit_b2_config()
+  config.latent.autoencoder = ''
+  config.data.dataset, config.data.image_size, config.data.num_channels, config.data.centered = 'LATENTS', 32, 4, True
+  return config
+
+
 MODELS = {'ddpmpp': ('CIFAR-10 DDPM++ 32x32', ddpmpp_config),
-          'ncsnpp256': ('CelebA-HQ NCSN++ 256x256', ncsnpp256_config)}
+          'ncsnpp256': ('CelebA-HQ NCSN++ 256x256', ncsnpp256_config),
+          'dit_cifar10': ('CIFAR-10 DiT 13x512/2 (U-ViT-S/2 size) 32x32', cifar10_dit_config),
+          'dit_b2_latent': ('DiT-B/2 on ImageNet-256 latents 4x32x32, 1000 classes', latent_dit_b2_config),
+          'digits': ('digits demo DDPM++ 16x16', digits_config),
+          'digits_dit': ('digits demo DiT 4x128/2 16x16', digits_dit_config)}
+TRANSFORMER_MODELS = ('ddpmpp', 'dit_cifar10', 'dit_b2_latent')
 
 
 def matmul_flops_per_second(device, size, repeats, dtype=torch.float32):
@@ -66,10 +95,11 @@ def benchmark(model, batch, steps, matmul_size, precision='fp32', channels_last=
   scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
   step_fn = losses.get_step_fn(config, losses.get_loss_fn(config, flow), params, state['optimizer'], state['ema'],
                                train=True, device=device, generator=generator, grad_scaler=scaler)
-  size = config.data.image_size
-  batch_data = torch.rand(batch, config.data.num_channels, size, size, device=device,
-                          generator=torch.Generator(device).manual_seed(1)) * 2 - 1
-  micro_batches = [Batch(None, batch_data, slice(None))]
+  data_generator = torch.Generator(device).manual_seed(1)
+  batch_data = torch.rand(batch, *models.flow_shape(config), device=device, generator=data_generator) * 2 - 1
+  classes = models.num_classes(config)
+  labels = (torch.randint(0, classes, (batch,), device=device, generator=data_generator) if classes else None)
+  micro_batches = [Batch(None, batch_data, slice(None), labels)]
   rss_before = peak_rss_bytes()
   if device.type == 'cuda':
     torch.cuda.reset_peak_memory_stats()
@@ -78,6 +108,7 @@ def benchmark(model, batch, steps, matmul_size, precision='fp32', channels_last=
   if compile_model:  # FLOPs are counted on the eager module; compilation happens in the first step.
     step_fn(state, micro_batches)
   compile_seconds = time.perf_counter() - started
+  count_cpu_attention_flops()
   with FlopCounterMode(display=False) as counter:
     step_fn(state, micro_batches)  # Warm-up step, also counts FLOPs.
   flops_per_step = counter.get_total_flops()
@@ -101,10 +132,12 @@ def benchmark(model, batch, steps, matmul_size, precision='fp32', channels_last=
   print(f'matmul peak ({matmul_size}^3): fp32 {peak / 1e12:.3f} TFLOP/s, bf16 {peak_bf16 / 1e12:.3f} TFLOP/s')
   print(f'train step achieves {achieved / 1e12:.3f} TFLOP/s = {achieved / peak:.1%} of the fp32 matmul peak, '
         f'{achieved / peak_bf16:.1%} of the bf16 one')
-  print('RESULT ' + json.dumps({'option': option, 'images_per_second': batch / step_seconds,
-                                'peak_memory_gib': peak_memory / 2**30, 'tflops': achieved / 1e12,
+  print('RESULT ' + json.dumps({'model': model, 'option': option, 'batch': batch, 'parameters': n_params,
+                                'images_per_second': batch / step_seconds, 'peak_memory_gib': peak_memory / 2**30,
+                                'gflop_per_image': flops_per_step / batch / 1e9, 'tflops': achieved / 1e12,
                                 'fp32_peak_tflops': peak / 1e12, 'bf16_peak_tflops': peak_bf16 / 1e12,
-                                'compile_seconds': compile_seconds}), flush=True)
+                                'bf16_peak_fraction': achieved / peak_bf16, 'compile_seconds': compile_seconds}),
+        flush=True)
 
 
 OPTIONS = (('fp32', []), ('fp32 channels_last', ['--channels-last']), ('bf16', ['--precision', 'bf16']),
@@ -127,7 +160,7 @@ def compare_options(batch, steps, matmul_size, skip_compile):
                              '--steps', str(steps), '--matmul-size', str(matmul_size), *flags],
                             check=True, capture_output=True, text=True).stdout
     print(output, end='', flush=True)
-    results.append(json.loads(next(line for line in output.splitlines() if line.startswith('RESULT '))[7:]))
+    results.append(result_of(output))
   baseline = results[0]
   print(f'\nCIFAR-10 DDPM++ train step, batch {batch}, {steps} timed steps; baseline: fp32 eager')
   print(f'{"option":<28}{"images/s":>10}{"x fp32":>8}{"peak GiB":>10}{"TFLOP/s":>9}')
@@ -135,6 +168,40 @@ def compare_options(batch, steps, matmul_size, skip_compile):
     print(f'{result["option"]:<28}{result["images_per_second"]:>10.2f}'
           f'{result["images_per_second"] / baseline["images_per_second"]:>8.2f}{result["peak_memory_gib"]:>10.2f}'
           f'{result["tflops"]:>9.3f}')
+
+
+def result_of(output):
+  return json.loads(next(line for line in output.splitlines() if line.startswith('RESULT '))[7:])
+
+
+def compare_transformers(batch, steps, matmul_size, precision, timeout=None):
+  """The DDPM++ and the DiTs (``TRANSFORMER_MODELS``), each in its own process at one batch and precision: markdown
+  lines of a table with images/s as a ratio to the DDPM++ step measured first in the same run. A model whose process
+  fails or runs past ``timeout`` s gets a row that says so."""
+  rows, baseline = [], None
+  for model in TRANSFORMER_MODELS:
+    command = [sys.executable, os.path.abspath(__file__), '--model', model, '--batch', str(batch), '--steps',
+               str(steps), '--matmul-size', str(matmul_size), '--precision', precision]
+    print(f'--- {model}', flush=True)
+    try:
+      completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+      rows.append(f'| {MODELS[model][0]} | stopped: ran past {timeout:.0f} s | | | | | |')
+      continue
+    print(completed.stdout, end='', flush=True)
+    if completed.returncode:
+      tail = ' / '.join((completed.stdout + completed.stderr).strip().splitlines()[-3:])
+      rows.append(f'| {MODELS[model][0]} | failed (exit status {completed.returncode}): {tail} | | | | | |')
+      continue
+    result = result_of(completed.stdout)
+    baseline = baseline or (result if model == 'ddpmpp' else None)
+    speed = f'{result["images_per_second"] / baseline["images_per_second"]:.2f}x' if baseline else 'n/a'
+    rows.append(f'| {MODELS[model][0]} | {result["parameters"] / 1e6:.1f}M | {result["gflop_per_image"]:.1f} | '
+                f'{result["images_per_second"]:.1f} | {speed} | {result["tflops"]:.2f} | '
+                f'{result["bf16_peak_fraction"]:.1%} |')
+  return [f'Train step, batch {batch}, {precision}, median of {steps} timed steps; baseline: the DDPM++ step', '',
+          '| model | parameters | GFLOP/image (fwd + bwd) | images/s | x DDPM++ | TFLOP/s | of the bf16 matmul peak |',
+          '|---|---|---|---|---|---|---|'] + rows
 
 
 def main():
@@ -149,7 +216,11 @@ def main():
   parser.add_argument('--compile', action='store_true', help='torch.compile the network')
   parser.add_argument('--options', action='store_true', help='every speed option against fp32 eager (DDPM++)')
   parser.add_argument('--skip-compile', action='store_true', help='with --options: leave out torch.compile')
+  parser.add_argument('--transformers', action='store_true', help='DDPM++ and the DiTs at --batch and --precision')
   args = parser.parse_args()
+  if args.transformers:
+    print('\n'.join(compare_transformers(args.batch, args.steps, args.matmul_size, args.precision)))
+    return
   if args.options:
     compare_options(args.batch, args.steps, args.matmul_size, args.skip_compile)
     return

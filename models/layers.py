@@ -49,7 +49,7 @@ def dense(in_dim, out_dim, init_scale=1.0):
 class GroupNorm32(nn.GroupNorm):
   """``nn.GroupNorm`` (the same parameters and state dict) that runs in float32 under autocast on every device, as
   CUDA's autocast does for group_norm; on the CPU autocast would run it in bf16 with a float32 weight, whose forward
-  mode derivative (MeanFlow's ``torch.func.jvp``) comes out float32 beside a bf16 value, a pair the next convolution
+  mode derivative (MeanFlow's dual numbers) comes out float32 beside a bf16 value, a pair the next convolution
   rejects. Outside autocast it is ``nn.GroupNorm``."""
 
   def forward(self, x):

@@ -147,7 +147,7 @@ def graph_capture_obstacle(config, device, optimizer):
   if training.precision == 'fp16':
     return "training.precision='fp16': the grad scaler reads its overflow flag on the host"
   if training.objective == 'meanflow':
-    return "training.objective='meanflow': its update (a torch.func.jvp) has not been captured on a GPU yet"
+    return "training.objective='meanflow': its update (a forward-mode pass) has not been captured on a GPU yet"
   if not all(group.get('fused') for group in optimizer.param_groups):
     return 'optim.fused is off: the unfused Adam reads its step counts and the non-finite flag on the host'
   return None

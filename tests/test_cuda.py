@@ -1,13 +1,15 @@
 """The device code paths on CUDA: the fast step against the fp32 eager step (also with labels, bf16 and the fused
 norm inside a captured update), online reflow, no host read inside an update, the default step's loss curve, exact
 resume, RK45 (also guided, from CUDA graphs) against the CPU, device-resident batches against the loader; MeanFlow's
-loss and gradients against the CPU (fp32, bf16), its resume, and its sampler replayed from CUDA graphs.
+loss and gradients against the CPU (fp32, bf16), its resume, and its sampler replayed from CUDA graphs; the DiT's
+losses and gradients against the CPU with SDPA's fused kernels (also under MeanFlow) and its graph-captured step.
 
 Every comparison moves tensors to the CPU. The module is skipped with a reason where CUDA is absent; on one H100 it
 takes under 3 minutes:
 
   python -m pytest -q -rs tests/test_cuda.py
 """
+import contextlib
 import copy
 import json
 import logging
@@ -542,3 +544,80 @@ def test_the_mean_flow_sampler_replayed_from_a_cuda_graph_equals_the_eager_one(s
     samples[graphed] = sampling.get_sampling_fn(config, noise.shape)(flow, noise=noise).x
   torch.testing.assert_close(samples[True], samples[False], rtol=1e-5, atol=1e-5)
   torch.testing.assert_close(samples[False], flow.sample(noise=noise, steps=steps), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The DiT (model.name = 'dit') on CUDA: attention by SDPA's fused kernels, in the graphed step and under MeanFlow.
+
+DIT_KEYS = ('name', 'patch_size', 'dit_size', 'dit_depth', 'dit_hidden_size', 'dit_num_heads')
+
+
+def dit_settings():
+  """The digits demo's DiT (4 blocks of width 128, 4 heads of 32 channels, 64 tokens) as ``train_n_updates``
+  settings."""
+  from configs.rectified_flow.digits_dit_demo import get_config as digits_dit_config
+
+  demo = digits_dit_config().model
+  return {f'model.{key}': demo[key] for key in DIT_KEYS}
+
+
+@pytest.mark.parametrize('objective', ['rectified_flow', 'meanflow'])
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_the_dit_loss_and_gradients_on_cuda_match_the_cpu(objective, precision):
+  """The rectified-flow and MeanFlow losses of the digits DiT (its parameters moved off adaLN-Zero's zeros) on the
+  same data, noise and times: on CUDA in fp32 (TF32 off; SDPA's memory-efficient kernel) within 1e-4 of the CPU,
+  and in bf16 autocast with SDPA held to its flash kernel (MeanFlow's forward-mode pass takes the math kernel)
+  within 5%; the gradients agree as closely."""
+  from torch.nn.attention import SDPBackend, sdpa_kernel
+
+  config = cuda_config()
+  for name, value in dit_settings().items():
+    config.model[name.split('.')[1]] = value
+  if objective == 'meanflow':
+    config.training.objective, config.model.time_inputs, config.meanflow.interval_fraction = 'meanflow', 2, 0.5
+  torch.manual_seed(0)
+  net = models.create_model(config).eval()
+  with torch.no_grad():
+    for p in net.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  generator = torch.Generator().manual_seed(1)
+  x1 = torch.rand(8, 1, 16, 16, generator=generator) * 2 - 1
+  noise = torch.randn(x1.shape, generator=generator)
+  times = torch.rand(8, generator=generator) * 0.999 + 0.001
+  extra = {}
+  if objective == 'meanflow':
+    times, end_times = losses.build_flow(config, net).sample_time_pairs(8, generator=generator)
+    extra = {'end_times': end_times}
+  backends = [SDPBackend.FLASH_ATTENTION] if precision == 'bf16' else [SDPBackend.EFFICIENT_ATTENTION]
+  if objective == 'meanflow':
+    backends.append(SDPBackend.MATH)  # The forward-mode pass; the plain forward still takes the fused kernel.
+  results = {}
+  for device in ('cpu', 'cuda'):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model = copy.deepcopy(net).to(device)
+    flow = losses.build_flow(config, model)
+    on_device = {key: value.to(device) for key, value in extra.items()}
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == 'bf16' and device == 'cuda'), \
+         (sdpa_kernel(backends) if device == 'cuda' else contextlib.nullcontext()):
+      loss = flow(x1.to(device), noise=noise.to(device), times=times.to(device), **on_device)
+    loss.backward()
+    results[device] = (loss.detach().cpu(), [p.grad.cpu() for p in model.parameters()])
+  tolerance = 1e-4 if precision == 'fp32' else 5e-2
+  torch.testing.assert_close(results['cuda'][0], results['cpu'][0], rtol=tolerance, atol=0)
+  for cuda_grad, cpu_grad in zip(results['cuda'][1], results['cpu'][1]):
+    assert (cuda_grad - cpu_grad).abs().max() <= tolerance * max(cpu_grad.abs().max(), 1e-6) + 1e-6
+
+
+def test_the_graph_captured_dit_step_equals_the_eager_step(tmp_path, monkeypatch):
+  """The digits DiT: 3 eager updates and 3 replays of the captured update against 6 eager updates (fp32, TF32 off),
+  with the same losses; then a bf16 run of the default step trains to finite weights."""
+  made = record_graphed_steps(monkeypatch)
+  updates = 6
+  graphed = train_n_updates(tmp_path / 'graphed', updates, **dit_settings(), **{'training.cuda_graph': True})
+  assert len(made) == 1 and made[0].replays == updates - 3
+  eager = train_n_updates(tmp_path / 'eager', updates, **dit_settings(), **{'training.cuda_graph': False})
+  assert_states_close(flat_state(eager), flat_state(graphed), rtol=1e-5)
+  np.testing.assert_allclose([loss for _, loss in logged_losses(tmp_path / 'graphed')],
+                             [loss for _, loss in logged_losses(tmp_path / 'eager')], rtol=1e-5)
+  bf16 = train_n_updates(tmp_path / 'bf16', updates, **dit_settings(), **{'training.precision': 'bf16'})
+  assert all(torch.isfinite(p).all() for p in bf16['model'].parameters())

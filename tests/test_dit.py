@@ -207,6 +207,26 @@ def test_the_forward_mode_derivative_through_sdpa_is_the_finite_difference():
     assert ((ahead - behind) / (2 * step) - derivative).abs().max() < tolerance * scale
 
 
+def test_the_benchmarks_count_the_cpus_attention_flops_as_the_gpus_kernels():
+  """benchmarks/timing.count_cpu_attention_flops: scaled_dot_product_attention on the CPU counts 2 matmuls of
+  2 B H T^2 D FLOPs forward and 5 backward (the scores recomputed, then 4 gradient matmuls), as torch counts its GPU
+  kernels."""
+  from torch.utils.flop_counter import FlopCounterMode
+
+  from benchmarks.timing import count_cpu_attention_flops
+
+  count_cpu_attention_flops()
+  count_cpu_attention_flops()  # A second call changes nothing.
+  batch, heads, tokens, width = 2, 3, 16, 8
+  q, k, v = (torch.randn(batch, heads, tokens, width, requires_grad=True) for _ in range(3))
+  with FlopCounterMode(display=False) as counter:
+    out = F.scaled_dot_product_attention(q, k, v)
+  assert counter.get_total_flops() == 4 * batch * heads * tokens ** 2 * width
+  with FlopCounterMode(display=False) as counter:
+    out.sum().backward()
+  assert counter.get_total_flops() == 10 * batch * heads * tokens ** 2 * width
+
+
 def test_the_published_sizes_and_parameter_counts():
   """DiT-S, B, L, XL: depth, width and heads of Table 1 of Peebles & Xie 2023, and with 2 x 2 patches of the
   32 x 32 x 4 latents of ImageNet 256 and its 1000 classes their published parameter counts 33M, 130M, 458M and 675M

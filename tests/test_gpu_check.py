@@ -51,5 +51,5 @@ def test_an_unmeasured_step_keeps_its_option_off():
 
 
 def test_the_parts_fit_in_eight_minutes_with_time_to_start():
-  assert set(gpu_check.BUDGETS) == {'tests', 'train', 'forward', 'rk45', 'demo', 'meanflow'}
+  assert set(gpu_check.BUDGETS) == {'tests', 'train', 'forward', 'rk45', 'demo', 'meanflow', 'dit'}
   assert sum(gpu_check.BUDGETS.values()) <= 8 * 60 - 30

@@ -174,6 +174,16 @@ FAULTS = [
           'return loaded[0].decode(autoencoder.model_to_latent(x, scale, shift))',
           'return autoencoder.model_to_latent(x, scale, shift).clamp(0.0, 1.0)',
           ['tests/test_latent.py', '-k', 'grid or eval_sweep'], 'grids and the eval sweep show latents, not images'),
+    Fault('adamw_is_adam', 'losses.py', "'AdamW': torch.optim.AdamW}", "'AdamW': torch.optim.Adam}",
+          ['tests/test_fast_step.py', '-k', 'weight_decay'], "AdamW's decay added to the gradient, as Adam's"),
+    Fault('dit_sweep_without_ema', 'run_lib.py',
+          "    with state['ema'].average_parameters(params):\n      if e.enable_loss and main_process:",
+          "    if True:\n      if e.enable_loss and main_process:",
+          ['tests/test_dit.py', '-k', 'eval_sweep_of_a_dit'], "the DiT's eval sweep samples the raw weights"),
+    Fault('distillation_at_uniform_times', 'losses.py',
+          "    return lambda batch_size, device, generator=None: torch.full((batch_size,), eps, device=device)",
+          "    return None",
+          ['tests/test_dit.py', '-k', 'student'], 'one-step distillation trains at uniform times'),
 ]
 
 

@@ -23,6 +23,7 @@ routes count for both), as mean and spread over the seeds. Pair generation is co
   python examples/one_step_bench.py --updates 1000 --seeds 0
 """
 import argparse
+import ast
 import os
 import sys
 import time
@@ -65,7 +66,36 @@ def base_config(args, seed, updates):
   training.eval_freq = 10 ** 9
   training.log_freq = max(1, min(50, updates))
   config.optim.warmup = min(config.optim.warmup, max(1, updates // 10))
+  for key, value in args.set:
+    set_key(config, key, value)
   return config
+
+
+def set_key(config, key, text):
+  """``config.<key> = <text>`` as --config.<key>=<text> would set it: a Python literal (else the string), of the
+  type the key holds now."""
+  *sections, name = key.split('.')
+  node = config
+  for section in sections:
+    node = node[section]
+  if name not in node:
+    raise SystemExit(f'--set {key}: the config has no such key (the digits demo\'s keys are those of '
+                     'configs/rectified_flow/digits_rf_gaussian_ddpmpp_demo.py)')
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  try:
+    node[name] = value
+  except TypeError as error:
+    raise SystemExit(f'--set {key}={text}: {error}') from None
+
+
+def key_value(text):
+  key, separator, value = text.partition('=')
+  if not separator or not key:
+    raise argparse.ArgumentTypeError(f'{text!r} is not KEY=VALUE (e.g. optim.lr=3e-4)')
+  return key, value
 
 
 def reflow_config(args, seed, updates, teacher, pairs, kind):
@@ -225,6 +255,9 @@ def main(argv=None):
   parser.add_argument('--meanflow-settings', choices=sorted(MEANFLOW_SETTINGS), default='cifar10',
                       help="the MeanFlow route's (t, r) sampling and adaptive weight: the paper's CIFAR-10 or "
                            'ImageNet settings')
+  parser.add_argument('--set', type=key_value, nargs='+', action='extend', default=[], metavar='KEY=VALUE',
+                      help='config keys of every training stage, before the stage\'s own settings (a student\'s '
+                           'learning rate stays 2e-4), e.g. --set optim.lr=3e-4 optim.warmup=0')
   args = parser.parse_args(argv)
   args.routes = [route for route in ROUTES if route in args.routes]
   if args.updates < 4:
@@ -243,7 +276,9 @@ def main(argv=None):
   network = {'ddpmpp': 'DDPM++', 'dit': 'DiT'}[args.model]
   header = (f'digits, {network} ({"small" if args.small else "the demo size"}), {args.updates} updates of batch '
             f'{args.batch} per route, {args.pairs} pairs, {args.samples} samples, seeds {args.seeds}, MeanFlow with '
-            f'the {args.meanflow_settings} settings; torch {torch.__version__}, {torch.get_num_threads()} threads')
+            f'the {args.meanflow_settings} settings'
+            + ''.join(f', {key}={value}' for key, value in args.set)
+            + f'; torch {torch.__version__}, {torch.get_num_threads()} threads')
   with open(os.path.join(args.workdir, 'one_step_bench.md'), 'w', encoding='utf-8') as handle:
     handle.write(f'{header}\n\n{text}\n\nGrid (rows: {", ".join(args.routes)}; left 1 step, right 2 steps): {png}\n')
   print(header)

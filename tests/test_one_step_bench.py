@@ -37,6 +37,7 @@ def test_the_bench_runs_every_route_and_reports_what_the_eval_sweep_measured(tmp
 def test_a_subset_of_routes_with_the_dit_and_the_imagenet_meanflow_settings(tmp_path):
   summary = one_step_bench.main(['--updates', '4', '--batch', '8', '--samples', '16', '--seeds', '0', '--small',
                                  '--routes', 'meanflow', '1rf', '--model', 'dit', '--meanflow-settings', 'imagenet',
+                                 '--set', 'optim.lr=5e-4', 'optim.optimizer=AdamW', '--set', 'model.dit_num_heads=1',
                                  '--workdir', str(tmp_path)])
   assert list(summary['0']) == ['1rf', 'meanflow']
   rk45 = json.loads((tmp_path / 'seed_0' / '1rf_alone' / 'bench_eval_rk45' / 'report_1.json').read_text())
@@ -46,7 +47,12 @@ def test_a_subset_of_routes_with_the_dit_and_the_imagenet_meanflow_settings(tmp_
   assert not (tmp_path / 'seed_0' / '1rf').exists()  # The rectified-flow routes' shared stages did not run.
   resolved = json.loads((tmp_path / 'seed_0' / 'meanflow' / 'config.json').read_text())
   assert resolved['model']['name'] == 'dit' and resolved['model']['time_inputs'] == 2
+  # --set reaches every stage, after --small's network (both --set flags count).
+  alone = json.loads((tmp_path / 'seed_0' / '1rf_alone' / 'config.json').read_text())
+  for stage in (resolved, alone):
+    assert (stage['optim']['lr'], stage['optim']['optimizer'], stage['model']['dit_num_heads']) == (5e-4, 'AdamW', 1)
   m = resolved['meanflow']
   assert (m['time_mean'], m['time_std'], m['interval_fraction'], m['adaptive_weight_power']) == (0.4, 1.0, 0.25, 1.0)
-  assert '| meanflow |' in (tmp_path / 'one_step_bench.md').read_text()
+  table = (tmp_path / 'one_step_bench.md').read_text()
+  assert '| meanflow |' in table and 'optim.lr=5e-4, optim.optimizer=AdamW, model.dit_num_heads=1' in table
   assert Image.open(tmp_path / 'one_step_bench.png').size[1] == 2 * (4 * (16 + 1) + 1 + 4)  # Two rows.

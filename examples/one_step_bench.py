@@ -74,19 +74,19 @@ def base_config(args, seed, updates):
 def set_key(config, key, text):
   """``config.<key> = <text>`` as --config.<key>=<text> would set it: a Python literal (else the string), of the
   type the key holds now."""
-  *sections, name = key.split('.')
+  parts = key.split('.')
   node = config
-  for section in sections:
-    node = node[section]
-  if name not in node:
-    raise SystemExit(f'--set {key}: the config has no such key (the digits demo\'s keys are those of '
-                     'configs/rectified_flow/digits_rf_gaussian_ddpmpp_demo.py)')
+  for part in parts:
+    if not hasattr(node, 'keys') or part not in node:
+      raise SystemExit(f'--set {key}: the config has no such key (the digits demo\'s keys are those of '
+                       'configs/rectified_flow/digits_rf_gaussian_ddpmpp_demo.py)')
+    parent, node = node, node[part]
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     value = text
   try:
-    node[name] = value
+    parent[parts[-1]] = value
   except TypeError as error:
     raise SystemExit(f'--set {key}={text}: {error}') from None
 
@@ -256,8 +256,9 @@ def main(argv=None):
                       help="the MeanFlow route's (t, r) sampling and adaptive weight: the paper's CIFAR-10 or "
                            'ImageNet settings')
   parser.add_argument('--set', type=key_value, nargs='+', action='extend', default=[], metavar='KEY=VALUE',
-                      help='config keys of every training stage, before the stage\'s own settings (a student\'s '
-                           'learning rate stays 2e-4), e.g. --set optim.lr=3e-4 optim.warmup=0')
+                      help='config keys of every training stage, set before the stage\'s own settings, which win '
+                           '(a reflow student\'s learning rate of 2e-4, the MeanFlow keys of --meanflow-settings), '
+                           'e.g. --set optim.lr=3e-4 optim.warmup=0')
   args = parser.parse_args(argv)
   args.routes = [route for route in ROUTES if route in args.routes]
   if args.updates < 4:

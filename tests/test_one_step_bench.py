@@ -3,6 +3,7 @@ eval sweep's own reports (no metric code of its own); the table, the json and th
 import json
 import math
 
+import pytest
 from PIL import Image
 
 from examples import one_step_bench
@@ -56,3 +57,12 @@ def test_a_subset_of_routes_with_the_dit_and_the_imagenet_meanflow_settings(tmp_
   table = (tmp_path / 'one_step_bench.md').read_text()
   assert '| meanflow |' in table and 'optim.lr=5e-4, optim.optimizer=AdamW, model.dit_num_heads=1' in table
   assert Image.open(tmp_path / 'one_step_bench.png').size[1] == 2 * (4 * (16 + 1) + 1 + 4)  # Two rows.
+
+
+def test_set_refuses_a_key_the_config_lacks_and_a_value_of_another_type(tmp_path):
+  for setting, message in (('optim.nope=1', 'no such key'), ('nope.lr=1', 'no such key'),
+                           ('optim.lr.x=1', 'no such key'), ('optim.lr=fast', 'optim.lr=fast')):
+    with pytest.raises(SystemExit, match=message):
+      one_step_bench.main(['--updates', '4', '--batch', '8', '--seeds', '0', '--small', '--routes', '1rf',
+                           '--set', setting, '--workdir', str(tmp_path)])
+  assert not (tmp_path / 'seed_0').exists()  # Refused before anything trained.

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import pretrained_weights
-from models import ExponentialMovingAverage, VelocityField, create_model, num_classes
+from models import ExponentialMovingAverage, VelocityField, create_model, num_classes, time_scales
 from rectified_flow_pytorch import MeanFlow, RectifiedFlow, flow_math
 from sampling import checked_interval
 from speed.precision import training_autocast
@@ -18,11 +18,19 @@ OBJECTIVES = ('rectified_flow', 'meanflow')
 VGG16_WEIGHTS_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
 
 
+def velocity_field(config, net):
+  """``net`` as the library's v(x, t) (or u(x, t, s)): the times on the scales of ``model.time_scale`` and
+  ``model.interval_scale`` (``VelocityField``)."""
+  time_scale, interval_scale = time_scales(config)
+  return VelocityField(net, time_scale=time_scale, interval_scale=interval_scale,
+                       channels_last=config.training.channels_last)
+
+
 def build_rectified_flow(config, net):
-  """The library's ``RectifiedFlow`` around ``net``; the time scaling to t*999 lives in ``VelocityField``. A
-  class-conditional model (``model.num_classes``) drops labels with ``training.label_dropout``."""
+  """The library's ``RectifiedFlow`` around ``net``; the time scaling (t * 999 published) lives in
+  ``VelocityField``. A class-conditional model (``model.num_classes``) drops labels with ``training.label_dropout``."""
   classes = num_classes(config)
-  return RectifiedFlow(VelocityField(net, channels_last=config.training.channels_last), time_cond_kwarg='times',
+  return RectifiedFlow(velocity_field(config, net), time_cond_kwarg='times',
                        noise_std=config.sampling.init_noise_scale,
                        time_eps=config.training.time_eps,
                        loss_reduction='mean' if config.training.reduce_mean else 'sum',
@@ -55,12 +63,13 @@ def build_flow(config, net):
 
 def build_mean_flow(config, net):
   """The library's ``MeanFlow`` around ``net`` (a network of two times, ``model.time_inputs = 2``) with the settings
-  of ``config.meanflow``; ``VelocityField`` gives the network t * 999 and (s - t) * 999. A class-conditional model
-  drops labels with ``training.label_dropout``; guidance is trained in (``meanflow.guidance_*``)."""
+  of ``config.meanflow``; ``VelocityField`` gives the network t and s - t on ``model.time_scale`` and
+  ``model.interval_scale``. A class-conditional model drops labels with ``training.label_dropout``; guidance is
+  trained in (``meanflow.guidance_*``)."""
   m, classes = config.meanflow, num_classes(config)
   distribution_kwargs = ({'mean': m.time_mean, 'std': m.time_std} if m.time_distribution == 'logit_normal' else {})
   interval = checked_interval('meanflow.guidance', m.guidance_t_min, m.guidance_t_max)
-  field = VelocityField(net, channels_last=config.training.channels_last)
+  field = velocity_field(config, net)
   return MeanFlow(field, time_distribution=m.time_distribution, time_distribution_kwargs=distribution_kwargs,
                   interval_fraction=m.interval_fraction,
                   adaptive_weight_power=m.adaptive_weight_power, adaptive_weight_constant=m.adaptive_weight_constant,

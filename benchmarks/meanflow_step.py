@@ -81,7 +81,7 @@ def build(model, device):
   config.model.time_inputs = 2
   run_lib.configure_backends(config, device)
   torch.manual_seed(0)
-  return config, models.VelocityField(models.create_model(config)).to(device)
+  return config, losses.velocity_field(config, models.create_model(config)).to(device)
 
 
 def measure(model, objective, batch, steps, warmup, device, threads):

@@ -143,6 +143,8 @@ def get_default_configs():
   model.conditional = True  # Condition on time.
   model.num_classes = 0  # 0: unconditional (published); N: class-conditional on N classes plus a null class.
   model.time_inputs = 1  # 1: the time t (published); 2: also the length s - t of a step [t, s] (MeanFlow).
+  model.time_scale = 999.  # The network's time input is t * time_scale (published: 999, the DDPM timestep scale).
+  model.interval_scale = 999.  # time_inputs 2: the network's interval input is (s - t) * interval_scale.
   model.fir = False  # FIR-filtered up/down sampling.
   model.fir_kernel = [1, 3, 3, 1]  # FIR filter taps.
   model.skip_rescale = True  # Scale residual sums by 1/sqrt(2).

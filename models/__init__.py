@@ -2,10 +2,10 @@
 from models import autoencoder, dit, layers, ncsnpp  # noqa: F401  (ncsnpp registers 'ncsnpp', dit 'dit')
 from models.ema import ExponentialMovingAverage
 from models.model_registry import get_model_class, registered_models
-from models.velocity import VelocityField
+from models.velocity import VelocityField, time_scales
 
 __all__ = ['ExponentialMovingAverage', 'VelocityField', 'create_model', 'flow_shape', 'is_latent',
-           'model_config_summary', 'num_classes', 'registered_models']
+           'model_config_summary', 'num_classes', 'registered_models', 'time_scales']
 
 
 def num_classes(config):

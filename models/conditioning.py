@@ -18,16 +18,16 @@ def labels_or_null(labels, num_classes, batch, device):
 
 
 def checked_interval(interval_cond, time_inputs, batch):
-  """``interval_cond`` (B,), the step length (s - t) * 999 that a network of two times (``time_inputs`` = 2) must be
-  given and a network of one time must not (None then)."""
+  """``interval_cond`` (B,), the step length (s - t) * ``model.interval_scale`` that a network of two times
+  (``time_inputs`` = 2) must be given and a network of one time must not (None then)."""
   if time_inputs != 2:
     if interval_cond is not None:
       raise ValueError('interval_cond was given to a network of one time: set model.time_inputs=2 to train a network '
                        'that also takes the interval length s - t (MeanFlow)')
     return None
   if interval_cond is None:
-    raise ValueError('a network with model.time_inputs=2 needs interval_cond=(s - t) * 999, the length of the step '
-                     '[t, s] on the network time scale (VelocityField passes it from end_times=s)')
+    raise ValueError('a network with model.time_inputs=2 needs interval_cond=(s - t) * model.interval_scale, the '
+                     'length of the step [t, s] on the network scale (VelocityField passes it from end_times=s)')
   if interval_cond.shape != (batch,):
     raise ValueError(f'interval_cond has shape {tuple(interval_cond.shape)}; expected ({batch},), one interval length '
                      f'per sample')

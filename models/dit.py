@@ -161,16 +161,18 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
   """The Diffusion Transformer (Peebles & Xie 2023) on images of ``num_channels`` x ``image_size`` x ``image_size``.
 
-  Input: x (B, C, H, W), the network time ``time_cond`` (B,) (t * 999, from ``VelocityField``; embedded as is by its
-  sinusoids) and, for a class-conditional model (``num_classes`` > 0), ``labels`` (B,) in [0, num_classes], where
-  ``num_classes`` is the null class of classifier-free guidance (the default when no labels are given).
+  Input: x (B, C, H, W), the network time ``time_cond`` (B,) (t * ``model.time_scale``, from ``VelocityField``;
+  embedded as is by its sinusoids) and, for a class-conditional model (``num_classes`` > 0), ``labels`` (B,) in
+  [0, num_classes], where ``num_classes`` is the null class of classifier-free guidance (the default when no labels
+  are given).
   Output: a tensor shaped like x (the velocity, for rectified flows).
 
   c = time embedding + label embedding (num_classes + 1 rows of D, N(0, 0.02^2) as DiT's) + interval embedding.
   A network of two times (``time_inputs`` = 2, MeanFlow's average velocity over a step [t, s]) also takes
-  ``interval_cond`` (B,), the step's length (s - t) * 999, embedded by its own ``FrequencyEmbedding`` whose last layer
-  starts at zero: registered after every other module, a fresh two-time network has the parameters of the one-time
-  network built from the same seed, plus that embedding, and computes its function whatever s - t is.
+  ``interval_cond`` (B,), the step's length (s - t) * ``model.interval_scale``, embedded by its own
+  ``FrequencyEmbedding`` whose last layer starts at zero: registered after every other module, a fresh two-time
+  network has the parameters of the one-time network built from the same seed, plus that embedding, and computes its
+  function whatever s - t is.
 
   ``dropout`` acts on every attention and MLP branch (see ``DiTBlock``); DiT is ``dropout`` = 0. Data in [0, 1]
   (``centered`` False) is mapped to [-1, 1] first.

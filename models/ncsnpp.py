@@ -31,7 +31,7 @@ def noise_scales(sigma_min, sigma_max, num_scales):
 class NCSNpp(nn.Module):
   """The network behind the published CIFAR-10 DDPM++ rectified flow.
 
-  Input: x (B, C, H, W), the network time ``time_cond`` (B,) on the published scale t*999 and, for a
+  Input: x (B, C, H, W), the network time ``time_cond`` (B,) (t * ``model.time_scale``, the published 999) and, for a
   class-conditional model (``num_classes`` > 0), ``labels`` (B,) in [0, num_classes], where ``num_classes`` is the
   null class of classifier-free guidance (the default when no labels are given).
   Output: a tensor shaped like x (the velocity, for rectified flows).
@@ -42,7 +42,7 @@ class NCSNpp(nn.Module):
   not one of ``all_modules``: with num_classes = 0 the state dict is exactly the published one.
 
   A network of two times (``time_inputs`` = 2, for MeanFlow's average velocity u(z, t, s) over a step [t, s]) also
-  takes ``interval_cond`` (B,), the step's length on the network scale (s - t) * 999. It is embedded by the
+  takes ``interval_cond`` (B,), the step's length (s - t) * ``model.interval_scale``. It is embedded by the
   sinusoidal ``positional_time_embedding`` (nf features; also in a 'fourier' network, whose log-time projection has
   no value at s = t) and its own two dense layers (``interval_embedding``: nf -> nf * 4, the activation, nf * 4 ->
   nf * 4, the structure of the time MLP) and added to the time embedding with the label embedding, so every residual

@@ -162,7 +162,7 @@ def test_conditioning_inputs_the_network_was_not_built_for_are_clear_errors():
     tiny_dit()(x, time, torch.tensor([0, 1, 2]))
   with pytest.raises(ValueError, match='interval_cond was given to a network of one time'):
     tiny_dit()(x, time, interval_cond=torch.zeros(3))
-  with pytest.raises(ValueError, match=r'time_inputs=2 needs interval_cond=\(s - t\) \* 999'):
+  with pytest.raises(ValueError, match=r'time_inputs=2 needs interval_cond=\(s - t\) \* model\.interval_scale'):
     tiny_dit(time_inputs=2)(x, time)
   with pytest.raises(ValueError, match=r'interval_cond has shape \(3, 1\); expected \(3,\)'):
     tiny_dit(time_inputs=2)(x, time, interval_cond=torch.zeros(3, 1))

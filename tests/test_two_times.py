@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import checkpoints
+import losses
 import models
 from configs.default_cifar10_configs import get_default_configs
 from models import model_registry
@@ -159,6 +160,40 @@ def test_velocity_field_passes_the_interval_on_the_network_scale():
   assert len(fake.calls[2][0]) == 2 and fake.calls[3][0][2] is labels
 
 
+def test_velocity_field_gives_the_network_the_configured_time_and_interval_scales():
+  config = get_default_configs()
+  config.model.time_scale, config.model.interval_scale = 1.0, 250.0
+  fake = RecordingNet()
+  field = losses.velocity_field(config, fake)
+  x = torch.randn(2, 3, 4, 4)
+  t, s = torch.tensor([0.25, 0.5]), torch.tensor([0.75, 0.5])
+  field(x, t, end_times=s)
+  args, kwargs = fake.calls[0]
+  torch.testing.assert_close(args[1], t, atol=0, rtol=0)
+  torch.testing.assert_close(kwargs['interval_cond'], torch.tensor([125.0, 0.0]), atol=0, rtol=0)
+
+
+def test_a_config_without_the_scale_keys_keeps_the_published_999():
+  config = get_default_configs()
+  assert models.time_scales(config) == (999.0, 999.0)
+  del config.model['time_scale']
+  del config.model['interval_scale']  # A config written before the keys existed.
+  assert models.time_scales(config) == (999.0, 999.0)
+  fake = RecordingNet()
+  flow = losses.build_rectified_flow(config, fake)
+  t = torch.tensor([0.5, 1.0])
+  flow.model(torch.randn(2, 3, 4, 4), t)
+  torch.testing.assert_close(fake.calls[0][0][1], t * 999, atol=0, rtol=0)
+
+
+def test_meanflow_configs_give_the_network_raw_times():
+  from configs.rectified_flow import cifar10_meanflow, digits_meanflow_demo
+  for config in (cifar10_meanflow.get_config(), digits_meanflow_demo.get_config()):
+    assert models.time_scales(config) == (1.0, 1.0)
+  from configs.rectified_flow import cifar10_rf_gaussian_ddpmpp
+  assert models.time_scales(cifar10_rf_gaussian_ddpmpp.get_config()) == (999.0, 999.0)
+
+
 def test_velocity_field_of_a_two_time_network():
   net = build(tiny_config(time_inputs=2, num_classes=3))
   randomise_interval_output(net)
@@ -176,7 +211,7 @@ def test_wrong_combinations_of_times_are_clear_errors():
   x, t = inputs()
   with pytest.raises(ValueError, match=r'network of one time: set model\.time_inputs=2'):
     one(x, t * 999, interval_cond=torch.zeros(3))
-  with pytest.raises(ValueError, match=r'time_inputs=2 needs interval_cond=\(s - t\) \* 999.*end_times='):
+  with pytest.raises(ValueError, match=r'needs interval_cond=\(s - t\) \* model\.interval_scale.*end_times='):
     two(x, t * 999)
   with pytest.raises(ValueError, match=r'time_inputs=2 needs interval_cond'):
     models.VelocityField(two)(x, t)

@@ -8,7 +8,9 @@ them (py-meanflow, configs/cifar10_v0.yaml and train_arg_parser.py, its (t, r) s
 paper"): Adam lr 6e-4, betas (0.9, 0.999); 128 images per GPU; 16,000 epochs with 200 warm-up epochs; dropout 0.2;
 both times from lognorm(-2.0, 2.0) in their time (t = 0 data), i.e. ``meanflow.time_mean = 2.0``, ``time_std = 2.0``
 here (t = 0 noise); 75% of the pairs with r != t; adaptive weight p = 0.75, c = 1e-3, on the squared error summed over
-the pixels (``training.reduce_mean = False``); EMA 0.9999 (their extra EMAs 0.99995 and 0.9996 are not kept here).
+the pixels (``training.reduce_mean = False``); the network given t and t - r as they are, in [0, 1]
+(``model.time_scale = model.interval_scale = 1``, not the published 999); EMA 0.9999 (their extra EMAs 0.99995 and
+0.9996 are not kept here).
 
 Not confirmed, or not the paper's: the global batch of 1024 assumes 8 GPUs x 128 (their batch size is per GPU; the
 GPU count was not checked), so 16,000 epochs of 50,000 images are ~781k updates (800k here) and 200 warm-up epochs
@@ -25,6 +27,7 @@ def set_meanflow(config, time_mean=2.0, time_std=2.0, interval_fraction=0.75, ad
   config.training.objective = 'meanflow'
   config.training.reduce_mean = False  # ||u - u_tgt||^2 summed over the pixels, as their loss.
   config.model.time_inputs = 2
+  config.model.time_scale = config.model.interval_scale = 1.0  # Their network sees t and t - r raw, in [0, 1].
   m = config.meanflow
   m.time_distribution = 'logit_normal'
   m.time_mean, m.time_std = time_mean, time_std

@@ -68,10 +68,17 @@ def build_mean_flow(config, net):
   trained in (``meanflow.guidance_*``)."""
   m, classes = config.meanflow, num_classes(config)
   distribution_kwargs = ({'mean': m.time_mean, 'std': m.time_std} if m.time_distribution == 'logit_normal' else {})
+  end_kwargs = None
+  if m.get('separate_end_times', False):
+    if m.time_distribution != 'logit_normal':
+      raise ValueError(f"meanflow.separate_end_times draws the end times from a logit-normal of meanflow.end_time_mean "
+                       f"and end_time_std: set meanflow.time_distribution='logit_normal' "
+                       f"(it is {m.time_distribution!r})")
+    end_kwargs = {'mean': m.end_time_mean, 'std': m.end_time_std}
   interval = checked_interval('meanflow.guidance', m.guidance_t_min, m.guidance_t_max)
   field = velocity_field(config, net)
   return MeanFlow(field, time_distribution=m.time_distribution, time_distribution_kwargs=distribution_kwargs,
-                  interval_fraction=m.interval_fraction,
+                  interval_fraction=m.interval_fraction, end_time_distribution_kwargs=end_kwargs,
                   adaptive_weight_power=m.adaptive_weight_power, adaptive_weight_constant=m.adaptive_weight_constant,
                   loss_reduction='mean' if config.training.reduce_mean else 'sum',
                   noise_std=config.sampling.init_noise_scale, num_classes=classes,

@@ -71,6 +71,9 @@ def get_default_configs():
   meanflow.time_mean = 0.4  # Logit-normal mean and std; the paper's lognorm(m, s) is (-m, s) here.
   meanflow.time_std = 1.0
   meanflow.interval_fraction = 0.25  # Pairs with s > t (the paper's ratio of r != t); the rest are s = t.
+  meanflow.separate_end_times = False  # True: a pair's second time from logit_normal(end_time_mean, end_time_std).
+  meanflow.end_time_mean = 4.0  # The sampler of two distributions (with time_mean 0.6, std 1.6; s the later time).
+  meanflow.end_time_std = 1.6
   meanflow.adaptive_weight_power = 1.0  # p of the weight 1 / (||error||^2 + c)^p (0: none).
   meanflow.adaptive_weight_constant = 1e-3  # c of that weight.
   meanflow.guidance_scale = 1.0  # Class-conditional: the guidance w trained into the network (1: none).

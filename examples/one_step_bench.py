@@ -9,7 +9,8 @@ on the same network, with the same number of training updates each, measured by 
             pseudo-Huber part alone (no download)
   meanflow  MeanFlow from scratch (U updates): cifar10_meanflow.py's settings on the digits, or with
             --meanflow-settings imagenet the paper's ImageNet ones (25% of (t, r) with r != t, logit-normal times of
-            mean 0.4 and std 1 in this project's time, adaptive weight p = 1)
+            mean 0.4 and std 1 in this project's time, adaptive weight p = 1), or with two_distributions the CIFAR-10
+            ones with t ~ logit-normal(0.6, 1.6) and s ~ logit-normal(4, 1.6) (s the later time)
 
 --routes runs a subset (the rectified-flow routes share their 1-RF); --model dit gives every route the digits DiT
 demo's network (configs/rectified_flow/digits_dit_demo.py) in place of the DDPM++.
@@ -44,8 +45,10 @@ STEPS = (1, 2, 32)
 MODELS = {'ddpmpp': digits_config, 'dit': digits_dit_config}
 # set_meanflow's keyword arguments: the paper's CIFAR-10 settings (its defaults) and its ImageNet ones (Table 4 of
 # Geng et al. 2025: lognorm(-0.4, 1.0) in their time, where t = 0 is data, i.e. mean +0.4 here; 25% r != t; p = 1).
+# 'two_distributions': the CIFAR-10 settings with t ~ logit-normal(0.6, 1.6) and s ~ logit-normal(4, 1.6) here.
 MEANFLOW_SETTINGS = {'cifar10': {}, 'imagenet': dict(time_mean=0.4, time_std=1.0, interval_fraction=0.25,
-                                                     adaptive_weight_power=1.0)}
+                                                     adaptive_weight_power=1.0),
+                     'two_distributions': dict(time_mean=0.6, time_std=1.6, end_time=(4.0, 1.6))}
 
 
 def base_config(args, seed, updates):
@@ -254,7 +257,7 @@ def main(argv=None):
   parser.add_argument('--model', choices=sorted(MODELS), default='ddpmpp', help="every route's network")
   parser.add_argument('--meanflow-settings', choices=sorted(MEANFLOW_SETTINGS), default='cifar10',
                       help="the MeanFlow route's (t, r) sampling and adaptive weight: the paper's CIFAR-10 or "
-                           'ImageNet settings')
+                           'ImageNet settings, or the CIFAR-10 ones with t and s from two logit-normals')
   parser.add_argument('--set', type=key_value, nargs='+', action='extend', default=[], metavar='KEY=VALUE',
                       help='config keys of every training stage, set before the stage\'s own settings, which win '
                            '(a reflow student\'s learning rate of 2e-4, the MeanFlow keys of --meanflow-settings), '

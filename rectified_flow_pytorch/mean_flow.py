@@ -37,6 +37,10 @@ class MeanFlow(FlowFromNoise):
       'logit_normal' (the paper's) or any other of ``flow_math.TIME_DISTRIBUTIONS``; ``time_distribution_kwargs``
       go to it. Default for 'logit_normal': {'mean': 0.4, 'std': 1.0}, the paper's best ImageNet sampler
       lognorm(-0.4, 1.0) in this convention (its CIFAR-10 one, lognorm(-2.0, 2.0), is {'mean': 2.0, 'std': 2.0}).
+    end_time_distribution_kwargs: None (default): both draws of a pair come from ``time_distribution_kwargs``. Given
+      (e.g. {'mean': 4.0, 'std': 1.6}), the second draw comes from ``time_distribution`` with these instead: a
+      sampler of two distributions, one for the start and one (nearer the data) for the end of the interval; the
+      earlier draw is still t and the later s.
     interval_fraction: the probability that a sample's pair is an interval t < s: the earlier of the two draws is
       t and the later s; the other samples get s = t = the earlier draw, as rectified-flow samples. The paper's
       "ratio of r != t": 0.25 (ImageNet, best), 0.75 (CIFAR-10); 0 trains a plain rectified flow.
@@ -60,6 +64,7 @@ class MeanFlow(FlowFromNoise):
 
   def __init__(self, model, *, time_cond_kwarg='times', end_time_cond_kwarg='end_times',
                time_distribution='logit_normal', time_distribution_kwargs=None, interval_fraction=0.25,
+               end_time_distribution_kwargs=None,
                adaptive_weight_power=1.0, adaptive_weight_constant=1e-3, loss_reduction='sum', noise_std=1.0,
                num_classes=0, label_cond_kwarg='labels', label_dropout=0.0, guidance_scale=1.0, guidance_mix=0.0,
                guidance_interval=None):
@@ -86,6 +91,8 @@ class MeanFlow(FlowFromNoise):
     self.end_time_cond_kwarg = end_time_cond_kwarg
     self.time_distribution = time_distribution
     self.time_distribution_kwargs = dict(time_distribution_kwargs)
+    self.end_time_distribution_kwargs = dict(self.time_distribution_kwargs if end_time_distribution_kwargs is None
+                                             else end_time_distribution_kwargs)
     self.interval_fraction = interval_fraction
     self.adaptive_weight_power = adaptive_weight_power
     self.adaptive_weight_constant = adaptive_weight_constant
@@ -117,10 +124,12 @@ class MeanFlow(FlowFromNoise):
     return self.average_velocity(x, times, times, labels, **model_kwargs)
 
   def sample_time_pairs(self, batch_size, device=None, dtype=torch.float32, generator=None):
-    """(B,) start and end times t <= s: two draws of ``time_distribution``, t the earlier and s the later, and
-    s = t for each sample with probability 1 - ``interval_fraction`` (Geng et al. 2025, Sec. 4.3)."""
+    """(B,) start and end times t <= s: two draws of ``time_distribution`` (the second with
+    ``end_time_distribution_kwargs``), t the earlier and s the later, and s = t for each sample with probability
+    1 - ``interval_fraction`` (Geng et al. 2025, Sec. 4.3)."""
     draws = [flow_math.sample_times(batch_size, self.time_distribution, eps=0.0, device=device, dtype=dtype,
-                                    generator=generator, **self.time_distribution_kwargs) for _ in range(2)]
+                                    generator=generator, **kwargs)
+             for kwargs in (self.time_distribution_kwargs, self.end_time_distribution_kwargs)]
     times, end_times = torch.minimum(*draws), torch.maximum(*draws)
     intervals = torch.rand(batch_size, device=device, generator=generator) < self.interval_fraction
     return times, torch.where(intervals, end_times, times)

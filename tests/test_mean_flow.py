@@ -189,6 +189,32 @@ def test_time_pairs_follow_the_logit_normal_and_the_interval_fraction():
   assert abs(intervals - 0.25) < 4 * (0.25 * 0.75 / count) ** 0.5
 
 
+
+def test_time_pairs_of_two_distributions_are_the_min_and_max_of_one_draw_of_each():
+  """t ~ logit-normal(0.6, 1.6) and s ~ logit-normal(4, 1.6) drawn independently, t the earlier: the end times have
+  the CDF F_t F_s of the maximum and the start times 1 - (1 - F_t)(1 - F_s) of the minimum (Kolmogorov-Smirnov)."""
+  generator = torch.Generator().manual_seed(4)
+  count = 40000
+  flow = MeanFlow(nn.Identity(), interval_fraction=1.0, time_distribution_kwargs={'mean': 0.6, 'std': 1.6},
+                  end_time_distribution_kwargs={'mean': 4.0, 'std': 1.6})
+  times, end_times = flow.sample_time_pairs(count, dtype=torch.float64, generator=generator)
+  assert (times <= end_times).all()
+  normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+
+  def cdf(values, mean):
+    return normal.cdf((torch.logit(values) - mean) / 1.6)
+
+  def ks_distance(values, expected_cdf):
+    values = values.sort().values
+    empirical = torch.arange(1, count + 1, dtype=torch.float64) / count
+    return float((empirical - expected_cdf(values)).abs().max())
+
+  bound = 1.95 / count ** 0.5  # The KS critical value at 0.1%.
+  assert ks_distance(end_times, lambda v: cdf(v, 0.6) * cdf(v, 4.0)) < bound
+  assert ks_distance(times, lambda v: 1 - (1 - cdf(v, 0.6)) * (1 - cdf(v, 4.0))) < bound
+  same = MeanFlow(nn.Identity(), interval_fraction=1.0, time_distribution_kwargs={'mean': 0.6, 'std': 1.6})
+  assert same.end_time_distribution_kwargs == {'mean': 0.6, 'std': 1.6}  # Without the setting: one distribution.
+
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Any data shape; the gradient flows through the prediction only.
 

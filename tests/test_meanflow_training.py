@@ -113,6 +113,18 @@ def test_bf16_meanflow_keeps_fp32_state_and_its_first_loss_close_to_fp32(tmp_pat
   assert first_losses['bf16'] == pytest.approx(first_losses['fp32'], rel=0.02)
 
 
+def test_the_two_distribution_time_sampler_reaches_the_library_from_the_config():
+  config = meanflow_config()
+  config.meanflow.time_mean, config.meanflow.time_std = 0.6, 1.6
+  flow = losses.build_flow(config, losses.build_training_state(config, torch.device('cpu'))['model'])
+  assert flow.end_time_distribution_kwargs == {'mean': 0.6, 'std': 1.6}  # Off: both times from one distribution.
+  config.meanflow.separate_end_times = True
+  config.meanflow.end_time_mean, config.meanflow.end_time_std = 4.0, 1.5
+  flow = losses.build_flow(config, losses.build_training_state(config, torch.device('cpu'))['model'])
+  assert flow.time_distribution_kwargs == {'mean': 0.6, 'std': 1.6}
+  assert flow.end_time_distribution_kwargs == {'mean': 4.0, 'std': 1.5}
+
+
 def test_a_class_conditional_meanflow_trains_guidance_in_and_samples_one_row_per_class(tmp_path):
   """Labels with dropout and trained-in guidance (w = 2, kappa = 0.5 where t <= 0.8): the label embedding learns,
   the snapshot grids have a row per digit at 1 and 2 steps, and the eval sweep reports the class agreement."""
@@ -206,6 +218,8 @@ def test_the_eval_sweep_samples_at_1_and_2_steps_with_the_digit_fd_of_the_saved_
     ({'eval.metrics_backend': 'digits', 'data.dataset': 'CIFAR10', 'data.image_size': 32},
      r"metrics_backend='digits' measures the built-in digits"),
     ({'model.fused_norm': True}, r"fused GroupNorm.*--config.model.fused_norm=False"),
+    ({'meanflow.separate_end_times': True, 'meanflow.time_distribution': 'uniform'},
+     r"separate_end_times draws the end times from a logit-normal.*time_distribution='logit_normal'"),
 ])
 def test_a_meanflow_config_that_cannot_work_is_a_clear_error(tmp_path, change, message):
   config = meanflow_config(1)

@@ -66,3 +66,12 @@ def test_set_refuses_a_key_the_config_lacks_and_a_value_of_another_type(tmp_path
       one_step_bench.main(['--updates', '4', '--batch', '8', '--seeds', '0', '--small', '--routes', '1rf',
                            '--set', setting, '--workdir', str(tmp_path)])
   assert not (tmp_path / 'seed_0').exists()  # Refused before anything trained.
+
+
+def test_the_two_distribution_meanflow_settings_train_with_their_own_end_times(tmp_path):
+  one_step_bench.main(['--updates', '4', '--batch', '8', '--samples', '8', '--seeds', '0', '--small',
+                       '--routes', 'meanflow', '--meanflow-settings', 'two_distributions', '--workdir', str(tmp_path)])
+  m = json.loads((tmp_path / 'seed_0' / 'meanflow' / 'config.json').read_text())['meanflow']
+  assert (m['time_mean'], m['time_std'], m['separate_end_times'], m['end_time_mean'], m['end_time_std']) == (
+      0.6, 1.6, True, 4.0, 1.6)
+  assert m['interval_fraction'] == 0.75  # The CIFAR-10 settings otherwise.

@@ -189,7 +189,6 @@ def test_time_pairs_follow_the_logit_normal_and_the_interval_fraction():
   assert abs(intervals - 0.25) < 4 * (0.25 * 0.75 / count) ** 0.5
 
 
-
 def test_time_pairs_of_two_distributions_are_the_min_and_max_of_one_draw_of_each():
   """t ~ logit-normal(0.6, 1.6) and s ~ logit-normal(4, 1.6) drawn independently, t the earlier: the end times have
   the CDF F_t F_s of the maximum and the start times 1 - (1 - F_t)(1 - F_s) of the minimum (Kolmogorov-Smirnov)."""
@@ -214,6 +213,7 @@ def test_time_pairs_of_two_distributions_are_the_min_and_max_of_one_draw_of_each
   assert ks_distance(times, lambda v: 1 - (1 - cdf(v, 0.6)) * (1 - cdf(v, 4.0))) < bound
   same = MeanFlow(nn.Identity(), interval_fraction=1.0, time_distribution_kwargs={'mean': 0.6, 'std': 1.6})
   assert same.end_time_distribution_kwargs == {'mean': 0.6, 'std': 1.6}  # Without the setting: one distribution.
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Any data shape; the gradient flows through the prediction only.

@@ -295,8 +295,8 @@ def held_out_loss(config, flow, device):
     x1, labels = scaler(batch.x1).to(device), batch.labels
     noise = (torch.randn(x1.shape, generator=generator) * flow.noise_std).to(device)
     if isinstance(flow, MeanFlow):  # Its own (t, s) pairs: the loss it trains on.
-      times = {key: value.to(device) for key, value in zip(
-          ('times', 'end_times'), flow.sample_time_pairs(x1.shape[0], generator=generator))}
+      times = {key: value.to(device) for key, value in
+               flow.sample_training_times(x1.shape[0], generator=generator).items()}
     else:
       times = {'times': flow_math.sample_times(x1.shape[0], 'uniform', eps=flow.time_eps,
                                                generator=generator).to(device)}

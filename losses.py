@@ -8,13 +8,14 @@ import torch.nn.functional as F
 
 import pretrained_weights
 from models import ExponentialMovingAverage, VelocityField, create_model, num_classes, time_scales
-from rectified_flow_pytorch import MeanFlow, RectifiedFlow, flow_math
+from rectified_flow_pytorch import MeanFlow, RectifiedFlow, SplitMeanFlow, flow_math
 from sampling import checked_interval
 from speed.precision import training_autocast
 
 REFLOW_LOSSES = ('l2', 'lpips', 'lpips+l2', 'lpips_huber', 'pseudo_huber')
 LPIPS_LOSSES = ('lpips', 'lpips+l2', 'lpips_huber')  # The reflow losses that need the LPIPS network (VGG16 weights).
 OBJECTIVES = ('rectified_flow', 'meanflow')
+MEANFLOW_TARGETS = ('jvp', 'split')  # meanflow.target: MeanFlow's forward-mode identity, or SplitMeanFlow's.
 VGG16_WEIGHTS_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
 
 
@@ -47,10 +48,13 @@ def check_objective(config):
   if config.model.time_inputs != 2:
     raise ValueError(f"training.objective='meanflow' needs a network of two times (the start t and end s of a step): "
                      f"set --config.model.time_inputs=2 (it is {config.model.time_inputs})")
-  if config.model.fused_norm:
+  target = config.meanflow.get('target', 'jvp')
+  if target not in MEANFLOW_TARGETS:
+    raise ValueError(f'Unknown meanflow.target {target!r}; valid: {list(MEANFLOW_TARGETS)}')
+  if config.model.fused_norm and target == 'jvp':
     raise ValueError("training.objective='meanflow' differentiates the network in forward mode (dual numbers), "
                      "which has never run through the fused GroupNorm + SiLU kernel (CUDA): set "
-                     "--config.model.fused_norm=False")
+                     "--config.model.fused_norm=False (or train without forward mode: --config.meanflow.target=split)")
 
 
 def build_flow(config, net):
@@ -65,7 +69,8 @@ def build_mean_flow(config, net):
   """The library's ``MeanFlow`` around ``net`` (a network of two times, ``model.time_inputs = 2``) with the settings
   of ``config.meanflow``; ``VelocityField`` gives the network t and s - t on ``model.time_scale`` and
   ``model.interval_scale``. A class-conditional model drops labels with ``training.label_dropout``; guidance is
-  trained in (``meanflow.guidance_*``)."""
+  trained in (``meanflow.guidance_*``). ``meanflow.target='split'`` trains it without a forward-mode pass, as the
+  library's ``SplitMeanFlow`` (``meanflow.split_point``)."""
   m, classes = config.meanflow, num_classes(config)
   distribution_kwargs = ({'mean': m.time_mean, 'std': m.time_std} if m.time_distribution == 'logit_normal' else {})
   end_kwargs = None
@@ -77,13 +82,16 @@ def build_mean_flow(config, net):
     end_kwargs = {'mean': m.end_time_mean, 'std': m.end_time_std}
   interval = checked_interval('meanflow.guidance', m.guidance_t_min, m.guidance_t_max)
   field = velocity_field(config, net)
-  return MeanFlow(field, time_distribution=m.time_distribution, time_distribution_kwargs=distribution_kwargs,
-                  interval_fraction=m.interval_fraction, end_time_distribution_kwargs=end_kwargs,
-                  adaptive_weight_power=m.adaptive_weight_power, adaptive_weight_constant=m.adaptive_weight_constant,
-                  loss_reduction='mean' if config.training.reduce_mean else 'sum',
-                  noise_std=config.sampling.init_noise_scale, num_classes=classes,
-                  label_dropout=config.training.label_dropout if classes else 0.0,
-                  guidance_scale=m.guidance_scale, guidance_mix=m.guidance_mix, guidance_interval=interval)
+  kwargs = dict(time_distribution=m.time_distribution, time_distribution_kwargs=distribution_kwargs,
+                interval_fraction=m.interval_fraction, end_time_distribution_kwargs=end_kwargs,
+                adaptive_weight_power=m.adaptive_weight_power, adaptive_weight_constant=m.adaptive_weight_constant,
+                loss_reduction='mean' if config.training.reduce_mean else 'sum',
+                noise_std=config.sampling.init_noise_scale, num_classes=classes,
+                label_dropout=config.training.label_dropout if classes else 0.0,
+                guidance_scale=m.guidance_scale, guidance_mix=m.guidance_mix, guidance_interval=interval)
+  if m.get('target', 'jvp') == 'split':
+    return SplitMeanFlow(field, split_point=m.split_point, **kwargs)
+  return MeanFlow(field, **kwargs)
 
 
 OPTIMIZERS = {'Adam': torch.optim.Adam, 'AdamW': torch.optim.AdamW}
@@ -191,10 +199,10 @@ def library_loss_flow(flow, loss, lpips_model=None):
 
 def draw_times(flow, size, device, dtype=torch.float32, generator=None, times_fn=None):
   """The times of ``size`` training samples as the flow's keyword arguments: {'times': (size,)} for a rectified
-  flow (``times_fn(size, device, generator)`` where given), {'times', 'end_times'} (t <= s) for a ``MeanFlow``."""
+  flow (``times_fn(size, device, generator)`` where given), {'times', 'end_times'} (t <= s) for a ``MeanFlow`` (and
+  'split_fractions' for a ``SplitMeanFlow``: ``sample_training_times``)."""
   if isinstance(flow, MeanFlow):
-    times, end_times = flow.sample_time_pairs(size, device=device, dtype=dtype, generator=generator)
-    return {'times': times, 'end_times': end_times}
+    return flow.sample_training_times(size, device=device, dtype=dtype, generator=generator)
   if times_fn is None:
     return {'times': flow.sample_times(size, device=device, dtype=dtype, generator=generator)}
   return {'times': times_fn(size, device, generator)}

@@ -1,4 +1,4 @@
-"""One-step generation on the digits (CPU, no download): the three one-step routes (and, on request, the 1-RF alone)
+"""One-step generation on the digits (CPU, no download): the four one-step routes (and, on request, the 1-RF alone)
 on the same network, with the same number of training updates each, measured by the same evaluation sweep
 (``run_lib.evaluate``, eval.metrics_backend='digits').
 
@@ -11,6 +11,8 @@ on the same network, with the same number of training updates each, measured by 
             --meanflow-settings imagenet the paper's ImageNet ones (25% of (t, r) with r != t, logit-normal times of
             mean 0.4 and std 1 in this project's time, adaptive weight p = 1), or with two_distributions the CIFAR-10
             ones with t ~ logit-normal(0.6, 1.6) and s ~ logit-normal(4, 1.6) (s the later time)
+  splitmeanflow  the same from scratch with SplitMeanFlow's target (meanflow.target='split': interval splitting,
+            no forward-mode pass; --set meanflow.split_point=midpoint for the shortcut models' half steps)
 
 --routes runs a subset (the rectified-flow routes share their 1-RF); --model dit gives every route the digits DiT
 demo's network (configs/rectified_flow/digits_dit_demo.py) in place of the DDPM++.
@@ -19,6 +21,8 @@ Every route's final checkpoint is swept at 1 and 2 steps (Euler from t = eps for
 for the MeanFlow) and at 32 steps, where the straightness of the sampling path is measured; the table gives the
 digits' Frechet distance (FD), the straightness, the total updates and the total wall time (stages shared by two
 routes count for both), as mean and spread over the seeds. Pair generation is counted in wall time, not in updates.
+A last row gives the floor: the FD of as many real digits as samples against all of them (and, below the table, of
+two disjoint halves), what a perfect sampler would score.
 
   python examples/one_step_bench.py                       # U = 2000, 3 seeds: a few hours on 2 CPU cores
   python examples/one_step_bench.py --updates 1000 --seeds 0
@@ -40,7 +44,8 @@ from configs.rectified_flow.cifar10_meanflow import set_meanflow  # noqa: E402
 from configs.rectified_flow.digits_dit_demo import get_config as digits_dit_config  # noqa: E402
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_config  # noqa: E402
 
-ROUTES = ('1rf', 'reflow', '2rfpp', 'meanflow')
+ROUTES = ('1rf', 'reflow', '2rfpp', 'meanflow', 'splitmeanflow')
+MEANFLOW_ROUTES = {'meanflow': 'jvp', 'splitmeanflow': 'split'}  # Route -> meanflow.target.
 STEPS = (1, 2, 32)
 MODELS = {'ddpmpp': digits_config, 'dit': digits_dit_config}
 # set_meanflow's keyword arguments: the paper's CIFAR-10 settings (its defaults) and its ImageNet ones (Table 4 of
@@ -155,7 +160,7 @@ def run_seed(args, seed):
   root = os.path.join(args.workdir, f'seed_{seed}')
   u = args.updates
   dirs = {name: os.path.join(root, name) for name in ('1rf_alone', '1rf', 'pairs_1rf', '2rf', 'pairs_2rf', 'distill',
-                                                     '2rfpp', 'meanflow')}
+                                                     '2rfpp', 'meanflow', 'splitmeanflow')}
   seconds, finals = {}, {}
   if '1rf' in args.routes:
     alone = base_config(args, seed, u)
@@ -179,15 +184,18 @@ def run_seed(args, seed):
     plus = reflow_config(args, seed, u - u // 2, checkpoint(dirs['1rf']), dirs['pairs_1rf'], '2rfpp')
     timed(seconds, '2rfpp', run_lib.reflow, plus, dirs['2rfpp'])
     finals['2rfpp'] = (plus, dirs['2rfpp'], 'euler')
-  if 'meanflow' in args.routes:
-    meanflow = set_meanflow(base_config(args, seed, u), **MEANFLOW_SETTINGS[args.meanflow_settings])
-    meanflow.sampling.sample_steps = ()
-    timed(seconds, 'meanflow', run_lib.train, meanflow, dirs['meanflow'])
-    finals['meanflow'] = (meanflow, dirs['meanflow'], 'mean_flow')
+  for route, target in MEANFLOW_ROUTES.items():
+    if route in args.routes:
+      meanflow = set_meanflow(base_config(args, seed, u), **MEANFLOW_SETTINGS[args.meanflow_settings],
+                              target=target)
+      meanflow.sampling.sample_steps = ()
+      timed(seconds, route, run_lib.train, meanflow, dirs[route])
+      finals[route] = (meanflow, dirs[route], 'mean_flow')
 
   stages = {'1rf': ('1rf_alone',), 'reflow': ('1rf', 'pairs_1rf', '2rf', 'pairs_2rf', 'distill'),
-            '2rfpp': ('1rf', 'pairs_1rf', '2rfpp'), 'meanflow': ('meanflow',)}
-  updates = {'1rf': u, 'reflow': u // 2 + u // 4 + (u - u // 2 - u // 4), '2rfpp': u // 2 + (u - u // 2), 'meanflow': u}
+            '2rfpp': ('1rf', 'pairs_1rf', '2rfpp'), 'meanflow': ('meanflow',), 'splitmeanflow': ('splitmeanflow',)}
+  updates = {'1rf': u, 'reflow': u // 2 + u // 4 + (u - u // 2 - u // 4), '2rfpp': u // 2 + (u - u // 2), 'meanflow': u,
+             'splitmeanflow': u}
   results = {}
   for route in args.routes:
     config, workdir, sampler = finals[route]
@@ -200,6 +208,21 @@ def run_seed(args, seed):
   return results
 
 
+def real_floor(samples, seed):
+  """The digit FD that real digits score at the sweep's sizes (the floor of every route's FD): ``samples`` digits
+  (a random permutation by ``seed``, the digits repeated where more are asked than the 1,797) against all of them,
+  the sweep's reference; and two disjoint halves of the digits against each other."""
+  import evaluation_digits
+
+  images, classifier = evaluation_digits.real_digits()[0], evaluation_digits.digit_classifier()
+  order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+  half = len(images) // 2
+  return {'sweep_sizes': evaluation_digits.frechet_distance_digits(classifier, images[order.repeat(
+              -(-samples // len(images)))[:samples]], images),
+          'halves': evaluation_digits.frechet_distance_digits(classifier, images[order[:half]],
+                                                              images[order[half:2 * half]])}
+
+
 def spread(values):
   values = np.asarray(values, dtype=float)
   if len(values) == 1:
@@ -207,7 +230,8 @@ def spread(values):
   return f'{values.mean():.2f} ± {values.std(ddof=1):.2f}'
 
 
-def table(all_results, seeds, routes):
+def table(all_results, seeds, routes, floors):
+  """The markdown table: a row per route, then the floor (``real_floor`` per seed) at the sweep's sizes."""
   lines = ['| route | FD, 1 step | FD, 2 steps | FD, 32 steps | straightness, 32 steps | FD, RK45 (NFE) | updates | '
            'wall time (s) |', '|---|---|---|---|---|---|---|---|']
   for route in routes:
@@ -220,7 +244,11 @@ def table(all_results, seeds, routes):
               f"({spread([run['reports']['rk45']['nfe_mean'] for run in runs])})")
     lines.append(f'| {route} | {fd[1]} | {fd[2]} | {fd[32]} | {straight} | {rk45} | {runs[0]["updates"]} | '
                  f'{spread([run["seconds"] for run in runs])} |')
-  return '\n'.join(lines)
+  floor = spread([floors[seed]['sweep_sizes'] for seed in seeds])
+  lines.append(f'| real digits (the floor) | {floor} | {floor} | {floor} | - | - | - | - |')
+  halves = spread([floors[seed]['halves'] for seed in seeds])
+  return '\n'.join(lines) + (f'\n\nThe floor: as many real digits as samples, against all of them (the reference of '
+                             f'the sweep); two disjoint halves of the digits score {halves}.')
 
 
 def grid(all_results, seed, routes, path, per_cell=16):
@@ -253,7 +281,7 @@ def main(argv=None):
   parser.add_argument('--lpips-weights', default='', help='VGG16 weights file: 2-RF++ with its LPIPS-Huber loss')
   parser.add_argument('--small', action='store_true', help='a smaller network for every route (a quick look)')
   parser.add_argument('--routes', nargs='+', choices=ROUTES, default=list(ROUTES[1:]),
-                      help='the routes to run (default: the three one-step routes)')
+                      help='the routes to run (default: the one-step routes, all but 1rf)')
   parser.add_argument('--model', choices=sorted(MODELS), default='ddpmpp', help="every route's network")
   parser.add_argument('--meanflow-settings', choices=sorted(MEANFLOW_SETTINGS), default='cifar10',
                       help="the MeanFlow route's (t, r) sampling and adaptive weight: the paper's CIFAR-10 or "
@@ -270,12 +298,15 @@ def main(argv=None):
     parser.error(f'--pairs ({args.pairs}) must hold at least one batch (--batch {args.batch})')
   os.makedirs(args.workdir, exist_ok=True)
   all_results = {seed: run_seed(args, seed) for seed in args.seeds}
-  text = table(all_results, args.seeds, args.routes)
+  floors = {seed: real_floor(args.samples, seed) for seed in args.seeds}
+  text = table(all_results, args.seeds, args.routes, floors)
   png = grid(all_results, args.seeds[0], args.routes, os.path.join(args.workdir, 'one_step_bench.png'))
   summary = {str(seed): {route: {'digit_fd': {str(k): report['digit_fd'] for k, report in run['reports'].items()},
                                  'straightness_32': run['reports'][32]['straightness'], 'updates': run['updates'],
                                  'seconds': run['seconds']} for route, run in routes.items()}
              for seed, routes in all_results.items()}
+  for seed, floor in floors.items():
+    summary[str(seed)]['real_digits'] = floor
   atomic_files.write_json(os.path.join(args.workdir, 'one_step_bench.json'), summary)
   network = {'ddpmpp': 'DDPM++', 'dit': 'DiT'}[args.model]
   header = (f'digits, {network} ({"small" if args.small else "the demo size"}), {args.updates} updates of batch '

@@ -7,6 +7,7 @@ from rectified_flow_pytorch import flow_math
 from rectified_flow_pytorch.rectified_flow import FlowFromNoise
 
 LOSS_REDUCTIONS = ('sum', 'mean')
+SPLIT_POINTS = ('uniform', 'midpoint')
 
 
 class MeanFlow(FlowFromNoise):
@@ -61,6 +62,8 @@ class MeanFlow(FlowFromNoise):
       keep v, so that the network also learns the unconditional field. w = 1, kappa = 0 is no guidance. Needs
       ``label_dropout`` > 0.
   """
+
+  target_kwargs = ()  # The keywords of ``per_sample_loss`` that go to the target, not to the network.
 
   def __init__(self, model, *, time_cond_kwarg='times', end_time_cond_kwarg='end_times',
                time_distribution='logit_normal', time_distribution_kwargs=None, interval_fraction=0.25,
@@ -134,6 +137,12 @@ class MeanFlow(FlowFromNoise):
     intervals = torch.rand(batch_size, device=device, generator=generator) < self.interval_fraction
     return times, torch.where(intervals, end_times, times)
 
+  def sample_training_times(self, batch_size, device=None, dtype=torch.float32, generator=None):
+    """The keyword arguments of ``per_sample_loss`` that a training sample draws besides its noise, for a batch:
+    {'times': t, 'end_times': s} (``sample_time_pairs``)."""
+    times, end_times = self.sample_time_pairs(batch_size, device=device, dtype=dtype, generator=generator)
+    return {'times': times, 'end_times': end_times}
+
   @torch.no_grad()
   def guided_velocity(self, x_t, times, velocity, model_labels, **model_kwargs):
     """The velocity v~ that replaces v in the identity under trained-in guidance (see the class docstring): v for
@@ -181,7 +190,8 @@ class MeanFlow(FlowFromNoise):
     """The loss of each sample, (B,): sg(w) ||u_theta(X_t, t, s) - sg(u_tgt)||^2 with the adaptive weight w.
 
     X0, (t, s) are drawn where not given (``times`` and ``end_times`` come together). ``labels`` (B,) condition a
-    class-conditional model, after label dropout (``training_labels``).
+    class-conditional model, after label dropout (``training_labels``). The keywords named by ``target_kwargs``
+    (``SplitMeanFlow``'s ``split_fractions``) go to the target; the other ``model_kwargs`` to the network.
     """
     if (times is None) != (end_times is None):
       raise ValueError('Pass both times= and end_times= (start and end of each interval, s = t for none), or neither')
@@ -191,11 +201,13 @@ class MeanFlow(FlowFromNoise):
       noise = self.sample_noise(data.shape, device=data.device, dtype=data.dtype)
     if times is None:
       times, end_times = self.sample_time_pairs(data.shape[0], device=data.device, dtype=data.dtype)
+    target_kwargs = {key: model_kwargs.pop(key) for key in self.target_kwargs if key in model_kwargs}
     x_t = flow_math.interpolate(noise, data, times)
     labels = self.training_labels(labels, data.shape[0], data.device, label_drops)
     model_labels = self.model_labels(labels, data.shape[0], data.device)
     velocity = self.guided_velocity(x_t, times, flow_math.velocity_target(noise, data), model_labels, **model_kwargs)
-    prediction, target = self.average_velocity_and_target(x_t, times, end_times, velocity, labels, **model_kwargs)
+    prediction, target = self.average_velocity_and_target(x_t, times, end_times, velocity, labels, **target_kwargs,
+                                                          **model_kwargs)
     squared_error = flow_math.per_sample_squared_error(prediction, target, self.loss_reduction)
     if not self.adaptive_weight_power:
       return squared_error
@@ -226,3 +238,67 @@ class MeanFlow(FlowFromNoise):
       x = x + (end - start) * self._call_model(x, times, end_times, model_labels, model_kwargs)
     self.last_sample_nfe = steps
     return x
+
+
+class SplitMeanFlow(MeanFlow):
+  """A MeanFlow trained without a Jacobian-vector product: the target of an interval comes from the network's own
+  average velocities over two parts of it (SplitMeanFlow, Guo et al. 2025; shortcut models, Frans et al. 2024, are
+  the midpoint case).
+
+  The average velocity is additive over intervals: for t <= m <= s on one trajectory,
+      (s - t) u(z_t, t, s) = (m - t) u(z_t, t, m) + (s - m) u(z_m, m, s),   z_m = z_t + (m - t) u(z_t, t, m),
+  so with m = t + lam (s - t), u(z_t, t, s) = lam u(z_t, t, m) + (1 - lam) u(z_m, m, s). Training regresses
+  u_theta(X_t, t, s) on sg(lam u_theta(X_t, t, m) + (1 - lam) u_theta(z_m, m, s)) for the interval samples (s > t)
+  and on the conditional velocity X1 - X0 for the others (s = t, the boundary condition u(z, t, t) = v, a
+  rectified flow's target): two network evaluations without gradient in place of a forward-mode pass, so any
+  network (and any kernel without a forward-mode rule) trains. As lam -> 0 the target tends to MeanFlow's, with the
+  network's own velocity u_theta(z_t, t, t) as the tangent: target = u + lam (v_theta + (s - t) d/dt u - u) + O(lam^2).
+
+  Everything else (the time pairs, the adaptive weight, labels, trained-in guidance of the boundary target,
+  sampling) is ``MeanFlow``'s, whose arguments it takes, plus:
+    split_point: where an interval splits: 'uniform' (lam ~ U(0, 1) per sample, SplitMeanFlow's) or 'midpoint'
+      (lam = 1/2, the shortcut models' two half steps).
+  """
+
+  target_kwargs = ('split_fractions',)
+
+  def __init__(self, model, *, split_point='uniform', **kwargs):
+    super().__init__(model, **kwargs)
+    if split_point not in SPLIT_POINTS:
+      raise ValueError(f'Unknown split_point={split_point!r}; valid: {list(SPLIT_POINTS)}')
+    self.split_point = split_point
+
+  def sample_split_fractions(self, batch_size, device=None, dtype=torch.float32, generator=None):
+    """(B,) fractions lam in [0, 1]: the split point m = t + lam (s - t) of each sample's interval."""
+    if self.split_point == 'midpoint':
+      return torch.full((batch_size,), 0.5, device=device, dtype=dtype)
+    return torch.rand(batch_size, device=device, dtype=dtype, generator=generator)
+
+  def sample_training_times(self, batch_size, device=None, dtype=torch.float32, generator=None):
+    """{'times': t, 'end_times': s, 'split_fractions': lam} for a batch (the fractions drawn after the pairs)."""
+    times = super().sample_training_times(batch_size, device=device, dtype=dtype, generator=generator)
+    times['split_fractions'] = self.sample_split_fractions(batch_size, device=device, dtype=dtype,
+                                                           generator=generator)
+    return times
+
+  def average_velocity_and_target(self, x_t, times, end_times, velocity, labels=None, split_fractions=None,
+                                  **model_kwargs):
+    """(u_theta(x_t, t, s), target) for a (B, ...) batch on the path, (B,) times t <= s and the velocity v that
+    moves x_t: the target is sg(lam u_theta(x_t, t, m) + (1 - lam) u_theta(z_m, m, s)) where s > t and v where
+    s = t (``split_fractions`` lam, (B,), drawn when None). Only the first carries a gradient."""
+    model_labels = self.model_labels(labels, x_t.shape[0], x_t.device)
+    if split_fractions is None:
+      split_fractions = self.sample_split_fractions(x_t.shape[0], device=x_t.device, dtype=x_t.dtype)
+    ndim = x_t.dim()
+    fractions = flow_math.append_dims(split_fractions, ndim).to(x_t.dtype)
+    middle = times + split_fractions.to(times.dtype) * (end_times - times)
+    # The two evaluations without gradient come first, so that a DistributedDataParallel wrapper sees one forward
+    # with gradient per backward, as for any other loss.
+    with torch.no_grad():
+      first = self._call_model(x_t, times, middle, model_labels, model_kwargs)
+      x_middle = x_t + flow_math.append_dims(middle - times, ndim).to(x_t.dtype) * first
+      second = self._call_model(x_middle, middle, end_times, model_labels, model_kwargs)
+      split = fractions * first + (1.0 - fractions) * second
+      target = torch.where(flow_math.append_dims(end_times > times, ndim), split, velocity.detach())
+    prediction = self._call_model(x_t, times, end_times, model_labels, model_kwargs)
+    return prediction, target

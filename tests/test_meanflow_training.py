@@ -14,16 +14,19 @@ import losses
 import run_lib
 import sampling
 from datasets import streams
-from rectified_flow_pytorch import MeanFlow, flow_math
+from rectified_flow_pytorch import MeanFlow, SplitMeanFlow, flow_math
 from tests.helpers import flat_state, tiny_digits_config
 
+TARGETS = pytest.mark.parametrize('target', ['jvp', 'split'])  # MeanFlow's and SplitMeanFlow's (no forward mode).
 
-def meanflow_config(n_iters=4, **training):
+
+def meanflow_config(n_iters=4, target='jvp', **training):
   config = tiny_digits_config(**{'n_iters': n_iters, 'snapshot_freq': 100, 'snapshot_freq_for_preemption': 2,
                                  **training})
   config.training.objective = 'meanflow'
   config.model.time_inputs = 2
   config.meanflow.interval_fraction = 0.5  # Half the samples on intervals, half on the rectified-flow diagonal.
+  config.meanflow.target = target
   config.sampling.use_ode_sampler = 'mean_flow'
   config.sampling.sample_steps = (1, 2)
   return config
@@ -33,12 +36,14 @@ def records(workdir):
   return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
-def test_meanflow_trains_in_the_loop_and_an_interrupted_run_resumes_exactly(tmp_path):
+@TARGETS
+def test_meanflow_trains_in_the_loop_and_an_interrupted_run_resumes_exactly(tmp_path, target):
   """4 updates in one go equal 2 updates, a restart and 2 more (weights, EMA, Adam, logged losses): the JVP step
-  draws its noise and (t, s) pairs from the saved generator like the rectified-flow step."""
-  uninterrupted = run_lib.train(meanflow_config(4), str(tmp_path / 'a'))
-  run_lib.train(meanflow_config(2), str(tmp_path / 'b'))
-  resumed = run_lib.train(meanflow_config(4), str(tmp_path / 'b'))
+  (or SplitMeanFlow's) draws its noise, (t, s) pairs and split points from the saved generator like the
+  rectified-flow step."""
+  uninterrupted = run_lib.train(meanflow_config(4, target), str(tmp_path / 'a'))
+  run_lib.train(meanflow_config(2, target), str(tmp_path / 'b'))
+  resumed = run_lib.train(meanflow_config(4, target), str(tmp_path / 'b'))
   expected, actual = flat_state(uninterrupted), flat_state(resumed)
   assert expected.keys() == actual.keys()
   assert all(torch.equal(expected[key], actual[key]) for key in expected)
@@ -52,15 +57,17 @@ def test_meanflow_trains_in_the_loop_and_an_interrupted_run_resumes_exactly(tmp_
   assert interval and any(p.abs().sum() > 0 for p in interval)
 
 
-def test_the_loop_loss_is_the_library_loss_on_the_global_batch_draws():
+@TARGETS
+def test_the_loop_loss_is_the_library_loss_on_the_global_batch_draws(target):
   """The framework's MeanFlow loss of a global batch of 8 is the library's MeanFlow loss on the noise and (t, s)
   pairs drawn for all 8 rows from the path generator, and two micro-batches of 4 (each slicing those draws) give
   the same per-sample losses, so processes and micro-batches do not change what a sample trains on."""
-  config = meanflow_config()
+  config = meanflow_config(target=target)
   torch.manual_seed(0)
   state = losses.build_training_state(config, torch.device('cpu'))
   flow = losses.build_flow(config, state['model'])
   assert isinstance(flow, MeanFlow) and flow.interval_fraction == 0.5 and flow.loss_reduction == 'mean'
+  assert isinstance(flow, SplitMeanFlow) == (target == 'split')
   flow.model.train(False)  # No dropout: equal inputs give equal outputs.
   x1 = torch.rand(8, 1, 16, 16) * 2 - 1
   loss_fn = losses.get_loss_fn(config, flow)
@@ -71,9 +78,10 @@ def test_the_loop_loss_is_the_library_loss_on_the_global_batch_draws():
 
   generator = torch.Generator().manual_seed(5)
   noise = torch.randn(x1.shape, generator=generator)
-  times, end_times = flow.sample_time_pairs(8, generator=generator)
-  assert (end_times >= times).all() and (end_times > times).any() and (end_times == times).any()
-  torch.testing.assert_close(whole, flow(x1, noise=noise, times=times, end_times=end_times), rtol=1e-6, atol=0)
+  times = flow.sample_training_times(8, generator=generator)
+  assert (times['end_times'] >= times['times']).all() and (times['end_times'] > times['times']).any()
+  assert (times['end_times'] == times['times']).any() and ('split_fractions' in times) == (target == 'split')
+  torch.testing.assert_close(whole, flow(x1, noise=noise, **times), rtol=1e-6, atol=0)
 
 
 def test_a_non_finite_meanflow_update_is_skipped_and_counted(tmp_path):
@@ -97,12 +105,13 @@ def test_a_non_finite_meanflow_update_is_skipped_and_counted(tmp_path):
   assert all(torch.equal(expected[key], actual[key]) for key in expected)
 
 
-def test_bf16_meanflow_keeps_fp32_state_and_its_first_loss_close_to_fp32(tmp_path):
+@TARGETS
+def test_bf16_meanflow_keeps_fp32_state_and_its_first_loss_close_to_fp32(tmp_path, target):
   """Under bf16 autocast the JVP runs in bf16 and the weights, EMA and Adam stay float32; the first update's loss
   (same weights, same draws) is within bf16 round-off of the fp32 one."""
   first_losses = {}
   for precision in ('fp32', 'bf16'):
-    config = meanflow_config(2)
+    config = meanflow_config(2, target)
     config.training.precision = precision
     state = run_lib.train(config, str(tmp_path / precision))
     assert all(p.dtype == torch.float32 for p in state['model'].parameters())
@@ -125,10 +134,11 @@ def test_the_two_distribution_time_sampler_reaches_the_library_from_the_config()
   assert flow.end_time_distribution_kwargs == {'mean': 4.0, 'std': 1.5}
 
 
-def test_a_class_conditional_meanflow_trains_guidance_in_and_samples_one_row_per_class(tmp_path):
+@TARGETS
+def test_a_class_conditional_meanflow_trains_guidance_in_and_samples_one_row_per_class(tmp_path, target):
   """Labels with dropout and trained-in guidance (w = 2, kappa = 0.5 where t <= 0.8): the label embedding learns,
   the snapshot grids have a row per digit at 1 and 2 steps, and the eval sweep reports the class agreement."""
-  config = meanflow_config(2, snapshot_freq=2)
+  config = meanflow_config(2, target, snapshot_freq=2)
   config.model.num_classes = 10
   config.training.label_dropout = 0.5
   m = config.meanflow
@@ -217,7 +227,9 @@ def test_the_eval_sweep_samples_at_1_and_2_steps_with_the_digit_fd_of_the_saved_
     ({'sampling.sample_steps': (1, 1)}, r"distinct step counts"),
     ({'eval.metrics_backend': 'digits', 'data.dataset': 'CIFAR10', 'data.image_size': 32},
      r"metrics_backend='digits' measures the built-in digits"),
-    ({'model.fused_norm': True}, r"fused GroupNorm.*--config.model.fused_norm=False"),
+    ({'model.fused_norm': True}, r"fused GroupNorm.*--config.model.fused_norm=False.*meanflow.target=split"),
+    ({'meanflow.target': 'taylor'}, r"Unknown meanflow.target 'taylor'; valid: \['jvp', 'split'\]"),
+    ({'meanflow.target': 'split', 'meanflow.split_point': 'half'}, r"Unknown split_point='half'"),
     ({'meanflow.separate_end_times': True, 'meanflow.time_distribution': 'uniform'},
      r"separate_end_times draws the end times from a logit-normal.*time_distribution='logit_normal'"),
 ])

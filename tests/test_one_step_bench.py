@@ -12,27 +12,49 @@ from examples import one_step_bench
 def test_the_bench_runs_every_route_and_reports_what_the_eval_sweep_measured(tmp_path):
   summary = one_step_bench.main(['--updates', '8', '--batch', '8', '--pairs', '24', '--samples', '16', '--seeds', '0',
                                  '--small', '--workdir', str(tmp_path)])
+  floor = summary['0'].pop('real_digits')
   routes = summary['0']
-  assert set(routes) == {'reflow', '2rfpp', 'meanflow'}
+  assert set(routes) == {'reflow', '2rfpp', 'meanflow', 'splitmeanflow'}
   assert {route['updates'] for route in routes.values()} == {8}
-  finals = {'reflow': 'distill', '2rfpp': '2rfpp', 'meanflow': 'meanflow'}
+  finals = {'reflow': 'distill', '2rfpp': '2rfpp', 'meanflow': 'meanflow', 'splitmeanflow': 'splitmeanflow'}
   for name, route in routes.items():
     for steps in (1, 2, 32):
       report = json.loads((tmp_path / 'seed_0' / finals[name] / 'bench_eval' / f'report_1_{steps}step.json')
                           .read_text())
       assert report['digit_fd'] == route['digit_fd'][str(steps)] and math.isfinite(report['digit_fd'])
       assert report['nfe_mean'] == steps and report['num_samples'] == 16
-      assert report['sampler'] == ('mean_flow' if name == 'meanflow' else 'euler')
+      assert report['sampler'] == ('mean_flow' if 'meanflow' in name else 'euler')
     assert route['straightness_32'] >= 0 and route['seconds'] > 0
   # The 2-RF++ route trained with the recipe's times and, without VGG16 weights, its pseudo-Huber loss.
   resolved = json.loads((tmp_path / 'seed_0' / '2rfpp' / 'config.json').read_text())['reflow']
   assert (resolved['reflow_t_schedule'], resolved['reflow_loss'], resolved['init_from_ema']) == (
       'u_shaped', 'pseudo_huber', True)
+  targets = {name: json.loads((tmp_path / 'seed_0' / name / 'config.json').read_text())['meanflow']['target']
+             for name in ('meanflow', 'splitmeanflow')}
+  assert targets == {'meanflow': 'jvp', 'splitmeanflow': 'split'}
   table = (tmp_path / 'one_step_bench.md').read_text()
   assert all(f'| {name} |' in table for name in routes)
-  # Three rows (routes) of two 4x4 grids (1 and 2 steps) of 16x16 digits with 1-pixel padding, 4-pixel gaps.
+  assert f"| real digits (the floor) | {floor['sweep_sizes']:.2f} |" in table and f"{floor['halves']:.2f}" in table
+  # Four rows (routes) of two 4x4 grids (1 and 2 steps) of 16x16 digits with 1-pixel padding, 4-pixel gaps.
   cell = 4 * (16 + 1) + 1
-  assert Image.open(tmp_path / 'one_step_bench.png').size == (2 * cell + 4, 3 * (cell + 4))
+  assert Image.open(tmp_path / 'one_step_bench.png').size == (2 * cell + 4, 4 * (cell + 4))
+
+
+def test_the_floor_is_the_fd_of_real_digits_against_themselves_at_the_sweep_sizes():
+  """16 real digits against all 1,797 (the sweep's reference), and two disjoint halves: the classifier's FD of the
+  permuted digits themselves; more samples than digits repeat the permutation."""
+  import torch
+
+  import evaluation_digits
+
+  images, classifier = evaluation_digits.real_digits()[0], evaluation_digits.digit_classifier()
+  order = torch.randperm(len(images), generator=torch.Generator().manual_seed(3))
+  floor = one_step_bench.real_floor(16, seed=3)
+  assert floor['sweep_sizes'] == evaluation_digits.frechet_distance_digits(classifier, images[order[:16]], images)
+  assert floor['halves'] == evaluation_digits.frechet_distance_digits(classifier, images[order[:898]],
+                                                                      images[order[898:1796]])
+  assert abs(one_step_bench.real_floor(1797, seed=3)['sweep_sizes']) < 1e-3  # All of them against all of them.
+  assert one_step_bench.real_floor(1800, seed=3)['sweep_sizes'] > 0  # 1,797 and the first 3 again.
 
 
 def test_a_subset_of_routes_with_the_dit_and_the_imagenet_meanflow_settings(tmp_path):
@@ -40,7 +62,7 @@ def test_a_subset_of_routes_with_the_dit_and_the_imagenet_meanflow_settings(tmp_
                                  '--routes', 'meanflow', '1rf', '--model', 'dit', '--meanflow-settings', 'imagenet',
                                  '--set', 'optim.lr=5e-4', 'optim.optimizer=AdamW', '--set', 'model.dit_num_heads=1',
                                  '--workdir', str(tmp_path)])
-  assert list(summary['0']) == ['1rf', 'meanflow']
+  assert list(summary['0']) == ['1rf', 'meanflow', 'real_digits']
   rk45 = json.loads((tmp_path / 'seed_0' / '1rf_alone' / 'bench_eval_rk45' / 'report_1.json').read_text())
   assert rk45['sampler'] == 'rk45' and rk45['nfe_mean'] > 2 and summary['0']['1rf']['digit_fd']['rk45'] == rk45[
       'digit_fd']

@@ -22,10 +22,11 @@ from configs.default_cifar10_configs import get_default_configs
 
 
 def set_meanflow(config, time_mean=2.0, time_std=2.0, interval_fraction=0.75, adaptive_weight_power=0.75,
-                 end_time=None):
+                 end_time=None, target='jvp'):
   """The MeanFlow objective, network and sampler on a config (defaults: the paper's CIFAR-10 settings); the
   training settings stay the config's own. ``end_time`` (mean, std): the second time of a pair from its own
-  logit-normal (``meanflow.separate_end_times``)."""
+  logit-normal (``meanflow.separate_end_times``). ``target``: 'jvp' (MeanFlow's) or 'split' (SplitMeanFlow's,
+  ``meanflow.target``)."""
   config.training.objective = 'meanflow'
   config.training.reduce_mean = False  # ||u - u_tgt||^2 summed over the pixels, as their loss.
   config.model.time_inputs = 2
@@ -38,6 +39,7 @@ def set_meanflow(config, time_mean=2.0, time_std=2.0, interval_fraction=0.75, ad
   if end_time is not None:
     m.end_time_mean, m.end_time_std = end_time
   m.adaptive_weight_power, m.adaptive_weight_constant = adaptive_weight_power, 1e-3
+  m.target = target
   config.sampling.use_ode_sampler = 'mean_flow'
   config.sampling.sample_N = 1
   config.sampling.sample_steps = (1, 2)

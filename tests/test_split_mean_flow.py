@@ -1,0 +1,169 @@
+"""SplitMeanFlow (a MeanFlow trained by interval splitting, no forward mode) against the closed form of
+tests/test_mean_flow.py (Gaussian noise to independent Gaussian data) and against MeanFlow's forward-mode target."""
+import pytest
+import torch
+from torch import nn
+
+from rectified_flow_pytorch import MeanFlow, RectifiedFlow, SplitMeanFlow, flow_math
+from tests.test_mean_flow import (
+  MU,
+  SIGMA,
+  GaussianAverageVelocity,
+  RecordingModel,
+  TinyAverageVelocityNet,
+  TinyConvNet,
+  gaussian_std,
+  posterior_mean_pair,
+  start_and_end_times,
+)
+
+
+def points_on_the_path(batch, seed):
+  generator = torch.Generator().manual_seed(seed)
+  t, s = start_and_end_times(batch, generator)
+  x_t = t[:, None] * MU + gaussian_std(t) * torch.randn(batch, 3, dtype=torch.float64, generator=generator)
+  fractions = torch.rand(batch, dtype=torch.float64, generator=generator)
+  return generator, t, s, x_t, fractions
+
+
+@pytest.mark.parametrize('split_point', ['uniform', 'midpoint'])
+def test_the_exact_average_velocity_is_its_own_split_target(split_point):
+  """Average velocities add over the two parts of an interval, so the exact u is its own target wherever it is
+  split, with no conditional-velocity noise in it; an instantaneous velocity in its place is not."""
+  _, t, s, x_t, fractions = points_on_the_path(64, seed=1)
+  flow = SplitMeanFlow(GaussianAverageVelocity(), split_point=split_point)
+  x0, x1 = posterior_mean_pair(x_t, t)
+  if split_point == 'midpoint':
+    fractions = flow.sample_split_fractions(64, dtype=torch.float64)
+    assert torch.equal(fractions, torch.full((64,), 0.5, dtype=torch.float64))
+  prediction, target = flow.average_velocity_and_target(x_t, t, s, x1 - x0, split_fractions=fractions)
+  torch.testing.assert_close(target, prediction, rtol=0, atol=1e-12)
+  assert flow.per_sample_loss(x1, noise=x0, times=t, end_times=s, split_fractions=fractions).max() < 1e-20
+  # A random pair (not the posterior mean) changes MeanFlow's target but not this one on an interval.
+  noisy = torch.randn_like(x_t)
+  _, target_noisy = flow.average_velocity_and_target(x_t, t, s, noisy, split_fractions=fractions)
+  torch.testing.assert_close(target_noisy, prediction, rtol=0, atol=1e-12)
+  wrong = SplitMeanFlow(GaussianAverageVelocity(instantaneous_only=True), split_point=split_point)
+  prediction, target = wrong.average_velocity_and_target(x_t, t, s, x1 - x0, split_fractions=fractions)
+  assert (target - prediction).abs().max() > 0.1
+
+
+@pytest.mark.parametrize('data_shape', [(5,), (2, 3, 3)])
+def test_the_split_target_tends_to_the_forward_mode_target_as_the_split_point_nears_the_start(data_shape):
+  """target(lam) = u + lam (MeanFlow's target with the tangent u_theta(z, t, t) - u) + O(lam^2): the slope at
+  lam = 0 (second-order one-sided differences) is MeanFlow's forward-mode residual, on any network."""
+  generator = torch.Generator().manual_seed(2)
+  model = TinyAverageVelocityNet(data_shape).double()
+  split, jvp = SplitMeanFlow(model), MeanFlow(model)
+  t, s = start_and_end_times(8, generator)
+  x_t = torch.randn(8, *data_shape, dtype=torch.float64, generator=generator)
+  own_velocity = model(x_t, t, end_times=t).detach()
+
+  def target(fraction):
+    return split.average_velocity_and_target(x_t, t, s, torch.zeros_like(x_t),
+                                             split_fractions=torch.full_like(t, fraction))[1]
+
+  step = 1e-4
+  prediction = target(0.0)
+  torch.testing.assert_close(prediction, model(x_t, t, end_times=s), rtol=0, atol=1e-14)  # target(0) = u.
+  slope = (-3.0 * prediction + 4.0 * target(step) - target(2.0 * step)) / (2.0 * step)
+  _, jvp_target = jvp.average_velocity_and_target(x_t, t, s, own_velocity)
+  torch.testing.assert_close(slope, jvp_target - prediction, rtol=0, atol=1e-6)
+  assert (jvp_target - prediction).abs().max() > 1e-2  # A slope worth comparing.
+
+
+def test_the_target_takes_two_gradient_free_evaluations_on_the_two_parts_then_the_prediction():
+  recorder = RecordingModel(TinyAverageVelocityNet((4,), num_classes=3).double())
+  flow = SplitMeanFlow(recorder, num_classes=3)
+  _, t, s, _, fractions = points_on_the_path(6, seed=3)
+  x_t, labels = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 1, 0])
+  prediction, target = flow.average_velocity_and_target(x_t, t, s, torch.zeros_like(x_t), labels=labels,
+                                                        split_fractions=fractions)
+  middle = t + fractions * (s - t)
+  assert len(recorder.calls) == 3
+  for (times, end_times, call_labels), (start, end) in zip(recorder.calls, [(t, middle), (middle, s), (t, s)]):
+    torch.testing.assert_close(times, start, rtol=0, atol=0)
+    torch.testing.assert_close(end_times, end, rtol=0, atol=0)
+    assert torch.equal(call_labels, labels)
+  assert prediction.requires_grad and not target.requires_grad
+  with torch.no_grad():
+    first = recorder.model(x_t, t, labels=labels, end_times=middle)
+    second = recorder.model(x_t + (middle - t)[:, None] * first, middle, labels=labels, end_times=s)
+  torch.testing.assert_close(target, fractions[:, None] * first + (1 - fractions[:, None]) * second,
+                             rtol=1e-14, atol=0)
+
+
+def test_without_intervals_the_loss_is_the_rectified_flow_loss():
+  model = TinyAverageVelocityNet((4,)).double()
+  data, noise = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
+  flow = SplitMeanFlow(model, interval_fraction=0.0, adaptive_weight_power=0.0, loss_reduction='mean')
+  times = flow.sample_training_times(16, dtype=torch.float64)
+  assert torch.equal(times['times'], times['end_times']) and set(times) == {'times', 'end_times', 'split_fractions'}
+  expected = RectifiedFlow(model).per_sample_loss(data, noise=noise, times=times['times'])
+  torch.testing.assert_close(flow.per_sample_loss(data, noise=noise, **times), expected, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize('make_model,data_shape', [
+    (lambda: TinyAverageVelocityNet((6,)), (6,)),
+    (lambda: TinyConvNet(3), (3, 5, 4)),
+])
+def test_the_gradient_reaches_the_model_through_the_prediction_only(make_model, data_shape):
+  model = make_model().double()
+  flow = SplitMeanFlow(model, interval_fraction=1.0)
+  data, noise = torch.randn(6, *data_shape, dtype=torch.float64), torch.randn(6, *data_shape, dtype=torch.float64)
+  times = flow.sample_training_times(6, dtype=torch.float64)
+  flow(data, noise=noise, **times).backward()
+  gradients = [parameter.grad.clone() for parameter in model.parameters()]
+  assert all(gradient.abs().sum() > 0 for gradient in gradients)
+  model.zero_grad()
+  x_t = flow_math.interpolate(noise, data, times['times'])
+  _, target = flow.average_velocity_and_target(x_t, times['times'], times['end_times'], data - noise,
+                                               split_fractions=times['split_fractions'])
+  squared = (model(x_t, times['times'], end_times=times['end_times']) - target).square().flatten(1).sum(dim=1)
+  (squared / (squared.detach() + 1e-3)).mean().backward()
+  for gradient, parameter in zip(gradients, model.parameters()):
+    torch.testing.assert_close(gradient, parameter.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_split_fractions_are_uniform_and_an_unknown_split_point_is_a_clear_error():
+  generator = torch.Generator().manual_seed(5)
+  count = 40000
+  fractions = SplitMeanFlow(nn.Identity()).sample_split_fractions(count, dtype=torch.float64, generator=generator)
+  empirical = torch.arange(1, count + 1, dtype=torch.float64) / count
+  assert float((empirical - fractions.sort().values).abs().max()) < 1.95 / count ** 0.5  # KS at 0.1%.
+  with pytest.raises(ValueError, match=r"split_point='half'.*\['uniform', 'midpoint'\]"):
+    SplitMeanFlow(nn.Identity(), split_point='half')
+
+
+class AffineAverageVelocity(nn.Module):
+  """u(z, t, s) = a(t, s) + b(t, s) z per coordinate, a and b small MLPs of (t, s): the family of the exact answer."""
+
+  def __init__(self, hidden=32):
+    super().__init__()
+    self.net = nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                             nn.Linear(hidden, 6))
+
+  def forward(self, x, times, labels=None, end_times=None):
+    a, b = self.net(torch.stack([times, end_times], dim=1)).chunk(2, dim=1)
+    return a + b * x
+
+
+def test_training_from_scratch_samples_the_gaussian_in_one_step():
+  """SplitMeanFlow's 1- and 2-step samples of N(mu, sigma^2) after 1500 updates match its mean (to a tenth of
+  sigma) and spread (one Euler step of the exact rectified-flow velocity, x0 + v(x0, 0) = mu, would put every
+  sample on the mean)."""
+  torch.manual_seed(0)
+  model = AffineAverageVelocity().double()
+  flow = SplitMeanFlow(model, interval_fraction=0.75, time_distribution='uniform', adaptive_weight_power=0.0)
+  optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+  schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 1500)
+  for _ in range(1500):
+    data = MU + SIGMA * torch.randn(256, 3, dtype=torch.float64)
+    optimizer.zero_grad()
+    flow(data).backward()
+    optimizer.step()
+    schedule.step()
+  for steps in (1, 2):
+    samples = flow.sample(noise=torch.randn(20000, 3, dtype=torch.float64), steps=steps)
+    assert ((samples.mean(0) - MU).abs() < 0.1 * SIGMA).all()
+    torch.testing.assert_close(samples.std(0), SIGMA, rtol=0.1, atol=0)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from rectified_flow_pytorch import MeanFlow, RectifiedFlow, SplitMeanFlow, flow_math
-from tests.test_mean_flow import (
+from tests.gaussian_flow import (
   MU,
   SIGMA,
   GaussianAverageVelocity,

@@ -89,12 +89,16 @@ def test_two_processes_train_a_class_conditional_model_like_one(tmp_path):
   assert any('label_embedding' in key for key in final_state(tmp_path / 'one')[1])
 
 
-def test_two_processes_train_a_meanflow_like_one(tmp_path):
+@pytest.mark.parametrize('target', ['jvp', 'split'])
+def test_two_processes_train_a_meanflow_like_one(tmp_path, target):
   """training.objective='meanflow': the JVP runs through DDP's module, so its gradients are all-reduced like those of
-  the rectified flow (a JVP on the plain network would leave each process with its own half's gradient)."""
-  meanflow = train_overrides(**{'training.objective': 'meanflow', 'model.time_inputs': '2',
-                                'meanflow.interval_fraction': '0.5', 'sampling.use_ode_sampler': 'mean_flow',
-                                'sampling.sample_N': '1'})
+  the rectified flow (a JVP on the plain network would leave each process with its own half's gradient); the split
+  target's two gradient-free forwards and its split fractions follow each sample's row of the global batch."""
+  # model.init_scale=1: with the default near-zero init u is about 0 in these 3 updates, and so is the split target
+  # whatever the fractions (a per-rank draw of them passed unseen).
+  meanflow = train_overrides(**{'training.objective': 'meanflow', 'model.time_inputs': '2', 'model.init_scale': '1.0',
+                                'meanflow.interval_fraction': '0.5', 'meanflow.target': target,
+                                'sampling.use_ode_sampler': 'mean_flow', 'sampling.sample_N': '1'})
   launch(tmp_path / 'one', 'train', meanflow, processes=1)
   launch(tmp_path / 'two', 'train', meanflow, processes=2)
   assert_close_states(tmp_path / 'two', tmp_path / 'one')

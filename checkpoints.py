@@ -10,6 +10,7 @@ never an arbitrary object, so opening a file cannot run code from it. What this 
 (the RNG states as tensors and numbers, the config as JSON text). A file that holds anything else is refused
 (``CheckpointUnsafeError``) unless the caller opts in with ``allow_pickle=True`` (``config.allow_pickle_checkpoints``).
 """
+import json
 import logging
 import os
 import pickle
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 import atomic_files
+from models.velocity import NETWORK_TIME_SCALE, time_scales
 
 MODULE_PREFIX = 'module.'
 
@@ -65,7 +67,8 @@ def save_preemption_checkpoint(workdir, state, config, data_generator=None, path
   return path
 
 
-def resume_from_preemption_checkpoint(workdir, state, device='cpu', architecture='', allow_pickle=False):
+def resume_from_preemption_checkpoint(workdir, state, device='cpu', architecture='', allow_pickle=False,
+                                      config=None):
   """Restores ``state`` from the newest readable preemption checkpoint; returns (raw dict, path) or (None, None).
 
   A truncated or corrupt file is reported, renamed to ``*.corrupt`` (kept for inspection, never read again) and the
@@ -76,7 +79,8 @@ def resume_from_preemption_checkpoint(workdir, state, device='cpu', architecture
   failures = []
   for path in candidates:
     try:
-      return load_checkpoint(path, state, device=device, architecture=architecture, allow_pickle=allow_pickle), path
+      return load_checkpoint(path, state, device=device, architecture=architecture, allow_pickle=allow_pickle,
+                             config=config), path
     except CheckpointReadError as error:
       corrupt = f'{path}.corrupt'
       os.replace(path, corrupt)
@@ -271,16 +275,54 @@ def read_checkpoint(path, device='cpu', allow_pickle=False):
                               f'corrupt') from error
 
 
-def load_checkpoint(path, state, device='cpu', load_optimizer=True, architecture='', allow_pickle=False):
+def recorded_time_scales(checkpoint):
+  """(``model.time_scale``, ``model.interval_scale``) of the run that wrote ``checkpoint`` (the config it
+  records); 999 for both where it records none or predates the keys, as every published checkpoint and every run
+  before the keys existed fed the network t * 999 (and (s - t) * 999). None where the config cannot be read."""
+  text = checkpoint.get('config')
+  if text is None:
+    return NETWORK_TIME_SCALE, NETWORK_TIME_SCALE
+  try:
+    model = json.loads(text).get('model', {})
+  except (TypeError, ValueError, AttributeError):
+    return None
+  return (float(model.get('time_scale', NETWORK_TIME_SCALE)), float(model.get('interval_scale', NETWORK_TIME_SCALE)))
+
+
+def check_time_scales(checkpoint, config, path):
+  """Raises a ValueError, saying which overrides fix it, where the network of ``checkpoint`` was trained with its
+  time inputs on other scales than ``config`` gives (``model.time_scale``; ``model.interval_scale`` for a network of
+  two times): its weights would load but compute another function."""
+  recorded = recorded_time_scales(checkpoint)
+  if recorded is None:
+    return
+  expected = time_scales(config)
+  keys = ('time_scale', 'interval_scale') if config.model.get('time_inputs', 1) == 2 else ('time_scale',)
+  wrong = [(key, have, want) for key, have, want in zip(keys, recorded, expected) if have != want]
+  if wrong:
+    found = ', '.join(f'model.{key}={have:g}' for key, have, _ in wrong)
+    given = ', '.join(f'{want:g}' for _, _, want in wrong)
+    fix = ' '.join(f'--config.model.{key}={have:g}' for key, have, _ in wrong)
+    raise ValueError(f'{path!r} was trained with {found} (the factors from t and s - t to the network\'s time '
+                     f'inputs), this config gives {given}: its network would compute another function. Pass {fix} '
+                     f'to use it as trained.')
+
+
+def load_checkpoint(path, state, device='cpu', load_optimizer=True, architecture='', allow_pickle=False,
+                    config=None):
   """Restores ``state`` in place from a published-format file; returns the raw dict read (``read_checkpoint``).
 
-  RNG state is not touched: call ``restore_rng_state(checkpoint['rng'], ...)`` right before the loop resumes.
+  Given the run's ``config``, a checkpoint trained with the network's time inputs on other scales is refused
+  (``check_time_scales``) before anything is restored. RNG state is not touched: call
+  ``restore_rng_state(checkpoint['rng'], ...)`` right before the loop resumes.
   """
   checkpoint = read_checkpoint(path, device, allow_pickle=allow_pickle)
   missing = [key for key in ('model', 'ema', 'step') if key not in checkpoint]
   if missing:
     raise ValueError(f'{path!r} is not a rectified-flow checkpoint: it lacks the keys {missing} '
                      f'(expected optimizer, model, ema, step)')
+  if config is not None:
+    check_time_scales(checkpoint, config, path)
   load_network_weights(state['model'], checkpoint['model'], source=path, architecture=architecture)
   state['ema'].load_state_dict(checkpoint['ema'])
   if load_optimizer:

@@ -8,14 +8,15 @@ import torch.nn.functional as F
 
 import pretrained_weights
 from models import ExponentialMovingAverage, VelocityField, create_model, num_classes, time_scales
-from rectified_flow_pytorch import MeanFlow, RectifiedFlow, SplitMeanFlow, flow_math
+from rectified_flow_pytorch import ImprovedMeanFlow, MeanFlow, RectifiedFlow, SplitMeanFlow, flow_math
 from sampling import checked_interval
 from speed.precision import training_autocast
 
 REFLOW_LOSSES = ('l2', 'lpips', 'lpips+l2', 'lpips_huber', 'pseudo_huber')
 LPIPS_LOSSES = ('lpips', 'lpips+l2', 'lpips_huber')  # The reflow losses that need the LPIPS network (VGG16 weights).
 OBJECTIVES = ('rectified_flow', 'meanflow')
-MEANFLOW_TARGETS = ('jvp', 'split')  # meanflow.target: MeanFlow's forward-mode identity, or SplitMeanFlow's.
+# meanflow.target: MeanFlow's forward-mode identity, SplitMeanFlow's (no forward mode), improved MeanFlow's.
+MEANFLOW_TARGETS = ('jvp', 'split', 'imf')
 VGG16_WEIGHTS_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
 
 
@@ -51,7 +52,7 @@ def check_objective(config):
   target = config.meanflow.get('target', 'jvp')
   if target not in MEANFLOW_TARGETS:
     raise ValueError(f'Unknown meanflow.target {target!r}; valid: {list(MEANFLOW_TARGETS)}')
-  if config.model.fused_norm and target == 'jvp':
+  if config.model.fused_norm and target != 'split':
     raise ValueError("training.objective='meanflow' differentiates the network in forward mode (dual numbers), "
                      "which has never run through the fused GroupNorm + SiLU kernel (CUDA): set "
                      "--config.model.fused_norm=False (or train without forward mode: --config.meanflow.target=split)")
@@ -70,7 +71,8 @@ def build_mean_flow(config, net):
   of ``config.meanflow``; ``VelocityField`` gives the network t and s - t on ``model.time_scale`` and
   ``model.interval_scale``. A class-conditional model drops labels with ``training.label_dropout``; guidance is
   trained in (``meanflow.guidance_*``). ``meanflow.target='split'`` trains it without a forward-mode pass, as the
-  library's ``SplitMeanFlow`` (``meanflow.split_point``)."""
+  library's ``SplitMeanFlow`` (``meanflow.split_point``); 'imf' as ``ImprovedMeanFlow`` (the network's own velocity
+  as the tangent)."""
   m, classes = config.meanflow, num_classes(config)
   distribution_kwargs = ({'mean': m.time_mean, 'std': m.time_std} if m.time_distribution == 'logit_normal' else {})
   end_kwargs = None
@@ -91,6 +93,8 @@ def build_mean_flow(config, net):
                 guidance_scale=m.guidance_scale, guidance_mix=m.guidance_mix, guidance_interval=interval)
   if m.get('target', 'jvp') == 'split':
     return SplitMeanFlow(field, split_point=m.split_point, **kwargs)
+  if m.get('target', 'jvp') == 'imf':
+    return ImprovedMeanFlow(field, **kwargs)
   return MeanFlow(field, **kwargs)
 
 

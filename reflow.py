@@ -27,7 +27,8 @@ def read_teacher(config, device):
                             f'reflow from, e.g. --config.reflow.last_flow_ckpt=logs/1_rf/checkpoints/checkpoint_13.pth')
   teacher = losses.build_training_state(config, device)
   checkpoints.load_checkpoint(path, teacher, device=device, load_optimizer=False,
-                              architecture=model_config_summary(config), allow_pickle=config.allow_pickle_checkpoints)
+                              architecture=model_config_summary(config), allow_pickle=config.allow_pickle_checkpoints,
+                              config=config)
   return teacher
 
 

@@ -151,7 +151,7 @@ def run_training(config, workdir, train_batches, eval_batches, initialize=None, 
   with distributed.main_process_first():  # Rank 0 sets corrupt files aside; the others then read what it read.
     resumed, resumed_path = checkpoints.resume_from_preemption_checkpoint(
         workdir, state, device=device, architecture=model_config_summary(config),
-        allow_pickle=config.allow_pickle_checkpoints)
+        allow_pickle=config.allow_pickle_checkpoints, config=config)
   if main_process:  # Once the checkpoint to resume from (if any) was read: a refused one leaves the workdir as it was.
     write_resolved_config(config, workdir)
   if resumed is not None:
@@ -343,7 +343,7 @@ def evaluate(config, workdir, eval_folder):
     try:
       checkpoints.load_checkpoint(path, state, device=device, load_optimizer=False,
                                   architecture=model_config_summary(config),
-                                  allow_pickle=config.allow_pickle_checkpoints)
+                                  allow_pickle=config.allow_pickle_checkpoints, config=config)
     except checkpoints.CheckpointReadError as error:  # A damaged file is skipped; a wrong architecture is raised.
       logging.error('Checkpoint %s skipped: %s', path, error)
       continue

@@ -76,7 +76,8 @@ def get_default_configs():
   meanflow.end_time_std = 1.6
   meanflow.adaptive_weight_power = 1.0  # p of the weight 1 / (||error||^2 + c)^p (0: none).
   meanflow.adaptive_weight_constant = 1e-3  # c of that weight.
-  meanflow.target = 'jvp'  # 'jvp': MeanFlow's identity (forward mode); 'split': SplitMeanFlow's (no forward mode).
+  meanflow.target = 'jvp'  # 'jvp': MeanFlow's identity (forward mode); 'split': SplitMeanFlow's (no forward mode);
+  # 'imf': improved MeanFlow's (forward mode along the network's own velocity).
   meanflow.split_point = 'uniform'  # target='split': m = t + lam (s - t), lam ~ U(0, 1); 'midpoint': lam = 1/2.
   meanflow.guidance_scale = 1.0  # Class-conditional: the guidance w trained into the network (1: none).
   meanflow.guidance_mix = 0.0  # kappa of the trained-in guidance (Geng et al. 2025, App. B.1).

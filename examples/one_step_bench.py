@@ -10,7 +10,8 @@ on the same network, with the same number of training updates each, measured by 
   meanflow  MeanFlow from scratch (U updates): cifar10_meanflow.py's settings on the digits, or with
             --meanflow-settings imagenet the paper's ImageNet ones (25% of (t, r) with r != t, logit-normal times of
             mean 0.4 and std 1 in this project's time, adaptive weight p = 1), or with two_distributions the CIFAR-10
-            ones with t ~ logit-normal(0.6, 1.6) and s ~ logit-normal(4, 1.6) (s the later time)
+            ones with t ~ logit-normal(0.6, 1.6) and s ~ logit-normal(4, 1.6) (s the later time), or with uniform
+            the CIFAR-10 ones with both times uniform on [0, 1] (every interval and every part of one trained)
   splitmeanflow  the same from scratch with SplitMeanFlow's target (meanflow.target='split': interval splitting,
             no forward-mode pass; --set meanflow.split_point=midpoint for the shortcut models' half steps)
 
@@ -50,10 +51,12 @@ STEPS = (1, 2, 32)
 MODELS = {'ddpmpp': digits_config, 'dit': digits_dit_config}
 # set_meanflow's keyword arguments: the paper's CIFAR-10 settings (its defaults) and its ImageNet ones (Table 4 of
 # Geng et al. 2025: lognorm(-0.4, 1.0) in their time, where t = 0 is data, i.e. mean +0.4 here; 25% r != t; p = 1).
-# 'two_distributions': the CIFAR-10 settings with t ~ logit-normal(0.6, 1.6) and s ~ logit-normal(4, 1.6) here.
+# 'two_distributions': the CIFAR-10 settings with t ~ logit-normal(0.6, 1.6) and s ~ logit-normal(4, 1.6) here;
+# 'uniform': the CIFAR-10 settings with both times uniform.
 MEANFLOW_SETTINGS = {'cifar10': {}, 'imagenet': dict(time_mean=0.4, time_std=1.0, interval_fraction=0.25,
                                                      adaptive_weight_power=1.0),
-                     'two_distributions': dict(time_mean=0.6, time_std=1.6, end_time=(4.0, 1.6))}
+                     'two_distributions': dict(time_mean=0.6, time_std=1.6, end_time=(4.0, 1.6)),
+                     'uniform': dict(time_distribution='uniform')}
 
 
 def base_config(args, seed, updates):
@@ -285,7 +288,8 @@ def main(argv=None):
   parser.add_argument('--model', choices=sorted(MODELS), default='ddpmpp', help="every route's network")
   parser.add_argument('--meanflow-settings', choices=sorted(MEANFLOW_SETTINGS), default='cifar10',
                       help="the MeanFlow route's (t, r) sampling and adaptive weight: the paper's CIFAR-10 or "
-                           'ImageNet settings, or the CIFAR-10 ones with t and s from two logit-normals')
+                           'ImageNet settings, or the CIFAR-10 ones with t and s from two logit-normals or both '
+                           'uniform')
   parser.add_argument('--set', type=key_value, nargs='+', action='extend', default=[], metavar='KEY=VALUE',
                       help='config keys of every training stage, set before the stage\'s own settings, which win '
                            '(a reflow student\'s learning rate of 2e-4, the MeanFlow keys of --meanflow-settings), '

@@ -2,7 +2,7 @@
 import sys
 
 from rectified_flow_pytorch import flow_math, solvers
-from rectified_flow_pytorch.mean_flow import MeanFlow, SplitMeanFlow
+from rectified_flow_pytorch.mean_flow import ImprovedMeanFlow, MeanFlow, SplitMeanFlow
 from rectified_flow_pytorch.rectified_flow import RectifiedFlow, Reflow
 
 # The flow-math module's former name: ``from rectified_flow_pytorch import flow`` and ``rectified_flow_pytorch.flow``
@@ -10,4 +10,4 @@ from rectified_flow_pytorch.rectified_flow import RectifiedFlow, Reflow
 flow = flow_math
 sys.modules.setdefault(__name__ + '.flow', flow_math)
 
-__all__ = ['MeanFlow', 'RectifiedFlow', 'Reflow', 'SplitMeanFlow', 'flow_math', 'solvers']
+__all__ = ['ImprovedMeanFlow', 'MeanFlow', 'RectifiedFlow', 'Reflow', 'SplitMeanFlow', 'flow_math', 'solvers']

@@ -172,18 +172,25 @@ class MeanFlow(FlowFromNoise):
     pass along (v, 1, 0) (``torch.autograd.forward_ad``). The first carries the gradient, the target none."""
     model_labels = self.model_labels(labels, x_t.shape[0], x_t.device)
     velocity = velocity.detach()
+    prediction, total_derivative = self._prediction_and_total_derivative(x_t, times, end_times, velocity,
+                                                                          model_labels, model_kwargs)
+    interval = flow_math.append_dims(end_times - times, x_t.dim()).to(x_t.dtype)
+    return prediction, (velocity + interval * total_derivative).detach()
+
+  def _prediction_and_total_derivative(self, x_t, times, end_times, tangent, model_labels, model_kwargs):
+    """(u_theta(x_t, t, s), d/dt u_theta along (``tangent``, 1, 0)) by one forward-mode pass; the first carries
+    the gradient."""
     # Dual numbers (torch.autograd.forward_ad) rather than torch.func.jvp: the model is called as itself, so that a
     # DistributedDataParallel wrapper runs its own forward (bucket rebuilds, gradient hooks) outside any functorch
     # transform. The end time s has tangent 0: it enters as a plain tensor.
     with forward_ad.dual_level():
-      output = self._call_model(forward_ad.make_dual(x_t, velocity),
+      output = self._call_model(forward_ad.make_dual(x_t, tangent),
                                 forward_ad.make_dual(times, torch.ones_like(times)), end_times, model_labels,
                                 model_kwargs)
       prediction, total_derivative = forward_ad.unpack_dual(output)
     if total_derivative is None:  # The output does not depend on z or t.
       total_derivative = torch.zeros_like(prediction)
-    interval = flow_math.append_dims(end_times - times, x_t.dim()).to(x_t.dtype)
-    return prediction, (velocity + interval * total_derivative).detach()
+    return prediction, total_derivative
 
   def per_sample_loss(self, data, noise=None, times=None, end_times=None, labels=None, label_drops=None,
                       **model_kwargs):
@@ -302,3 +309,33 @@ class SplitMeanFlow(MeanFlow):
       target = torch.where(flow_math.append_dims(end_times > times, ndim), split, velocity.detach())
     prediction = self._call_model(x_t, times, end_times, model_labels, model_kwargs)
     return prediction, target
+
+
+class ImprovedMeanFlow(MeanFlow):
+  """MeanFlow with the network's own velocity as the Jacobian-vector product's tangent (improved MeanFlow, iMF:
+  Geng, Lu, Wu, Shechtman, Kolter, He 2025, "Improved Mean Flows: On the Challenges of Fastforward Generative
+  Models", arXiv:2512.02012).
+
+  MeanFlow's target v + (s - t) d/dt u_theta differentiates u_theta along the conditional velocity X1 - X0, a draw
+  that many trajectories share through the same z_t, so the target itself depends on the network through a noisy
+  direction. iMF instead writes the loss as one on the instantaneous velocity: the compound
+      V_theta(z_t, t, s) = u_theta(z_t, t, s) - (s - t) sg(d/dt u_theta(z_t, t, s)),   tangent (v_theta, 1, 0),
+  with v_theta(z_t, t) = u_theta(z_t, t, t) the network's marginal velocity (no gradient), regresses on the
+  conditional velocity X1 - X0 as a rectified flow does: ||V_theta - v||^2. As the derivative carries no gradient,
+  this is ||u_theta - sg(v + (s - t) d/dt u_theta)||^2, MeanFlow's form with the other tangent; the adaptive weight,
+  time pairs, labels and sampling are ``MeanFlow``'s (whose arguments it takes). One more forward without gradient
+  (v_theta) than MeanFlow; s = t gives the rectified flow's target v as before. iMF's guidance as a conditioning
+  input and its in-context conditioning are network changes, not this objective's, and are not part of it.
+  """
+
+  def average_velocity_and_target(self, x_t, times, end_times, velocity, labels=None, **model_kwargs):
+    """(u_theta(x_t, t, s), sg(v + (s - t) d/dt u_theta(x_t, t, s))) with d/dt u_theta along the network's own
+    velocity (sg(u_theta(x_t, t, t)), 1, 0); ``MeanFlow.average_velocity_and_target`` otherwise."""
+    model_labels = self.model_labels(labels, x_t.shape[0], x_t.device)
+    with torch.no_grad():  # Before the pass with gradient, as SplitMeanFlow's (one such forward per backward).
+      model_velocity = self._call_model(x_t, times, times, model_labels, model_kwargs)
+    prediction, total_derivative = self._prediction_and_total_derivative(x_t, times, end_times,
+                                                                          model_velocity.to(x_t.dtype),
+                                                                          model_labels, model_kwargs)
+    interval = flow_math.append_dims(end_times - times, x_t.dim()).to(x_t.dtype)
+    return prediction, (velocity.detach() + interval * total_derivative).detach()

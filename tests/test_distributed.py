@@ -89,7 +89,7 @@ def test_two_processes_train_a_class_conditional_model_like_one(tmp_path):
   assert any('label_embedding' in key for key in final_state(tmp_path / 'one')[1])
 
 
-@pytest.mark.parametrize('target', ['jvp', 'split'])
+@pytest.mark.parametrize('target', ['jvp', 'split', 'imf'])
 def test_two_processes_train_a_meanflow_like_one(tmp_path, target):
   """training.objective='meanflow': the JVP runs through DDP's module, so its gradients are all-reduced like those of
   the rectified flow (a JVP on the plain network would leave each process with its own half's gradient); the split

@@ -14,10 +14,11 @@ import losses
 import run_lib
 import sampling
 from datasets import streams
-from rectified_flow_pytorch import MeanFlow, SplitMeanFlow, flow_math
+from rectified_flow_pytorch import ImprovedMeanFlow, MeanFlow, SplitMeanFlow, flow_math
 from tests.helpers import flat_state, tiny_digits_config
 
-TARGETS = pytest.mark.parametrize('target', ['jvp', 'split'])  # MeanFlow's and SplitMeanFlow's (no forward mode).
+# MeanFlow's, SplitMeanFlow's (no forward mode) and improved MeanFlow's (the network's own velocity as the tangent).
+TARGETS = pytest.mark.parametrize('target', ['jvp', 'split', 'imf'])
 
 
 def meanflow_config(n_iters=4, target='jvp', **training):
@@ -68,6 +69,7 @@ def test_the_loop_loss_is_the_library_loss_on_the_global_batch_draws(target):
   flow = losses.build_flow(config, state['model'])
   assert isinstance(flow, MeanFlow) and flow.interval_fraction == 0.5 and flow.loss_reduction == 'mean'
   assert isinstance(flow, SplitMeanFlow) == (target == 'split')
+  assert isinstance(flow, ImprovedMeanFlow) == (target == 'imf')
   flow.model.train(False)  # No dropout: equal inputs give equal outputs.
   x1 = torch.rand(8, 1, 16, 16) * 2 - 1
   loss_fn = losses.get_loss_fn(config, flow)
@@ -228,7 +230,7 @@ def test_the_eval_sweep_samples_at_1_and_2_steps_with_the_digit_fd_of_the_saved_
     ({'eval.metrics_backend': 'digits', 'data.dataset': 'CIFAR10', 'data.image_size': 32},
      r"metrics_backend='digits' measures the built-in digits"),
     ({'model.fused_norm': True}, r"fused GroupNorm.*--config.model.fused_norm=False.*meanflow.target=split"),
-    ({'meanflow.target': 'taylor'}, r"Unknown meanflow.target 'taylor'; valid: \['jvp', 'split'\]"),
+    ({'meanflow.target': 'taylor'}, r"Unknown meanflow.target 'taylor'; valid: \['jvp', 'split', 'imf'\]"),
     ({'meanflow.target': 'split', 'meanflow.split_point': 'half'}, r"Unknown split_point='half'"),
     ({'meanflow.separate_end_times': True, 'meanflow.time_distribution': 'uniform'},
      r"separate_end_times draws the end times from a logit-normal.*time_distribution='logit_normal'"),

@@ -241,3 +241,78 @@ def test_summary_and_checkpoint_check_tell_the_two_apart():
 def test_old_config_files_read_as_one_time_networks():
   config = fixture_config('ddpmpp_tiny')  # Written before the key: with_defaults gives it time_inputs = 1.
   assert config.model.time_inputs == 1 and 'time_inputs=1' in models.model_config_summary(config)
+
+
+def saved_state(tmp_path, config, name, record_config=True):
+  """A checkpoint of ``config``'s tiny network written by the framework (its config recorded, or not, as the
+  published files and the framework's earliest ones)."""
+  torch.manual_seed(0)
+  state = losses.build_training_state(config, torch.device('cpu'))
+  path = str(tmp_path / name)
+  checkpoints.save_checkpoint(path, state, config if record_config else None)
+  return path
+
+
+def fresh_state(config):
+  state = losses.build_training_state(config, torch.device('cpu'))
+  for parameter in state['model'].parameters():
+    parameter.data.zero_()
+  return state
+
+
+def test_a_checkpoint_loads_only_with_the_time_scales_it_was_trained_with(tmp_path):
+  """The checkpoint records the run's config, so a network trained on raw times (MeanFlow's configs) is refused
+  under the published 999 and the other way round, with the overrides that fix it, before any weight is restored."""
+  raw = tiny_config(time_inputs=2, time_scale=1.0, interval_scale=1.0)
+  path = saved_state(tmp_path, raw, 'raw.pth')
+  published = tiny_config(time_inputs=2)
+  state = fresh_state(published)
+  with pytest.raises(ValueError, match=r'model\.time_scale=1, model\.interval_scale=1 .*this config gives 999, 999.*'
+                                       r'--config\.model\.time_scale=1 --config\.model\.interval_scale=1'):
+    checkpoints.load_checkpoint(path, state, config=published)
+  assert all((parameter == 0).all() for parameter in state['model'].parameters())  # Nothing was restored.
+  half = tiny_config(time_inputs=2, time_scale=1.0, interval_scale=999.0)
+  with pytest.raises(ValueError, match=r"'[^']*raw\.pth' was trained with model\.interval_scale=1 \(") as error:
+    checkpoints.load_checkpoint(path, fresh_state(half), config=half)
+  assert 'time_scale=1 ' not in str(error.value).split('Pass')[0]  # Only the scale that differs is named.
+  state = fresh_state(raw)
+  checkpoints.load_checkpoint(path, state, config=raw)
+  assert any((parameter != 0).any() for parameter in state['model'].parameters())
+
+
+def test_checkpoints_without_the_scales_are_the_published_999(tmp_path):
+  """No config recorded (the published files) or one from before the keys: trained on t * 999; a one-time network
+  is not held to the interval scale it does not use."""
+  raw = tiny_config(time_inputs=2, time_scale=1.0, interval_scale=1.0)
+  for name, record in (('none.pth', False), ('old.pth', True)):
+    config = tiny_config(time_inputs=2)
+    if record:
+      del config.model['time_scale']
+      del config.model['interval_scale']
+    path = saved_state(tmp_path, config, name, record_config=record)
+    assert checkpoints.recorded_time_scales(torch.load(path, weights_only=True)) == (999.0, 999.0)
+    checkpoints.load_checkpoint(path, fresh_state(tiny_config(time_inputs=2)), config=tiny_config(time_inputs=2))
+    with pytest.raises(ValueError, match=r'--config\.model\.time_scale=999 --config\.model\.interval_scale=999'):
+      checkpoints.load_checkpoint(path, fresh_state(raw), config=raw)
+  one_time = tiny_config(interval_scale=1.0)
+  checkpoints.load_checkpoint(saved_state(tmp_path, tiny_config(), 'one.pth'), fresh_state(one_time), config=one_time)
+
+
+def test_resuming_or_evaluating_a_run_with_other_time_scales_is_a_clear_error(tmp_path):
+  """The loop and the eval sweep pass their config: a MeanFlow workdir trained on raw times cannot be resumed or
+  swept under the published 999 by mistake."""
+  import run_lib
+  from tests.helpers import tiny_digits_config
+  config = tiny_digits_config(n_iters=1, snapshot_freq=1)
+  config.eval.begin_ckpt = config.eval.end_ckpt = 1
+  config.training.objective = 'meanflow'
+  config.model.time_inputs = 2
+  config.model.time_scale = config.model.interval_scale = 1.0
+  config.sampling.use_ode_sampler = 'mean_flow'
+  run_lib.train(config, str(tmp_path))
+  config.model.time_scale = config.model.interval_scale = 999.0
+  config.training.n_iters = 2
+  with pytest.raises(ValueError, match=r'--config\.model\.time_scale=1 --config\.model\.interval_scale=1'):
+    run_lib.train(config, str(tmp_path))
+  with pytest.raises(ValueError, match=r'--config\.model\.time_scale=1 --config\.model\.interval_scale=1'):
+    run_lib.evaluate(config, str(tmp_path), 'eval')

@@ -22,17 +22,18 @@ from configs.default_cifar10_configs import get_default_configs
 
 
 def set_meanflow(config, time_mean=2.0, time_std=2.0, interval_fraction=0.75, adaptive_weight_power=0.75,
-                 end_time=None, target='jvp'):
+                 end_time=None, target='jvp', time_distribution='logit_normal'):
   """The MeanFlow objective, network and sampler on a config (defaults: the paper's CIFAR-10 settings); the
   training settings stay the config's own. ``end_time`` (mean, std): the second time of a pair from its own
-  logit-normal (``meanflow.separate_end_times``). ``target``: 'jvp' (MeanFlow's) or 'split' (SplitMeanFlow's,
+  logit-normal (``meanflow.separate_end_times``). ``time_distribution``: that of both draws of a pair (the
+  logit-normal's mean and std are unused by another). ``target``: 'jvp' (MeanFlow's) or 'split' (SplitMeanFlow's,
   ``meanflow.target``)."""
   config.training.objective = 'meanflow'
   config.training.reduce_mean = False  # ||u - u_tgt||^2 summed over the pixels, as their loss.
   config.model.time_inputs = 2
   config.model.time_scale = config.model.interval_scale = 1.0  # Their network sees t and t - r raw, in [0, 1].
   m = config.meanflow
-  m.time_distribution = 'logit_normal'
+  m.time_distribution = time_distribution
   m.time_mean, m.time_std = time_mean, time_std
   m.interval_fraction = interval_fraction
   m.separate_end_times = end_time is not None

@@ -1,5 +1,5 @@
-"""The MeanFlow and SplitMeanFlow training steps' cost against the rectified-flow step on the same network of two
-times.
+"""The MeanFlow, SplitMeanFlow and improved MeanFlow training steps' cost against the rectified-flow step on the
+same network of two times.
 
 Both objectives train the same DDPM++ built with ``model.time_inputs = 2`` and wrapped in ``VelocityField``, so
 that the comparison is the objective's cost and not the network's:
@@ -10,7 +10,9 @@ that the comparison is the objective's cost and not the network's:
                   network with dual numbers along (v, 1, 0) (``torch.autograd.forward_ad``), which computes the
                   forward and its tangent together, and the backward of the forward's output;
   SplitMeanFlow   ``SplitMeanFlow`` (the same defaults, lam ~ U(0, 1)): two forwards without gradient (the network
-                  on the two parts of each interval), then one forward and its backward: no forward mode.
+                  on the two parts of each interval), then one forward and its backward: no forward mode;
+  improved MeanFlow  ``ImprovedMeanFlow`` (the same defaults): one forward without gradient (the network's own
+                  velocity u(z, t, t), the tangent), then MeanFlow's forward-mode pass and backward.
 
 One step is forward + backward + Adam (``losses.get_optimizer``: the training's Adam, fused where available) on a
 fixed random batch; no clipping, no EMA. Each objective runs in its own process (the CPU's peak RSS only grows),
@@ -18,7 +20,7 @@ rectified flow first: the baseline, measured in the same run. Reported: the medi
 steps after ``--warmup`` steps, images/s, the step's peak memory (CPU: growth of the process's peak RSS from before
 the warm-up, as ``benchmarks/train_step.py``; CUDA: ``torch.cuda.max_memory_allocated``), and MeanFlow / rectified
 flow; then the step in two parts, the loss (rectified flow: one forward; MeanFlow: the JVP; SplitMeanFlow: three
-forwards) and backward + Adam,
+forwards; improved MeanFlow: a forward and the JVP) and backward + Adam,
 each timed on its own. The fastest step is printed too: on a machine shared with other jobs it is the steadier
 figure. Give the warm-up a few steps: forward-mode AD loads TorchScript decompositions on its first call, which run
 slowly at first.
@@ -46,10 +48,12 @@ import run_lib  # noqa: E402
 from benchmarks.timing import peak_rss_bytes, timed_call  # noqa: E402
 from configs.rectified_flow.cifar10_rf_gaussian_ddpmpp import get_config as ddpmpp_config  # noqa: E402
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_config  # noqa: E402
-from rectified_flow_pytorch import MeanFlow, RectifiedFlow, SplitMeanFlow  # noqa: E402
+from rectified_flow_pytorch import ImprovedMeanFlow, MeanFlow, RectifiedFlow, SplitMeanFlow  # noqa: E402
 
 MODELS = {'digits': ('digits DDPM++ 16x16', digits_config), 'ddpmpp': ('CIFAR-10 DDPM++ 32x32', ddpmpp_config)}
-OBJECTIVES = {'rf': 'rectified flow', 'meanflow': 'MeanFlow (JVP)', 'split': 'SplitMeanFlow (no JVP)'}
+OBJECTIVES = {'rf': 'rectified flow', 'meanflow': 'MeanFlow (JVP)', 'split': 'SplitMeanFlow (no JVP)',
+              'imf': 'improved MeanFlow (JVP)'}
+FLOWS = {'meanflow': MeanFlow, 'split': SplitMeanFlow, 'imf': ImprovedMeanFlow}
 
 
 class ZeroInterval(nn.Module):
@@ -99,7 +103,7 @@ def measure(model, objective, batch, steps, warmup, device, threads):
                          time_eps=config.training.time_eps,
                          loss_reduction='mean' if config.training.reduce_mean else 'sum')
   else:
-    flow = (MeanFlow if objective == 'meanflow' else SplitMeanFlow)(field, noise_std=config.sampling.init_noise_scale)
+    flow = FLOWS[objective](field, noise_std=config.sampling.init_noise_scale)
   params = list(field.parameters())
   optimizer = losses.get_optimizer(config, params, device)
   size = config.data.image_size
@@ -166,7 +170,7 @@ def compare(model, batch, steps, warmup, device, threads):
           f'{result["fastest_ms"] / baseline["fastest_ms"]:.2f} | '
           f'{result["peak_memory_gib"] / baseline["peak_memory_gib"]:.2f} |')
   print('\nThe step in two parts (medians; the loss: rectified flow one forward, MeanFlow the JVP, SplitMeanFlow '
-        'three forwards, two without gradient):\n')
+        'three forwards, two without gradient, improved MeanFlow a forward without gradient and the JVP):\n')
   print('| objective | loss (forward) ms | x rectified flow | backward + Adam ms | x rectified flow |')
   print('|---|---|---|---|---|')
   for result in results:

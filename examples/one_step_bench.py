@@ -14,6 +14,8 @@ on the same network, with the same number of training updates each, measured by 
             the CIFAR-10 ones with both times uniform on [0, 1] (every interval and every part of one trained)
   splitmeanflow  the same from scratch with SplitMeanFlow's target (meanflow.target='split': interval splitting,
             no forward-mode pass; --set meanflow.split_point=midpoint for the shortcut models' half steps)
+  imeanflow  the same from scratch with improved MeanFlow's target (meanflow.target='imf': the forward-mode pass
+            along the network's own velocity)
 
 --routes runs a subset (the rectified-flow routes share their 1-RF); --model dit gives every route the digits DiT
 demo's network (configs/rectified_flow/digits_dit_demo.py) in place of the DDPM++.
@@ -45,8 +47,8 @@ from configs.rectified_flow.cifar10_meanflow import set_meanflow  # noqa: E402
 from configs.rectified_flow.digits_dit_demo import get_config as digits_dit_config  # noqa: E402
 from configs.rectified_flow.digits_rf_gaussian_ddpmpp_demo import get_config as digits_config  # noqa: E402
 
-ROUTES = ('1rf', 'reflow', '2rfpp', 'meanflow', 'splitmeanflow')
-MEANFLOW_ROUTES = {'meanflow': 'jvp', 'splitmeanflow': 'split'}  # Route -> meanflow.target.
+ROUTES = ('1rf', 'reflow', '2rfpp', 'meanflow', 'splitmeanflow', 'imeanflow')
+MEANFLOW_ROUTES = {'meanflow': 'jvp', 'splitmeanflow': 'split', 'imeanflow': 'imf'}  # Route -> meanflow.target.
 STEPS = (1, 2, 32)
 MODELS = {'ddpmpp': digits_config, 'dit': digits_dit_config}
 # set_meanflow's keyword arguments: the paper's CIFAR-10 settings (its defaults) and its ImageNet ones (Table 4 of
@@ -163,7 +165,7 @@ def run_seed(args, seed):
   root = os.path.join(args.workdir, f'seed_{seed}')
   u = args.updates
   dirs = {name: os.path.join(root, name) for name in ('1rf_alone', '1rf', 'pairs_1rf', '2rf', 'pairs_2rf', 'distill',
-                                                     '2rfpp', 'meanflow', 'splitmeanflow')}
+                                                     '2rfpp', *MEANFLOW_ROUTES)}
   seconds, finals = {}, {}
   if '1rf' in args.routes:
     alone = base_config(args, seed, u)
@@ -196,9 +198,9 @@ def run_seed(args, seed):
       finals[route] = (meanflow, dirs[route], 'mean_flow')
 
   stages = {'1rf': ('1rf_alone',), 'reflow': ('1rf', 'pairs_1rf', '2rf', 'pairs_2rf', 'distill'),
-            '2rfpp': ('1rf', 'pairs_1rf', '2rfpp'), 'meanflow': ('meanflow',), 'splitmeanflow': ('splitmeanflow',)}
-  updates = {'1rf': u, 'reflow': u // 2 + u // 4 + (u - u // 2 - u // 4), '2rfpp': u // 2 + (u - u // 2), 'meanflow': u,
-             'splitmeanflow': u}
+            '2rfpp': ('1rf', 'pairs_1rf', '2rfpp'), **{route: (route,) for route in MEANFLOW_ROUTES}}
+  updates = {'1rf': u, 'reflow': u // 2 + u // 4 + (u - u // 2 - u // 4), '2rfpp': u // 2 + (u - u // 2),
+             **{route: u for route in MEANFLOW_ROUTES}}
   results = {}
   for route in args.routes:
     config, workdir, sampler = finals[route]

@@ -192,6 +192,26 @@ class MeanFlow(FlowFromNoise):
       total_derivative = torch.zeros_like(prediction)
     return prediction, total_derivative
 
+  @torch.no_grad()
+  def target_terms(self, x_t, times, end_times, velocity, labels=None, **model_kwargs):
+    """The parts of MeanFlow's target v + (s - t) d/dt u_theta for a (B, ...) batch, each (B, ...): {'velocity': v,
+    'spatial': (s - t) (du/dz) v, the network's change along the flow through its input image, 'temporal':
+    (s - t) du/dt (partial), its change through its time input, and 'prediction': u_theta(x_t, t, s)}; velocity +
+    spatial + temporal is the target (two forward-mode passes, along (v, 0, 0) and (0, 1, 0)). What dominates the
+    target shows which input the identity trains the network through."""
+    model_labels = self.model_labels(labels, x_t.shape[0], x_t.device)
+    interval = flow_math.append_dims(end_times - times, x_t.dim()).to(x_t.dtype)
+    terms = {'velocity': velocity}
+    for name, (x_tangent, t_tangent) in {'spatial': (velocity, torch.zeros_like(times)),
+                                         'temporal': (torch.zeros_like(x_t), torch.ones_like(times))}.items():
+      with forward_ad.dual_level():
+        output = self._call_model(forward_ad.make_dual(x_t, x_tangent), forward_ad.make_dual(times, t_tangent),
+                                  end_times, model_labels, model_kwargs)
+        prediction, derivative = forward_ad.unpack_dual(output)
+      terms[name] = interval * (torch.zeros_like(prediction) if derivative is None else derivative)
+    terms['prediction'] = prediction
+    return terms
+
   def per_sample_loss(self, data, noise=None, times=None, end_times=None, labels=None, label_drops=None,
                       **model_kwargs):
     """The loss of each sample, (B,): sg(w) ||u_theta(X_t, t, s) - sg(u_tgt)||^2 with the adaptive weight w.

@@ -82,6 +82,26 @@ def test_the_jvp_target_equals_central_finite_differences(data_shape):
   assert (target - velocity).abs().max() > 1e-3  # The (s - t) du/dt term is not negligible here.
 
 
+def test_the_target_terms_are_central_finite_differences_through_the_image_and_the_time_and_sum_to_the_target():
+  generator = torch.Generator().manual_seed(4)
+  model = TinyAverageVelocityNet((2, 3, 3)).double()
+  mean_flow = MeanFlow(model)
+  t, s = start_and_end_times(8, generator)
+  x_t = torch.randn(8, 2, 3, 3, dtype=torch.float64, generator=generator)
+  velocity = torch.randn(8, 2, 3, 3, dtype=torch.float64, generator=generator)
+  terms = mean_flow.target_terms(x_t, t, s, velocity)
+  prediction, target = mean_flow.average_velocity_and_target(x_t, t, s, velocity)
+  torch.testing.assert_close(terms['velocity'] + terms['spatial'] + terms['temporal'], target, rtol=0, atol=1e-12)
+  torch.testing.assert_close(terms['prediction'], prediction.detach(), rtol=0, atol=0)
+  step, interval = 1e-6, flow_math.append_dims(s - t, 4)
+  with torch.no_grad():
+    spatial = (model(x_t + step * velocity, t, end_times=s) - model(x_t - step * velocity, t, end_times=s)) / (2 * step)
+    temporal = (model(x_t, t + step, end_times=s) - model(x_t, t - step, end_times=s)) / (2 * step)
+  torch.testing.assert_close(terms['spatial'], interval * spatial, rtol=0, atol=1e-7)
+  torch.testing.assert_close(terms['temporal'], interval * temporal, rtol=0, atol=1e-7)
+  assert min(terms['spatial'].abs().max(), terms['temporal'].abs().max()) > 1e-3  # Both worth comparing.
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Without intervals (s = t) the loss is the rectified flow's.
 

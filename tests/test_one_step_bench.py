@@ -14,9 +14,10 @@ def test_the_bench_runs_every_route_and_reports_what_the_eval_sweep_measured(tmp
                                  '--small', '--workdir', str(tmp_path)])
   floor = summary['0'].pop('real_digits')
   routes = summary['0']
-  assert set(routes) == {'reflow', '2rfpp', 'meanflow', 'splitmeanflow'}
+  assert set(routes) == {'reflow', '2rfpp', 'meanflow', 'splitmeanflow', 'imeanflow'}
   assert {route['updates'] for route in routes.values()} == {8}
-  finals = {'reflow': 'distill', '2rfpp': '2rfpp', 'meanflow': 'meanflow', 'splitmeanflow': 'splitmeanflow'}
+  finals = {'reflow': 'distill', '2rfpp': '2rfpp', 'meanflow': 'meanflow', 'splitmeanflow': 'splitmeanflow',
+            'imeanflow': 'imeanflow'}
   for name, route in routes.items():
     for steps in (1, 2, 32):
       report = json.loads((tmp_path / 'seed_0' / finals[name] / 'bench_eval' / f'report_1_{steps}step.json')
@@ -30,14 +31,14 @@ def test_the_bench_runs_every_route_and_reports_what_the_eval_sweep_measured(tmp
   assert (resolved['reflow_t_schedule'], resolved['reflow_loss'], resolved['init_from_ema']) == (
       'u_shaped', 'pseudo_huber', True)
   targets = {name: json.loads((tmp_path / 'seed_0' / name / 'config.json').read_text())['meanflow']['target']
-             for name in ('meanflow', 'splitmeanflow')}
-  assert targets == {'meanflow': 'jvp', 'splitmeanflow': 'split'}
+             for name in ('meanflow', 'splitmeanflow', 'imeanflow')}
+  assert targets == {'meanflow': 'jvp', 'splitmeanflow': 'split', 'imeanflow': 'imf'}
   table = (tmp_path / 'one_step_bench.md').read_text()
   assert all(f'| {name} |' in table for name in routes)
   assert f"| real digits (the floor) | {floor['sweep_sizes']:.2f} |" in table and f"{floor['halves']:.2f}" in table
-  # Four rows (routes) of two 4x4 grids (1 and 2 steps) of 16x16 digits with 1-pixel padding, 4-pixel gaps.
+  # Five rows (routes) of two 4x4 grids (1 and 2 steps) of 16x16 digits with 1-pixel padding, 4-pixel gaps.
   cell = 4 * (16 + 1) + 1
-  assert Image.open(tmp_path / 'one_step_bench.png').size == (2 * cell + 4, 4 * (cell + 4))
+  assert Image.open(tmp_path / 'one_step_bench.png').size == (2 * cell + 4, 5 * (cell + 4))
 
 
 def test_the_floor_is_the_fd_of_real_digits_against_themselves_at_the_sweep_sizes():

@@ -194,6 +194,8 @@ def run_seed(args, seed):
       meanflow = set_meanflow(base_config(args, seed, u), **MEANFLOW_SETTINGS[args.meanflow_settings],
                               target=target)
       meanflow.sampling.sample_steps = ()
+      if route == 'splitmeanflow':
+        meanflow.meanflow.adaptive_weight_power = args.split_weight_power
       timed(seconds, route, run_lib.train, meanflow, dirs[route])
       finals[route] = (meanflow, dirs[route], 'mean_flow')
 
@@ -292,6 +294,9 @@ def main(argv=None):
                       help="the MeanFlow route's (t, r) sampling and adaptive weight: the paper's CIFAR-10 or "
                            'ImageNet settings, or the CIFAR-10 ones with t and s from two logit-normals or both '
                            'uniform')
+  parser.add_argument('--split-weight-power', type=float, default=0.0,
+                      help="the splitmeanflow route's adaptive weight power p (default 0: the plain squared error; "
+                           "MeanFlow's p = 0.75 or 1 let its own near-zero output satisfy its interval targets)")
   parser.add_argument('--set', type=key_value, nargs='+', action='extend', default=[], metavar='KEY=VALUE',
                       help='config keys of every training stage, set before the stage\'s own settings, which win '
                            '(a reflow student\'s learning rate of 2e-4, the MeanFlow keys of --meanflow-settings), '

@@ -33,6 +33,9 @@ def test_the_bench_runs_every_route_and_reports_what_the_eval_sweep_measured(tmp
   targets = {name: json.loads((tmp_path / 'seed_0' / name / 'config.json').read_text())['meanflow']['target']
              for name in ('meanflow', 'splitmeanflow', 'imeanflow')}
   assert targets == {'meanflow': 'jvp', 'splitmeanflow': 'split', 'imeanflow': 'imf'}
+  powers = {name: json.loads((tmp_path / 'seed_0' / name / 'config.json').read_text())['meanflow'][
+      'adaptive_weight_power'] for name in ('meanflow', 'splitmeanflow')}
+  assert powers == {'meanflow': 0.75, 'splitmeanflow': 0.0}  # --split-weight-power's default: the squared error.
   table = (tmp_path / 'one_step_bench.md').read_text()
   assert all(f'| {name} |' in table for name in routes)
   assert f"| real digits (the floor) | {floor['sweep_sizes']:.2f} |" in table and f"{floor['halves']:.2f}" in table

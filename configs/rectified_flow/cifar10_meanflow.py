@@ -26,8 +26,8 @@ def set_meanflow(config, time_mean=2.0, time_std=2.0, interval_fraction=0.75, ad
   """The MeanFlow objective, network and sampler on a config (defaults: the paper's CIFAR-10 settings); the
   training settings stay the config's own. ``end_time`` (mean, std): the second time of a pair from its own
   logit-normal (``meanflow.separate_end_times``). ``time_distribution``: that of both draws of a pair (the
-  logit-normal's mean and std are unused by another). ``target``: 'jvp' (MeanFlow's) or 'split' (SplitMeanFlow's,
-  ``meanflow.target``)."""
+  logit-normal's mean and std are unused by another). ``target``: 'jvp' (MeanFlow's), 'split' (SplitMeanFlow's) or 'imf'
+  (improved MeanFlow's), ``meanflow.target``."""
   config.training.objective = 'meanflow'
   config.training.reduce_mean = False  # ||u - u_tgt||^2 summed over the pixels, as their loss.
   config.model.time_inputs = 2

@@ -285,12 +285,16 @@ class SplitMeanFlow(MeanFlow):
   sampling) is ``MeanFlow``'s, whose arguments it takes, plus:
     split_point: where an interval splits: 'uniform' (lam ~ U(0, 1) per sample, SplitMeanFlow's) or 'midpoint'
       (lam = 1/2, the shortcut models' two half steps).
+  except that ``adaptive_weight_power`` defaults to 0, the plain squared error: an interval's target carries no noise
+  of the pair, so its error is small beside that of an s = t sample, and a weight 1 / (error + c)^p with p > 0
+  weights the intervals up until u = 0 (its own split target) wins over the boundary; on the digits bench p = 0.75
+  trained u = 0 (docs/one_step.md).
   """
 
   target_kwargs = ('split_fractions',)
 
-  def __init__(self, model, *, split_point='uniform', **kwargs):
-    super().__init__(model, **kwargs)
+  def __init__(self, model, *, split_point='uniform', adaptive_weight_power=0.0, **kwargs):
+    super().__init__(model, adaptive_weight_power=adaptive_weight_power, **kwargs)
     if split_point not in SPLIT_POINTS:
       raise ValueError(f'Unknown split_point={split_point!r}; valid: {list(SPLIT_POINTS)}')
     self.split_point = split_point

@@ -257,3 +257,13 @@ def test_a_rectified_flow_cannot_take_the_mean_flow_sampler_nor_meanflow_the_ref
   config.reflow.reflow_type = 'train_reflow'
   with pytest.raises(ValueError, match=r"--mode reflow makes and trains rectified flows"):
     run_lib.reflow(config, str(tmp_path / 'reflow'))
+
+
+def test_set_meanflow_weights_the_split_target_by_the_squared_error_and_the_others_by_the_papers_p():
+  from configs.default_cifar10_configs import get_default_configs
+  from configs.rectified_flow.cifar10_meanflow import set_meanflow
+  powers = {target: set_meanflow(get_default_configs(), target=target).meanflow.adaptive_weight_power
+            for target in losses.MEANFLOW_TARGETS}
+  assert powers == {'jvp': 0.75, 'split': 0.0, 'imf': 0.75}
+  assert set_meanflow(get_default_configs(), target='split', adaptive_weight_power=1.0).meanflow[
+      'adaptive_weight_power'] == 1.0

@@ -5,23 +5,17 @@ import torch
 
 from rectified_flow_pytorch import ImprovedMeanFlow, MeanFlow, RectifiedFlow, flow_math
 from tests.gaussian_flow import (
-  MU,
-  SIGMA,
   GaussianAverageVelocity,
   RecordingModel,
   TinyAverageVelocityNet,
   TinyConvNet,
-  gaussian_std,
+  assert_it_samples_the_gaussian,
+  assert_the_gradient_is_that_of_the_weighted_regression,
+  points_on_the_path,
   posterior_mean_pair,
   start_and_end_times,
+  train_on_the_gaussian,
 )
-
-
-def points_on_the_path(batch, seed):
-  generator = torch.Generator().manual_seed(seed)
-  t, s = start_and_end_times(batch, generator)
-  x_t = t[:, None] * MU + gaussian_std(t) * torch.randn(batch, 3, dtype=torch.float64, generator=generator)
-  return generator, t, s, x_t
 
 
 def test_the_exact_average_velocity_is_its_own_target_and_the_pair_enters_it_only_additively():
@@ -98,50 +92,12 @@ def test_without_intervals_the_loss_is_the_rectified_flow_loss():
     (lambda: TinyConvNet(3), (3, 5, 4)),
 ])
 def test_the_gradient_reaches_the_model_through_the_prediction_only(make_model, data_shape):
-  model = make_model().double()
-  flow = ImprovedMeanFlow(model, interval_fraction=1.0)
-  data, noise = torch.randn(6, *data_shape, dtype=torch.float64), torch.randn(6, *data_shape, dtype=torch.float64)
-  times = flow.sample_training_times(6, dtype=torch.float64)
-  flow(data, noise=noise, **times).backward()
-  gradients = [parameter.grad.clone() for parameter in model.parameters()]
-  assert all(gradient.abs().sum() > 0 for gradient in gradients)
-  model.zero_grad()
-  x_t = flow_math.interpolate(noise, data, times['times'])
-  _, target = flow.average_velocity_and_target(x_t, times['times'], times['end_times'], data - noise)
-  squared = (model(x_t, times['times'], end_times=times['end_times']) - target).square().flatten(1).sum(dim=1)
-  (squared / (squared.detach() + 1e-3)).mean().backward()
-  for gradient, parameter in zip(gradients, model.parameters()):
-    torch.testing.assert_close(gradient, parameter.grad, rtol=1e-10, atol=1e-12)
-
-
-class AffineAverageVelocity(torch.nn.Module):
-  """u(z, t, s) = a(t, s) + b(t, s) z per coordinate, a and b small MLPs of (t, s): the family of the exact answer."""
-
-  def __init__(self, hidden=32):
-    super().__init__()
-    self.net = torch.nn.Sequential(torch.nn.Linear(2, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden),
-                                   torch.nn.SiLU(), torch.nn.Linear(hidden, 6))
-
-  def forward(self, x, times, labels=None, end_times=None):
-    a, b = self.net(torch.stack([times, end_times], dim=1)).chunk(2, dim=1)
-    return a + b * x
+  assert_the_gradient_is_that_of_the_weighted_regression(ImprovedMeanFlow(make_model().double(), interval_fraction=1.0),
+                                                         data_shape)
 
 
 def test_training_from_scratch_samples_the_gaussian_in_one_step():
   """iMF's 1- and 2-step samples of N(mu, sigma^2) after 1500 updates match its mean (to a tenth of sigma) and
   spread (one Euler step of the exact rectified-flow velocity would put every sample on the mean)."""
-  torch.manual_seed(0)
-  model = AffineAverageVelocity().double()
-  flow = ImprovedMeanFlow(model, interval_fraction=0.75, time_distribution='uniform', adaptive_weight_power=0.0)
-  optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-  schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 1500)
-  for _ in range(1500):
-    data = MU + SIGMA * torch.randn(256, 3, dtype=torch.float64)
-    optimizer.zero_grad()
-    flow(data).backward()
-    optimizer.step()
-    schedule.step()
-  for steps in (1, 2):
-    samples = flow.sample(noise=torch.randn(20000, 3, dtype=torch.float64), steps=steps)
-    assert ((samples.mean(0) - MU).abs() < 0.1 * SIGMA).all()
-    torch.testing.assert_close(samples.std(0), SIGMA, rtol=0.1, atol=0)
+  flow = train_on_the_gaussian(ImprovedMeanFlow, adaptive_weight_power=0.0)
+  assert_it_samples_the_gaussian(flow)

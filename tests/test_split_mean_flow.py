@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from rectified_flow_pytorch import MeanFlow, RectifiedFlow, SplitMeanFlow, flow_math
+from rectified_flow_pytorch import MeanFlow, RectifiedFlow, SplitMeanFlow
 from tests.gaussian_flow import (
   MU,
   SIGMA,
@@ -12,25 +12,25 @@ from tests.gaussian_flow import (
   RecordingModel,
   TinyAverageVelocityNet,
   TinyConvNet,
-  gaussian_std,
+  assert_it_samples_the_gaussian,
+  assert_the_gradient_is_that_of_the_weighted_regression,
+  points_on_the_path,
   posterior_mean_pair,
   start_and_end_times,
+  train_on_the_gaussian,
 )
 
 
-def points_on_the_path(batch, seed):
-  generator = torch.Generator().manual_seed(seed)
-  t, s = start_and_end_times(batch, generator)
-  x_t = t[:, None] * MU + gaussian_std(t) * torch.randn(batch, 3, dtype=torch.float64, generator=generator)
-  fractions = torch.rand(batch, dtype=torch.float64, generator=generator)
-  return generator, t, s, x_t, fractions
+def points_and_fractions(batch, seed):
+  generator, t, s, x_t = points_on_the_path(batch, seed)
+  return generator, t, s, x_t, torch.rand(batch, dtype=torch.float64, generator=generator)
 
 
 @pytest.mark.parametrize('split_point', ['uniform', 'midpoint'])
 def test_the_exact_average_velocity_is_its_own_split_target(split_point):
   """Average velocities add over the two parts of an interval, so the exact u is its own target wherever it is
   split, with no conditional-velocity noise in it; an instantaneous velocity in its place is not."""
-  _, t, s, x_t, fractions = points_on_the_path(64, seed=1)
+  _, t, s, x_t, fractions = points_and_fractions(64, seed=1)
   flow = SplitMeanFlow(GaussianAverageVelocity(), split_point=split_point)
   x0, x1 = posterior_mean_pair(x_t, t)
   if split_point == 'midpoint':
@@ -75,7 +75,7 @@ def test_the_split_target_tends_to_the_forward_mode_target_as_the_split_point_ne
 def test_the_target_takes_two_gradient_free_evaluations_on_the_two_parts_then_the_prediction():
   recorder = RecordingModel(TinyAverageVelocityNet((4,), num_classes=3).double())
   flow = SplitMeanFlow(recorder, num_classes=3)
-  _, t, s, _, fractions = points_on_the_path(6, seed=3)
+  _, t, s, _, fractions = points_and_fractions(6, seed=3)
   x_t, labels = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 1, 0])
   prediction, target = flow.average_velocity_and_target(x_t, t, s, torch.zeros_like(x_t), labels=labels,
                                                         split_fractions=fractions)
@@ -108,21 +108,8 @@ def test_without_intervals_the_loss_is_the_rectified_flow_loss():
     (lambda: TinyConvNet(3), (3, 5, 4)),
 ])
 def test_the_gradient_reaches_the_model_through_the_prediction_only(make_model, data_shape):
-  model = make_model().double()
-  flow = SplitMeanFlow(model, interval_fraction=1.0, adaptive_weight_power=1.0)
-  data, noise = torch.randn(6, *data_shape, dtype=torch.float64), torch.randn(6, *data_shape, dtype=torch.float64)
-  times = flow.sample_training_times(6, dtype=torch.float64)
-  flow(data, noise=noise, **times).backward()
-  gradients = [parameter.grad.clone() for parameter in model.parameters()]
-  assert all(gradient.abs().sum() > 0 for gradient in gradients)
-  model.zero_grad()
-  x_t = flow_math.interpolate(noise, data, times['times'])
-  _, target = flow.average_velocity_and_target(x_t, times['times'], times['end_times'], data - noise,
-                                               split_fractions=times['split_fractions'])
-  squared = (model(x_t, times['times'], end_times=times['end_times']) - target).square().flatten(1).sum(dim=1)
-  (squared / (squared.detach() + 1e-3)).mean().backward()
-  for gradient, parameter in zip(gradients, model.parameters()):
-    torch.testing.assert_close(gradient, parameter.grad, rtol=1e-10, atol=1e-12)
+  flow = SplitMeanFlow(make_model().double(), interval_fraction=1.0, adaptive_weight_power=1.0)
+  assert_the_gradient_is_that_of_the_weighted_regression(flow, data_shape)
 
 
 def test_split_fractions_are_uniform_and_an_unknown_split_point_is_a_clear_error():
@@ -135,49 +122,18 @@ def test_split_fractions_are_uniform_and_an_unknown_split_point_is_a_clear_error
     SplitMeanFlow(nn.Identity(), split_point='half')
 
 
-class AffineAverageVelocity(nn.Module):
-  """u(z, t, s) = a(t, s) + b(t, s) z per coordinate, a and b small MLPs of (t, s): the family of the exact answer."""
-
-  def __init__(self, hidden=32):
-    super().__init__()
-    self.net = nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                             nn.Linear(hidden, 6))
-
-  def forward(self, x, times, labels=None, end_times=None):
-    a, b = self.net(torch.stack([times, end_times], dim=1)).chunk(2, dim=1)
-    return a + b * x
-
-
-def train_on_the_gaussian(**kwargs):
-  torch.manual_seed(0)
-  model = AffineAverageVelocity().double()
-  flow = SplitMeanFlow(model, interval_fraction=0.75, time_distribution='uniform', **kwargs)
-  optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-  schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 1500)
-  for _ in range(1500):
-    data = MU + SIGMA * torch.randn(256, 3, dtype=torch.float64)
-    optimizer.zero_grad()
-    flow(data).backward()
-    optimizer.step()
-    schedule.step()
-  return flow
-
-
 def test_training_from_scratch_samples_the_gaussian_in_one_step():
   """SplitMeanFlow's 1- and 2-step samples of N(mu, sigma^2) after 1500 updates (its default weight, p = 0) match
   its mean (to a tenth of sigma) and spread (one Euler step of the exact rectified-flow velocity, x0 + v(x0, 0) = mu,
   would put every sample on the mean)."""
-  flow = train_on_the_gaussian()
+  flow = train_on_the_gaussian(SplitMeanFlow)
   assert flow.adaptive_weight_power == 0.0
-  for steps in (1, 2):
-    samples = flow.sample(noise=torch.randn(20000, 3, dtype=torch.float64), steps=steps)
-    assert ((samples.mean(0) - MU).abs() < 0.1 * SIGMA).all()
-    torch.testing.assert_close(samples.std(0), SIGMA, rtol=0.1, atol=0)
+  assert_it_samples_the_gaussian(flow)
 
 
 def test_with_meanflows_adaptive_weight_the_same_training_misses_the_gaussian():
   """Why the default weight is p = 0: with MeanFlow's CIFAR-10 weight (p = 0.75) the interval targets, free of the
   pair's noise, outweigh the s = t samples and the same run no longer samples the Gaussian."""
-  flow = train_on_the_gaussian(adaptive_weight_power=0.75)
+  flow = train_on_the_gaussian(SplitMeanFlow, adaptive_weight_power=0.75)
   samples = flow.sample(noise=torch.randn(20000, 3, dtype=torch.float64), steps=1)
   assert not torch.isfinite(samples).all() or ((samples.mean(0) - MU).abs() > SIGMA).any()

@@ -196,6 +196,8 @@ def run_seed(args, seed):
       meanflow.sampling.sample_steps = ()
       if route == 'splitmeanflow':
         meanflow.meanflow.adaptive_weight_power = args.split_weight_power
+      for key, value in args.set:  # --set wins over the route's MeanFlow keys: model.time_scale=999 is measurable.
+        set_key(meanflow, key, value)
       timed(seconds, route, run_lib.train, meanflow, dirs[route])
       finals[route] = (meanflow, dirs[route], 'mean_flow')
 
@@ -299,8 +301,10 @@ def main(argv=None):
                            "MeanFlow's p = 0.75 or 1 let its own near-zero output satisfy its interval targets)")
   parser.add_argument('--set', type=key_value, nargs='+', action='extend', default=[], metavar='KEY=VALUE',
                       help='config keys of every training stage, set before the stage\'s own settings, which win '
-                           '(a reflow student\'s learning rate of 2e-4, the MeanFlow keys of --meanflow-settings), '
-                           'e.g. --set optim.lr=3e-4 optim.warmup=0')
+                           '(a reflow student\'s learning rate of 2e-4), except on the MeanFlow routes, where --set '
+                           'wins over --meanflow-settings and --split-weight-power (model.time_scale=999 '
+                           'model.interval_scale=999: the published time scale), e.g. --set optim.lr=3e-4 '
+                           'optim.warmup=0')
   args = parser.parse_args(argv)
   args.routes = [route for route in ROUTES if route in args.routes]
   if args.updates < 4:

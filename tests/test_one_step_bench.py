@@ -101,3 +101,14 @@ def test_the_two_distribution_meanflow_settings_train_with_their_own_end_times(t
   assert (m['time_mean'], m['time_std'], m['separate_end_times'], m['end_time_mean'], m['end_time_std']) == (
       0.6, 1.6, True, 4.0, 1.6)
   assert m['interval_fraction'] == 0.75  # The CIFAR-10 settings otherwise.
+
+
+def test_set_wins_over_the_meanflow_settings_on_the_meanflow_routes(tmp_path):
+  one_step_bench.main(['--updates', '4', '--batch', '8', '--samples', '8', '--seeds', '0', '--small',
+                       '--routes', 'splitmeanflow', '--meanflow-settings', 'two_distributions', '--set',
+                       'model.time_scale=999.0', 'model.interval_scale=999.0', 'meanflow.end_time_std=1.0',
+                       'meanflow.adaptive_weight_power=0.5', '--workdir', str(tmp_path)])
+  resolved = json.loads((tmp_path / 'seed_0' / 'splitmeanflow' / 'config.json').read_text())
+  assert (resolved['model']['time_scale'], resolved['model']['interval_scale']) == (999.0, 999.0)
+  m = resolved['meanflow']
+  assert (m['end_time_mean'], m['end_time_std'], m['adaptive_weight_power'], m['target']) == (4.0, 1.0, 0.5, 'split')

@@ -86,6 +86,7 @@ def build_mean_flow(config, net):
   field = velocity_field(config, net)
   kwargs = dict(time_distribution=m.time_distribution, time_distribution_kwargs=distribution_kwargs,
                 interval_fraction=m.interval_fraction, end_time_distribution_kwargs=end_kwargs,
+                uniform_pair_fraction=m.uniform_pair_fraction,
                 adaptive_weight_power=m.adaptive_weight_power, adaptive_weight_constant=m.adaptive_weight_constant,
                 loss_reduction='mean' if config.training.reduce_mean else 'sum',
                 noise_std=config.sampling.init_noise_scale, num_classes=classes,

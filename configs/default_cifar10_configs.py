@@ -74,6 +74,7 @@ def get_default_configs():
   meanflow.separate_end_times = False  # True: a pair's second time from logit_normal(end_time_mean, end_time_std).
   meanflow.end_time_mean = 4.0  # The sampler of two distributions (with time_mean 0.6, std 1.6; s the later time).
   meanflow.end_time_std = 1.6
+  meanflow.uniform_pair_fraction = 0.0  # Pairs of two uniform draws instead (a mixture; 0: none).
   meanflow.adaptive_weight_power = 1.0  # p of the weight 1 / (||error||^2 + c)^p (0: none).
   meanflow.adaptive_weight_constant = 1e-3  # c of that weight.
   meanflow.target = 'jvp'  # 'jvp': MeanFlow's identity (forward mode); 'split': SplitMeanFlow's (no forward mode);

@@ -11,7 +11,8 @@ on the same network, with the same number of training updates each, measured by 
             --meanflow-settings imagenet the paper's ImageNet ones (25% of (t, r) with r != t, logit-normal times of
             mean 0.4 and std 1 in this project's time, adaptive weight p = 1), or with two_distributions the CIFAR-10
             ones with t ~ logit-normal(0.6, 1.6) and s ~ logit-normal(4, 1.6) (s the later time), or with uniform
-            the CIFAR-10 ones with both times uniform on [0, 1] (every interval and every part of one trained)
+            the CIFAR-10 ones with both times uniform on [0, 1] (every interval and every part of one trained), or
+            with mixture half the pairs from two_distributions and half uniform
   splitmeanflow  the same from scratch with SplitMeanFlow's target (meanflow.target='split': interval splitting,
             no forward-mode pass; --set meanflow.split_point=midpoint for the shortcut models' half steps)
   imeanflow  the same from scratch with improved MeanFlow's target (meanflow.target='imf': the forward-mode pass
@@ -58,7 +59,8 @@ MODELS = {'ddpmpp': digits_config, 'dit': digits_dit_config}
 MEANFLOW_SETTINGS = {'cifar10': {}, 'imagenet': dict(time_mean=0.4, time_std=1.0, interval_fraction=0.25,
                                                      adaptive_weight_power=1.0),
                      'two_distributions': dict(time_mean=0.6, time_std=1.6, end_time=(4.0, 1.6)),
-                     'uniform': dict(time_distribution='uniform')}
+                     'uniform': dict(time_distribution='uniform'),
+                     'mixture': dict(time_mean=0.6, time_std=1.6, end_time=(4.0, 1.6), uniform_pair_fraction=0.5)}
 
 
 def base_config(args, seed, updates):
@@ -294,8 +296,8 @@ def main(argv=None):
   parser.add_argument('--model', choices=sorted(MODELS), default='ddpmpp', help="every route's network")
   parser.add_argument('--meanflow-settings', choices=sorted(MEANFLOW_SETTINGS), default='cifar10',
                       help="the MeanFlow route's (t, r) sampling and adaptive weight: the paper's CIFAR-10 or "
-                           'ImageNet settings, or the CIFAR-10 ones with t and s from two logit-normals or both '
-                           'uniform')
+                           'ImageNet settings, or the CIFAR-10 ones with t and s from two logit-normals, both '
+                           'uniform, or half of the pairs each (mixture)')
   parser.add_argument('--split-weight-power', type=float, default=0.0,
                       help="the splitmeanflow route's adaptive weight power p (default 0: the plain squared error; "
                            "MeanFlow's p = 0.75 or 1 let its own near-zero output satisfy its interval targets)")

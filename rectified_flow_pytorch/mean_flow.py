@@ -42,6 +42,9 @@ class MeanFlow(FlowFromNoise):
       (e.g. {'mean': 4.0, 'std': 1.6}), the second draw comes from ``time_distribution`` with these instead: a
       sampler of two distributions, one for the start and one (nearer the data) for the end of the interval; the
       earlier draw is still t and the later s.
+    uniform_pair_fraction: the probability that a sample's two draws are uniform on [0, 1] instead (0, the default:
+      never): a mixture that keeps a logit-normal sampler's weight where it puts it and trains every interval, e.g.
+      the first jump of two steps, which the two-distribution sampler above almost never draws.
     interval_fraction: the probability that a sample's pair is an interval t < s: the earlier of the two draws is
       t and the later s; the other samples get s = t = the earlier draw, as rectified-flow samples. The paper's
       "ratio of r != t": 0.25 (ImageNet, best), 0.75 (CIFAR-10); 0 trains a plain rectified flow.
@@ -67,7 +70,7 @@ class MeanFlow(FlowFromNoise):
 
   def __init__(self, model, *, time_cond_kwarg='times', end_time_cond_kwarg='end_times',
                time_distribution='logit_normal', time_distribution_kwargs=None, interval_fraction=0.25,
-               end_time_distribution_kwargs=None,
+               end_time_distribution_kwargs=None, uniform_pair_fraction=0.0,
                adaptive_weight_power=1.0, adaptive_weight_constant=1e-3, loss_reduction='sum', noise_std=1.0,
                num_classes=0, label_cond_kwarg='labels', label_dropout=0.0, guidance_scale=1.0, guidance_mix=0.0,
                guidance_interval=None):
@@ -78,6 +81,8 @@ class MeanFlow(FlowFromNoise):
                        f'valid: {sorted(flow_math.TIME_DISTRIBUTIONS)}')
     if not 0.0 <= interval_fraction <= 1.0:
       raise ValueError(f'interval_fraction must be in [0, 1], got {interval_fraction}')
+    if not 0.0 <= uniform_pair_fraction <= 1.0:
+      raise ValueError(f'uniform_pair_fraction must be in [0, 1], got {uniform_pair_fraction}')
     if adaptive_weight_power < 0.0 or adaptive_weight_constant <= 0.0:
       raise ValueError(f'The adaptive weight needs power >= 0 and constant > 0, got {adaptive_weight_power} and '
                        f'{adaptive_weight_constant}')
@@ -97,6 +102,7 @@ class MeanFlow(FlowFromNoise):
     self.end_time_distribution_kwargs = dict(self.time_distribution_kwargs if end_time_distribution_kwargs is None
                                              else end_time_distribution_kwargs)
     self.interval_fraction = interval_fraction
+    self.uniform_pair_fraction = uniform_pair_fraction
     self.adaptive_weight_power = adaptive_weight_power
     self.adaptive_weight_constant = adaptive_weight_constant
     self.loss_reduction = loss_reduction
@@ -128,11 +134,16 @@ class MeanFlow(FlowFromNoise):
 
   def sample_time_pairs(self, batch_size, device=None, dtype=torch.float32, generator=None):
     """(B,) start and end times t <= s: two draws of ``time_distribution`` (the second with
-    ``end_time_distribution_kwargs``), t the earlier and s the later, and s = t for each sample with probability
-    1 - ``interval_fraction`` (Geng et al. 2025, Sec. 4.3)."""
+    ``end_time_distribution_kwargs``), or with probability ``uniform_pair_fraction`` two uniform draws, t the
+    earlier and s the later, and s = t for each sample with probability 1 - ``interval_fraction`` (Geng et al.
+    2025, Sec. 4.3). Without the uniform part the random stream is the sampler's alone."""
     draws = [flow_math.sample_times(batch_size, self.time_distribution, eps=0.0, device=device, dtype=dtype,
                                     generator=generator, **kwargs)
              for kwargs in (self.time_distribution_kwargs, self.end_time_distribution_kwargs)]
+    if self.uniform_pair_fraction:
+      uniform = torch.rand(batch_size, device=device, generator=generator) < self.uniform_pair_fraction
+      draws = [torch.where(uniform, flow_math.sample_times(batch_size, 'uniform', eps=0.0, device=device, dtype=dtype,
+                                                           generator=generator), draw) for draw in draws]
     times, end_times = torch.minimum(*draws), torch.maximum(*draws)
     intervals = torch.rand(batch_size, device=device, generator=generator) < self.interval_fraction
     return times, torch.where(intervals, end_times, times)

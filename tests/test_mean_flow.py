@@ -165,6 +165,42 @@ def test_time_pairs_of_two_distributions_are_the_min_and_max_of_one_draw_of_each
   assert same.end_time_distribution_kwargs == {'mean': 0.6, 'std': 1.6}  # Without the setting: one distribution.
 
 
+def test_a_uniform_pair_fraction_mixes_uniform_pairs_into_the_sampler():
+  """With probability 1/2 a pair's two draws are uniform instead: the end times have the CDF of the mixture
+  (F_t F_s + v^2) / 2 and the start times (1 - (1 - F_t)(1 - F_s) + 1 - (1 - v)^2) / 2 (Kolmogorov-Smirnov); the
+  sampler's random stream without the part is unchanged."""
+  count = 40000
+  kwargs = dict(interval_fraction=1.0, time_distribution_kwargs={'mean': 0.6, 'std': 1.6},
+                end_time_distribution_kwargs={'mean': 4.0, 'std': 1.6})
+  flow = MeanFlow(nn.Identity(), uniform_pair_fraction=0.5, **kwargs)
+  times, end_times = flow.sample_time_pairs(count, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+  assert (times <= end_times).all()
+  normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+
+  def cdf(values, mean):
+    return normal.cdf((torch.logit(values) - mean) / 1.6)
+
+  def ks_distance(values, expected_cdf):
+    values = values.sort().values
+    empirical = torch.arange(1, count + 1, dtype=torch.float64) / count
+    return float((empirical - expected_cdf(values)).abs().max())
+
+  bound = 1.95 / count ** 0.5
+  assert ks_distance(end_times, lambda v: (cdf(v, 0.6) * cdf(v, 4.0) + v ** 2) / 2) < bound
+  assert ks_distance(times, lambda v: (2 - (1 - cdf(v, 0.6)) * (1 - cdf(v, 4.0)) - (1 - v) ** 2) / 2) < bound
+  generator = torch.Generator().manual_seed(6)
+  plain = MeanFlow(nn.Identity(), **{**kwargs, 'interval_fraction': 0.5}).sample_time_pairs(
+      64, dtype=torch.float64, generator=generator)
+  generator.manual_seed(6)
+  draws = [flow_math.sample_times(64, 'logit_normal', eps=0.0, dtype=torch.float64, generator=generator, mean=mean,
+                                  std=1.6) for mean in (0.6, 4.0)]
+  intervals = torch.rand(64, generator=generator) < 0.5
+  assert torch.equal(plain[0], torch.minimum(*draws))
+  assert torch.equal(plain[1], torch.where(intervals, torch.maximum(*draws), torch.minimum(*draws)))
+  with pytest.raises(ValueError, match='uniform_pair_fraction must be in'):
+    MeanFlow(nn.Identity(), uniform_pair_fraction=1.5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Any data shape; the gradient flows through the prediction only.
 

@@ -3,9 +3,12 @@ eval sweep's own reports (no metric code of its own); the table, the json and th
 import json
 import math
 
+import ml_collections
 import pytest
+import torch
 from PIL import Image
 
+import losses
 from examples import one_step_bench
 
 
@@ -105,10 +108,13 @@ def test_the_two_distribution_meanflow_settings_train_with_their_own_end_times(t
 
 def test_set_wins_over_the_meanflow_settings_on_the_meanflow_routes(tmp_path):
   one_step_bench.main(['--updates', '4', '--batch', '8', '--samples', '8', '--seeds', '0', '--small',
-                       '--routes', 'splitmeanflow', '--meanflow-settings', 'two_distributions', '--set',
+                       '--routes', 'splitmeanflow', '--meanflow-settings', 'mixture', '--set',
                        'model.time_scale=999.0', 'model.interval_scale=999.0', 'meanflow.end_time_std=1.0',
                        'meanflow.adaptive_weight_power=0.5', '--workdir', str(tmp_path)])
   resolved = json.loads((tmp_path / 'seed_0' / 'splitmeanflow' / 'config.json').read_text())
   assert (resolved['model']['time_scale'], resolved['model']['interval_scale']) == (999.0, 999.0)
   m = resolved['meanflow']
   assert (m['end_time_mean'], m['end_time_std'], m['adaptive_weight_power'], m['target']) == (4.0, 1.0, 0.5, 'split')
+  assert (m['separate_end_times'], m['uniform_pair_fraction']) == (True, 0.5)  # The mixture settings otherwise.
+  flow = losses.build_flow(ml_collections.ConfigDict(resolved), torch.nn.Identity())
+  assert (flow.uniform_pair_fraction, flow.end_time_distribution_kwargs) == (0.5, {'mean': 4.0, 'std': 1.0})

@@ -22,12 +22,13 @@ from configs.default_cifar10_configs import get_default_configs
 
 
 def set_meanflow(config, time_mean=2.0, time_std=2.0, interval_fraction=0.75, adaptive_weight_power=None,
-                 end_time=None, target='jvp', time_distribution='logit_normal'):
+                 end_time=None, target='jvp', time_distribution='logit_normal', uniform_pair_fraction=0.0):
   """The MeanFlow objective, network and sampler on a config (defaults: the paper's CIFAR-10 settings); the
   training settings stay the config's own. ``adaptive_weight_power``: None gives the paper's 0.75, or 0 (the
   squared error) for the split target, which a weight of p > 0 collapses to u = 0 (``SplitMeanFlow``).
   ``end_time`` (mean, std): the second time of a pair from its own logit-normal (``meanflow.separate_end_times``).
   ``time_distribution``: that of both draws of a pair (the logit-normal's mean and std are unused by another).
+  ``uniform_pair_fraction``: the share of pairs drawn uniform instead (``meanflow.uniform_pair_fraction``).
   ``target``: 'jvp' (MeanFlow's), 'split' (SplitMeanFlow's) or 'imf' (improved MeanFlow's), ``meanflow.target``."""
   config.training.objective = 'meanflow'
   config.training.reduce_mean = False  # ||u - u_tgt||^2 summed over the pixels, as their loss.
@@ -38,6 +39,7 @@ def set_meanflow(config, time_mean=2.0, time_std=2.0, interval_fraction=0.75, ad
   m.time_mean, m.time_std = time_mean, time_std
   m.interval_fraction = interval_fraction
   m.separate_end_times = end_time is not None
+  m.uniform_pair_fraction = uniform_pair_fraction
   if end_time is not None:
     m.end_time_mean, m.end_time_std = end_time
   if adaptive_weight_power is None:

@@ -59,8 +59,8 @@ MODELS = {'ddpmpp': digits_config, 'dit': digits_dit_config}
 MEANFLOW_SETTINGS = {'cifar10': {}, 'imagenet': dict(time_mean=0.4, time_std=1.0, interval_fraction=0.25,
                                                      adaptive_weight_power=1.0),
                      'two_distributions': dict(time_mean=0.6, time_std=1.6, end_time=(4.0, 1.6)),
-                     'uniform': dict(time_distribution='uniform'),
-                     'mixture': dict(time_mean=0.6, time_std=1.6, end_time=(4.0, 1.6), uniform_pair_fraction=0.5)}
+                     'uniform': dict(time_distribution='uniform')}
+MEANFLOW_SETTINGS['mixture'] = dict(MEANFLOW_SETTINGS['two_distributions'], uniform_pair_fraction=0.5)
 
 
 def base_config(args, seed, updates):

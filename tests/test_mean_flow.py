@@ -139,6 +139,18 @@ def test_time_pairs_follow_the_logit_normal_and_the_interval_fraction():
   assert abs(intervals - 0.25) < 4 * (0.25 * 0.75 / count) ** 0.5
 
 
+def logit_normal_cdf(values, mean, std=1.6):
+  normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+  return normal.cdf((torch.logit(values) - mean) / std)
+
+
+def ks_distance(values, expected_cdf):
+  """The Kolmogorov-Smirnov distance of a sample from a CDF; below 1.95 / sqrt(n) at the 0.1% level."""
+  values = values.sort().values
+  empirical = torch.arange(1, len(values) + 1, dtype=torch.float64) / len(values)
+  return float((empirical - expected_cdf(values)).abs().max())
+
+
 def test_time_pairs_of_two_distributions_are_the_min_and_max_of_one_draw_of_each():
   """t ~ logit-normal(0.6, 1.6) and s ~ logit-normal(4, 1.6) drawn independently, t the earlier: the end times have
   the CDF F_t F_s of the maximum and the start times 1 - (1 - F_t)(1 - F_s) of the minimum (Kolmogorov-Smirnov)."""
@@ -148,19 +160,10 @@ def test_time_pairs_of_two_distributions_are_the_min_and_max_of_one_draw_of_each
                   end_time_distribution_kwargs={'mean': 4.0, 'std': 1.6})
   times, end_times = flow.sample_time_pairs(count, dtype=torch.float64, generator=generator)
   assert (times <= end_times).all()
-  normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
-
-  def cdf(values, mean):
-    return normal.cdf((torch.logit(values) - mean) / 1.6)
-
-  def ks_distance(values, expected_cdf):
-    values = values.sort().values
-    empirical = torch.arange(1, count + 1, dtype=torch.float64) / count
-    return float((empirical - expected_cdf(values)).abs().max())
-
   bound = 1.95 / count ** 0.5  # The KS critical value at 0.1%.
-  assert ks_distance(end_times, lambda v: cdf(v, 0.6) * cdf(v, 4.0)) < bound
-  assert ks_distance(times, lambda v: 1 - (1 - cdf(v, 0.6)) * (1 - cdf(v, 4.0))) < bound
+  start, end = (lambda v: logit_normal_cdf(v, 0.6)), (lambda v: logit_normal_cdf(v, 4.0))
+  assert ks_distance(end_times, lambda v: start(v) * end(v)) < bound
+  assert ks_distance(times, lambda v: 1 - (1 - start(v)) * (1 - end(v))) < bound
   same = MeanFlow(nn.Identity(), interval_fraction=1.0, time_distribution_kwargs={'mean': 0.6, 'std': 1.6})
   assert same.end_time_distribution_kwargs == {'mean': 0.6, 'std': 1.6}  # Without the setting: one distribution.
 
@@ -175,19 +178,10 @@ def test_a_uniform_pair_fraction_mixes_uniform_pairs_into_the_sampler():
   flow = MeanFlow(nn.Identity(), uniform_pair_fraction=0.5, **kwargs)
   times, end_times = flow.sample_time_pairs(count, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
   assert (times <= end_times).all()
-  normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
-
-  def cdf(values, mean):
-    return normal.cdf((torch.logit(values) - mean) / 1.6)
-
-  def ks_distance(values, expected_cdf):
-    values = values.sort().values
-    empirical = torch.arange(1, count + 1, dtype=torch.float64) / count
-    return float((empirical - expected_cdf(values)).abs().max())
-
   bound = 1.95 / count ** 0.5
-  assert ks_distance(end_times, lambda v: (cdf(v, 0.6) * cdf(v, 4.0) + v ** 2) / 2) < bound
-  assert ks_distance(times, lambda v: (2 - (1 - cdf(v, 0.6)) * (1 - cdf(v, 4.0)) - (1 - v) ** 2) / 2) < bound
+  start, end = (lambda v: logit_normal_cdf(v, 0.6)), (lambda v: logit_normal_cdf(v, 4.0))
+  assert ks_distance(end_times, lambda v: (start(v) * end(v) + v ** 2) / 2) < bound
+  assert ks_distance(times, lambda v: (2 - (1 - start(v)) * (1 - end(v)) - (1 - v) ** 2) / 2) < bound
   generator = torch.Generator().manual_seed(6)
   plain = MeanFlow(nn.Identity(), **{**kwargs, 'interval_fraction': 0.5}).sample_time_pairs(
       64, dtype=torch.float64, generator=generator)

@@ -28,11 +28,17 @@ routes count for both), as mean and spread over the seeds. Pair generation is co
 A last row gives the floor: the FD of as many real digits as samples against all of them (and, below the table, of
 two disjoint halves), what a perfect sampler would score.
 
+Each seed's results are kept in WORKDIR/seed_N/bench_results.json, so seeds run on their own (one process each,
+in parallel) are reported together by --report, which trains nothing:
+
   python examples/one_step_bench.py                       # U = 2000, 3 seeds: a few hours on 2 CPU cores
   python examples/one_step_bench.py --updates 1000 --seeds 0
+  python examples/one_step_bench.py --seeds 0 & python examples/one_step_bench.py --seeds 1 & wait
+  python examples/one_step_bench.py --seeds 0 1 --report  # the table of both, with the runs' own settings
 """
 import argparse
 import ast
+import json
 import os
 import sys
 import time
@@ -160,6 +166,49 @@ def sweep(config, workdir, sampler, samples):
     return {'rk45': run_lib.evaluate(config, workdir, 'bench_eval_rk45')[0]}
   config.sampling.use_ode_sampler, config.sampling.sample_steps = sampler, STEPS
   return {r['sample_steps']: r for r in run_lib.evaluate(config, workdir, 'bench_eval')}
+
+
+# The arguments that define a run: --report takes them from the seeds' results and requires them equal.
+RUN_SETTINGS = ('updates', 'pairs', 'samples', 'batch', 'small', 'routes', 'model', 'meanflow_settings',
+                'split_weight_power', 'set', 'lpips_weights')
+
+
+def run_settings(args):
+  return {name: [list(pair) for pair in args.set] if name == 'set' else getattr(args, name) for name in RUN_SETTINGS}
+
+
+def save_seed(workdir, seed, args, results):
+  """WORKDIR/seed_N/bench_results.json: the run's settings and its routes' results (eval folders relative to
+  the workdir), written atomically."""
+  routes = {route: {**result, 'reports': {str(key): report for key, report in result['reports'].items()},
+                    'eval_folder': os.path.relpath(result['eval_folder'], workdir)}
+            for route, result in results.items()}
+  atomic_files.write_json(os.path.join(workdir, f'seed_{seed}', 'bench_results.json'),
+                          {'settings': run_settings(args), 'routes': routes})
+
+
+def load_seeds(workdir, seeds):
+  """({seed: results}, settings) from the seeds' bench_results.json, as run_seed returned them."""
+  all_results, settings = {}, {}
+  for seed in seeds:
+    path = os.path.join(workdir, f'seed_{seed}', 'bench_results.json')
+    if not os.path.exists(path):
+      raise SystemExit(f'--report: {path} does not exist: seed {seed} has no finished bench run in {workdir}; run '
+                       f'it first without --report (--seeds {seed} --workdir {workdir} and the run\'s settings)')
+    with open(path, encoding='utf-8') as handle:
+      saved = json.load(handle)
+    for name, value in saved['settings'].items():
+      if name in settings and settings[name][1] != value:
+        raise SystemExit(f'--report: seeds {settings[name][0]} and {seed} in {workdir} were run with different '
+                         f'settings ({name}: {settings[name][1]!r} against {value!r}); report them from separate '
+                         'workdirs')
+      settings.setdefault(name, (seed, value))
+    all_results[seed] = {
+        route: {**result, 'reports': {int(key) if key.isdigit() else key: report
+                                      for key, report in result['reports'].items()},
+                'eval_folder': os.path.join(workdir, result['eval_folder'])}
+        for route, result in saved['routes'].items()}
+  return all_results, {name: value for name, (_, value) in settings.items()}
 
 
 def run_seed(args, seed):
@@ -307,14 +356,24 @@ def main(argv=None):
                            'wins over --meanflow-settings and --split-weight-power (model.time_scale=999 '
                            'model.interval_scale=999: the published time scale), e.g. --set optim.lr=3e-4 '
                            'optim.warmup=0')
+  parser.add_argument('--report', action='store_true',
+                      help="train nothing: the table, json, md and grid of --seeds from their finished runs in "
+                           "--workdir (each seed's bench_results.json), with the runs' own settings, which must agree")
   args = parser.parse_args(argv)
   args.routes = [route for route in ROUTES if route in args.routes]
+  if args.report:
+    all_results, settings = load_seeds(args.workdir, args.seeds)
+    vars(args).update(settings, set=[tuple(pair) for pair in settings['set']])
   if args.updates < 4:
     parser.error('--updates must be at least 4 (the reflow route splits it into 2 + 1 + 1 quarters)')
   if args.pairs < args.batch:
     parser.error(f'--pairs ({args.pairs}) must hold at least one batch (--batch {args.batch})')
   os.makedirs(args.workdir, exist_ok=True)
-  all_results = {seed: run_seed(args, seed) for seed in args.seeds}
+  if not args.report:
+    all_results = {}
+    for seed in args.seeds:
+      all_results[seed] = run_seed(args, seed)
+      save_seed(args.workdir, seed, args, all_results[seed])
   floors = {seed: real_floor(args.samples, seed) for seed in args.seeds}
   text = table(all_results, args.seeds, args.routes, floors)
   png = grid(all_results, args.seeds[0], args.routes, os.path.join(args.workdir, 'one_step_bench.png'))

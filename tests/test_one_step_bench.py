@@ -4,6 +4,7 @@ import json
 import math
 
 import ml_collections
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -118,3 +119,32 @@ def test_set_wins_over_the_meanflow_settings_on_the_meanflow_routes(tmp_path):
   assert (m['separate_end_times'], m['uniform_pair_fraction']) == (True, 0.5)  # The mixture settings otherwise.
   flow = losses.build_flow(ml_collections.ConfigDict(resolved), torch.nn.Identity())
   assert (flow.uniform_pair_fraction, flow.end_time_distribution_kwargs) == (0.5, {'mean': 4.0, 'std': 1.0})
+
+
+def test_report_puts_seeds_run_on_their_own_in_one_table_and_refuses_mixed_settings(tmp_path, monkeypatch):
+  run = ['--updates', '4', '--batch', '8', '--samples', '8', '--small', '--routes', '1rf', 'imeanflow',
+         '--workdir', str(tmp_path)]
+  alone = {seed: one_step_bench.main(run + ['--seeds', str(seed)]) for seed in (0, 1)}  # Two runs, one seed each.
+  (tmp_path / 'one_step_bench.json').unlink()
+
+  def refuse(*_):
+    raise AssertionError('--report trained or evaluated')
+
+  with monkeypatch.context() as patch:  # --report trains and sweeps nothing, and takes the runs' settings.
+    patch.setattr(one_step_bench.run_lib, 'train', refuse)
+    patch.setattr(one_step_bench.run_lib, 'evaluate', refuse)
+    together = one_step_bench.main(['--report', '--seeds', '0', '1', '--workdir', str(tmp_path)])
+  assert together == {'0': alone[0]['0'], '1': alone[1]['1']}
+  assert json.loads((tmp_path / 'one_step_bench.json').read_text()) == together
+  table = (tmp_path / 'one_step_bench.md').read_text()
+  assert 'seeds [0, 1]' in table and '4 updates of batch 8' in table
+  fd = [together[seed]['imeanflow']['digit_fd']['1'] for seed in ('0', '1')]
+  assert f'| imeanflow | {np.mean(fd):.2f} ± {np.std(fd, ddof=1):.2f} |' in table
+  assert '| 1rf |' in table and '| reflow |' not in table
+  width, height = 4 * (16 + 1) + 1, 2 * (16 + 1) + 1  # 8 samples: two rows of 4 per cell; a row per route.
+  assert Image.open(tmp_path / 'one_step_bench.png').size == (2 * width + 4, 2 * (height + 4))
+  with pytest.raises(SystemExit, match='seed 2 has no finished bench run'):
+    one_step_bench.main(['--report', '--seeds', '0', '2', '--workdir', str(tmp_path)])
+  one_step_bench.main(run[:-2] + ['--workdir', str(tmp_path), '--seeds', '2', '--set', 'optim.lr=3e-4'])
+  with pytest.raises(SystemExit, match=r"seeds 0 and 2 .* different settings \(set: \[\] against \[\['optim.lr'"):
+    one_step_bench.main(['--report', '--seeds', '0', '2', '--workdir', str(tmp_path)])

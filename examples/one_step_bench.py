@@ -189,7 +189,7 @@ def save_seed(workdir, seed, args, results):
 
 def load_seeds(workdir, seeds):
   """({seed: results}, settings) from the seeds' bench_results.json, as run_seed returned them."""
-  all_results, settings = {}, {}
+  all_results, first = {}, None
   for seed in seeds:
     path = os.path.join(workdir, f'seed_{seed}', 'bench_results.json')
     if not os.path.exists(path):
@@ -197,18 +197,17 @@ def load_seeds(workdir, seeds):
                        f'it first without --report (--seeds {seed} --workdir {workdir} and the run\'s settings)')
     with open(path, encoding='utf-8') as handle:
       saved = json.load(handle)
+    first = first or (seed, saved['settings'])
     for name, value in saved['settings'].items():
-      if name in settings and settings[name][1] != value:
-        raise SystemExit(f'--report: seeds {settings[name][0]} and {seed} in {workdir} were run with different '
-                         f'settings ({name}: {settings[name][1]!r} against {value!r}); report them from separate '
-                         'workdirs')
-      settings.setdefault(name, (seed, value))
+      if first[1][name] != value:
+        raise SystemExit(f'--report: seeds {first[0]} and {seed} in {workdir} were run with different settings '
+                         f'({name}: {first[1][name]!r} against {value!r}); report them from separate workdirs')
     all_results[seed] = {
         route: {**result, 'reports': {int(key) if key.isdigit() else key: report
                                       for key, report in result['reports'].items()},
                 'eval_folder': os.path.join(workdir, result['eval_folder'])}
         for route, result in saved['routes'].items()}
-  return all_results, {name: value for name, (_, value) in settings.items()}
+  return all_results, first[1]
 
 
 def run_seed(args, seed):

@@ -184,12 +184,19 @@ def save_seed(workdir, seed, args, results):
                     'eval_folder': os.path.relpath(result['eval_folder'], workdir)}
             for route, result in results.items()}
   atomic_files.write_json(os.path.join(workdir, f'seed_{seed}', 'bench_results.json'),
-                          {'settings': run_settings(args), 'routes': routes})
+                          {'settings': run_settings(args), 'environment': environment(), 'routes': routes})
+
+
+def environment():
+  """What the header says a run ran on (kept per seed: --report runs in another process, with other threads)."""
+  return f'torch {torch.__version__}, {torch.get_num_threads()} threads'
 
 
 def load_seeds(workdir, seeds):
-  """({seed: results}, settings) from the seeds' bench_results.json, as run_seed returned them."""
-  all_results, first = {}, None
+  """({seed: results}, settings, environments) from the seeds' bench_results.json, as run_seed returned them;
+  environments: the runs' torch and threads, one entry per distinct one (runs saved before they were kept: a
+  note that says so)."""
+  all_results, first, environments = {}, None, []
   for seed in seeds:
     path = os.path.join(workdir, f'seed_{seed}', 'bench_results.json')
     if not os.path.exists(path):
@@ -198,6 +205,9 @@ def load_seeds(workdir, seeds):
     with open(path, encoding='utf-8') as handle:
       saved = json.load(handle)
     first = first or (seed, saved['settings'])
+    run_environment = saved.get('environment', 'torch and threads not recorded')
+    if run_environment not in environments:
+      environments.append(run_environment)
     for name, value in saved['settings'].items():
       if first[1][name] != value:
         raise SystemExit(f'--report: seeds {first[0]} and {seed} in {workdir} were run with different settings '
@@ -207,7 +217,7 @@ def load_seeds(workdir, seeds):
                                       for key, report in result['reports'].items()},
                 'eval_folder': os.path.join(workdir, result['eval_folder'])}
         for route, result in saved['routes'].items()}
-  return all_results, first[1]
+  return all_results, first[1], environments
 
 
 def run_seed(args, seed):
@@ -361,7 +371,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   args.routes = [route for route in ROUTES if route in args.routes]
   if args.report:
-    all_results, settings = load_seeds(args.workdir, args.seeds)
+    all_results, settings, environments = load_seeds(args.workdir, args.seeds)
     vars(args).update(settings, set=[tuple(pair) for pair in settings['set']])
   if args.updates < 4:
     parser.error('--updates must be at least 4 (the reflow route splits it into 2 + 1 + 1 quarters)')
@@ -369,6 +379,7 @@ def main(argv=None):
     parser.error(f'--pairs ({args.pairs}) must hold at least one batch (--batch {args.batch})')
   os.makedirs(args.workdir, exist_ok=True)
   if not args.report:
+    environments = [environment()]
     all_results = {}
     for seed in args.seeds:
       all_results[seed] = run_seed(args, seed)
@@ -388,7 +399,7 @@ def main(argv=None):
             f'{args.batch} per route, {args.pairs} pairs, {args.samples} samples, seeds {args.seeds}, MeanFlow with '
             f'the {args.meanflow_settings} settings'
             + ''.join(f', {key}={value}' for key, value in args.set)
-            + f'; torch {torch.__version__}, {torch.get_num_threads()} threads')
+            + '; ' + '; '.join(environments))
   with open(os.path.join(args.workdir, 'one_step_bench.md'), 'w', encoding='utf-8') as handle:
     handle.write(f'{header}\n\n{text}\n\nGrid (rows: {", ".join(args.routes)}; left 1 step, right 2 steps): {png}\n')
   print(header)

@@ -125,6 +125,8 @@ def test_report_puts_seeds_run_on_their_own_in_one_table_and_refuses_mixed_setti
   run = ['--updates', '4', '--batch', '8', '--samples', '8', '--small', '--routes', '1rf', 'imeanflow',
          '--workdir', str(tmp_path)]
   alone = {seed: one_step_bench.main(run + ['--seeds', str(seed)]) for seed in (0, 1)}  # Two runs, one seed each.
+  run_threads = torch.get_num_threads()
+  monkeypatch.setattr(one_step_bench.torch, 'get_num_threads', lambda: run_threads + 1)
   (tmp_path / 'one_step_bench.json').unlink()
 
   def refuse(*_):
@@ -138,6 +140,8 @@ def test_report_puts_seeds_run_on_their_own_in_one_table_and_refuses_mixed_setti
   assert json.loads((tmp_path / 'one_step_bench.json').read_text()) == together
   table = (tmp_path / 'one_step_bench.md').read_text()
   assert 'seeds [0, 1]' in table and '4 updates of batch 8' in table
+  # The header gives the runs' torch and threads, not those of the process that reports them.
+  assert f'; torch {torch.__version__}, {run_threads} threads\n' in table
   fd = [together[seed]['imeanflow']['digit_fd']['1'] for seed in ('0', '1')]
   assert f'| imeanflow | {np.mean(fd):.2f} ± {np.std(fd, ddof=1):.2f} |' in table
   assert '| 1rf |' in table and '| reflow |' not in table

@@ -126,7 +126,6 @@ def test_report_puts_seeds_run_on_their_own_in_one_table_and_refuses_mixed_setti
          '--workdir', str(tmp_path)]
   alone = {seed: one_step_bench.main(run + ['--seeds', str(seed)]) for seed in (0, 1)}  # Two runs, one seed each.
   run_threads = torch.get_num_threads()
-  monkeypatch.setattr(one_step_bench.torch, 'get_num_threads', lambda: run_threads + 1)
   (tmp_path / 'one_step_bench.json').unlink()
 
   def refuse(*_):
@@ -135,6 +134,7 @@ def test_report_puts_seeds_run_on_their_own_in_one_table_and_refuses_mixed_setti
   with monkeypatch.context() as patch:  # --report trains and sweeps nothing, and takes the runs' settings.
     patch.setattr(one_step_bench.run_lib, 'train', refuse)
     patch.setattr(one_step_bench.run_lib, 'evaluate', refuse)
+    patch.setattr(one_step_bench.torch, 'get_num_threads', lambda: run_threads + 1)  # The reporter's differ.
     together = one_step_bench.main(['--report', '--seeds', '0', '1', '--workdir', str(tmp_path)])
   assert together == {'0': alone[0]['0'], '1': alone[1]['1']}
   assert json.loads((tmp_path / 'one_step_bench.json').read_text()) == together
